@@ -1,0 +1,13 @@
+"""iared: faster vision transformers by dropping redundant tokens, explained by the same interpreter.
+
+An implementation of IA-RED² (Pan et al., "Interpretability-Aware Redundancy Reduction for
+Vision Transformers", NeurIPS 2021).
+"""
+
+from iared.interpreter import MultiHeadInterpreter
+from iared.models import VisionTransformer, create_model, from_timm
+from iared.pruning import IARed, IARedConfig, PrunedOutput
+
+__version__ = "0.1.0"
+__all__ = ["IARed", "IARedConfig", "PrunedOutput", "MultiHeadInterpreter", "VisionTransformer", "create_model",
+           "from_timm", "__version__"]

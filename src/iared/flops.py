@@ -1,0 +1,55 @@
+"""Analytic compute of a ViT with a variable number of tokens per block: the one place for FLOP formulas.
+
+Convention: multiply-accumulates of the matrix products (what DeiT and IA-RED² report as
+"FLOPs": DeiT-S = 4.6 G at 224 px). Elementwise work (LayerNorm, GELU, softmax, residual adds)
+is left out, as fvcore-style counters do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from iared.models.vit import ViTConfig
+
+
+def block_macs(n, dim: int, mlp_ratio: float):
+    """One block on ``n`` tokens (int or tensor): qkv + proj + MLP (linear in n), QK^T + AV (quadratic)."""
+    return n * dim * dim * (4 + 2 * mlp_ratio) + 2 * n * n * dim
+
+
+def interpreter_macs(n, dim: int):
+    """Interpreter on ``n`` tokens: keys for all tokens, the query for the class token only, dot products."""
+    return n * dim * dim + dim * dim + n * dim
+
+
+def embed_macs(cfg: ViTConfig) -> int:
+    return cfg.num_patches * cfg.embed_dim * cfg.in_chans * cfg.patch_size**2
+
+
+def head_macs(cfg: ViTConfig) -> int:
+    return cfg.num_prefix_tokens * cfg.embed_dim * cfg.num_classes
+
+
+def vit_macs(cfg: ViTConfig, tokens_per_block: Sequence | Tensor | None = None,
+             interpreter_tokens: Sequence | Tensor = ()) -> Tensor:
+    """Per-image MACs. ``tokens_per_block``: ``depth`` counts (ints or ``(B,)`` tensors), default
+    all tokens; ``interpreter_tokens``: token count seen by each interpreter (same forms)."""
+    full = cfg.num_patches + cfg.num_prefix_tokens
+    if tokens_per_block is None:
+        tokens_per_block = [full] * cfg.depth
+    if len(tokens_per_block) != cfg.depth:
+        raise ValueError(f"need {cfg.depth} token counts, got {len(tokens_per_block)}")
+    total = torch.as_tensor(float(embed_macs(cfg) + head_macs(cfg)), dtype=torch.float64)
+    for n in tokens_per_block:
+        total = total + block_macs(torch.as_tensor(n, dtype=torch.float64), cfg.embed_dim, cfg.mlp_ratio)
+    for n in interpreter_tokens:
+        total = total + interpreter_macs(torch.as_tensor(n, dtype=torch.float64), cfg.embed_dim)
+    return total
+
+
+def full_macs(cfg: ViTConfig) -> float:
+    """MACs of the unpruned backbone for one image."""
+    return float(vit_macs(cfg))

@@ -1,0 +1,58 @@
+"""The multi-head interpreter of IA-RED²: a per-token "is this worth computing?" score.
+
+    x     = LayerNorm(tokens)                       (no affine parameters)
+    q, k  = split(Linear(x))                        (one linear layer, H heads of d = C / H)
+    s_j   = mean_h sigmoid(q_cls,h . k_j,h / sqrt(d))
+
+The class token's query asks every token how relevant it is; the mean over heads of the
+sigmoids is a keep probability in [0, 1] (Pan et al., NeurIPS 2021, Sec. 3.2). The same score
+is the heatmap of :mod:`iared.explain`. Only the class token's query is ever used, so the query
+half of the linear layer runs on one row per image: the interpreter costs about one linear
+layer over the tokens (see :func:`iared.flops.interpreter_macs`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from iared.tokens import Tokens
+
+
+class MultiHeadInterpreter(nn.Module):
+    """Scores every alive token of a batch. ``forward(tokens) -> (token-aligned,)`` in [0, 1].
+
+    Prefix tokens (class, distillation) score exactly 1: they are always kept. Padding (in a
+    padded layout) scores 0, which is the paper's "multiplied by the previous keep mask".
+    """
+
+    def __init__(self, dim: int, num_heads: int = 6):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"interpreter: dim {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.qk = nn.Linear(dim, 2 * dim)  # rows [:dim] give q, rows [dim:] give k
+        nn.init.trunc_normal_(self.qk.weight, std=0.02)
+        nn.init.zeros_(self.qk.bias)
+
+    def forward(self, tokens: Tokens) -> Tensor:
+        dim = self.qk.in_features
+        x = self.norm(tokens.data)
+        cls = self.norm(tokens.prefix()[:, 0])  # (B, C)
+        q = F.linear(cls, self.qk.weight[:dim], self.qk.bias[:dim]).unflatten(-1, (self.num_heads, -1))
+        k = F.linear(x, self.qk.weight[dim:], self.qk.bias[dim:]).unflatten(-1, (self.num_heads, -1))
+        logits = (tokens.per_token(q) * k).sum(-1) * k.shape[-1] ** -0.5
+        scores = torch.sigmoid(logits).mean(-1)
+        scores = torch.where(tokens.is_prefix(), torch.ones_like(scores), scores)
+        valid = tokens.valid()
+        return scores if valid is None else scores * valid
+
+
+def default_interpreter_heads(dim: int, preferred: int = 6) -> int:
+    """6 heads as in the authors' tool where the width allows, else the largest divisor below."""
+    for h in range(preferred, 0, -1):
+        if dim % h == 0:
+            return h
+    return 1
