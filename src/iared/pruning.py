@@ -111,7 +111,7 @@ class IARed(nn.Module):
         images: Tensor,
         mode: Mode | Sequence[Mode] = "threshold",
         *,
-        threshold: float = 0.5,
+        threshold: float | Sequence[float] = 0.5,
         keep_ratio: float | Sequence[float] | None = None,
         flops_ratio: float | None = None,
         layout: RaggedLayout = "packed",
@@ -120,13 +120,17 @@ class IARed(nn.Module):
     ) -> PrunedOutput:
         """Run the pruned model. ``images``: ``(B, C_in, H, W)``.
 
-        mode: one of ``MODES`` or one per stage. threshold: keep where score > threshold.
+        mode: one of ``MODES`` or one per stage. threshold: keep where score > threshold (one value
+        or one per stage).
         keep_ratio / flops_ratio: budget mode, per-stage fraction of alive patch tokens kept, or
         a target fraction of the unpruned model's FLOPs (solved to a uniform per-stage ratio).
         layout: how ragged batches are held (``packed`` concatenates, ``padded`` pads + masks).
         exploration: sample mode draws from ``eps + (1 - 2 eps) * score`` so no token is certain.
         """
         modes = self._stage_modes(mode)
+        thresholds = [threshold] * self.num_stages if isinstance(threshold, (int, float)) else list(threshold)
+        if len(thresholds) != self.num_stages:
+            raise ValueError(f"threshold: one value or {self.num_stages}, got {threshold!r}")
         ratios = self._budget_ratios(modes, keep_ratio, flops_ratio)
         cfg = self.backbone.cfg
         n0 = cfg.num_patches + cfg.num_prefix_tokens
@@ -145,7 +149,7 @@ class IARed(nn.Module):
                 interp_counts.append(tokens.lengths())
                 scores = interpreter(tokens)
                 scores_out.append(tokens.scatter(scores, n0))
-                keep, stage_log_prob = self._policy(tokens, scores, stage_mode, threshold, ratios[stage],
+                keep, stage_log_prob = self._policy(tokens, scores, stage_mode, thresholds[stage], ratios[stage],
                                                     exploration)
                 if stage_log_prob is not None:
                     log_prob = stage_log_prob if log_prob is None else log_prob + stage_log_prob
@@ -240,3 +244,29 @@ def _per_image_sum(tokens: Tokens, values: Tensor) -> Tensor:
     if values.dim() == 2:
         return values.sum(1)
     return values.new_zeros(tokens.batch_size).index_add(0, tokens.image, values)
+
+
+PRUNED_FORMAT = "iared-pruned/1"
+
+
+def save_pruned(model: IARed, path, extra: dict | None = None) -> None:
+    """Backbone + interpreters + both configs in one file, written atomically."""
+    from iared.checkpoint import save_atomic
+
+    config = {"model": model.backbone.cfg.to_dict(), "iared": model.config_dict(), **(extra or {})}
+    save_atomic({"format": PRUNED_FORMAT, "model": model.state_dict(), "config": config}, path)
+
+
+def load_pruned(path) -> IARed:
+    """An :class:`IARed` from :func:`save_pruned`'s file (``weights_only`` load, strict keys)."""
+    from iared.checkpoint import CheckpointError, extract_state_dict, load_weights, read_checkpoint
+    from iared.models.vit import ViTConfig
+
+    obj = read_checkpoint(path)
+    config = obj.get("config") if isinstance(obj.get("config"), dict) else {}
+    if obj.get("format") != PRUNED_FORMAT or "iared" not in config:
+        raise CheckpointError(f"bad checkpoint {path}: not an IA-RED² checkpoint (no interpreters inside); "
+                              "train one with `iared train-interpreters`")
+    model = IARed(VisionTransformer(ViTConfig(**config["model"])), IARedConfig(**config["iared"]))
+    load_weights(model, extract_state_dict(obj, path), path)
+    return model.eval()
