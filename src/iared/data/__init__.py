@@ -1,0 +1,78 @@
+"""Datasets: the embedded ``digits-clutter`` task and user image folders.
+
+``build_dataset(name_or_path, split)`` is the single entry point used by training and evaluation:
+a registered task name (see ``TASKS``) or an existing ``root/<class>/<image>`` directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .digits import (
+    CANVAS,
+    DIGIT_SCALE,
+    PATCH,
+    DigitsClutter,
+    background_fraction,
+    patch_foreground,
+)
+from .folders import (
+    IMAGE_EXTENSIONS,
+    BadImageError,
+    ImageFolderDataset,
+    eval_transform,
+    list_images,
+    load_image,
+    train_transform,
+)
+
+__all__ = [
+    "CANVAS",
+    "DIGIT_SCALE",
+    "IMAGE_EXTENSIONS",
+    "PATCH",
+    "TASKS",
+    "BadImageError",
+    "DigitsClutter",
+    "ImageFolderDataset",
+    "background_fraction",
+    "build_dataset",
+    "eval_transform",
+    "list_images",
+    "load_image",
+    "patch_foreground",
+    "train_transform",
+]
+
+TASKS = {"digits-clutter": DigitsClutter}
+
+
+def build_dataset(task_or_path: str, split: str, **kw):
+    """Build the dataset for a registered task or an image folder.
+
+    Args:
+        task_or_path: a key of ``TASKS`` (e.g. ``"digits-clutter"``), or an existing directory laid out
+            as ``root/<class>/<image>``; if ``root/<split>`` exists it is used instead of ``root``.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        **kw: for a task, passed to its class (e.g. ``length``, ``seed``). For a folder:
+            ``transform`` (overrides the default), ``image_size`` (default 224) and ``extensions``;
+            the default transform is ``train_transform`` for ``split == "train"``, else ``eval_transform``.
+
+    Raises:
+        ValueError: neither a known task nor an existing directory.
+    """
+    name = str(task_or_path)
+    if name in TASKS:
+        return TASKS[name](split=split, **kw)
+    root = Path(name).expanduser()
+    if not root.is_dir():
+        raise ValueError(
+            f"unknown task or image folder {name!r}: expected one of {', '.join(sorted(TASKS))} "
+            "or an existing directory laid out as <root>/<class>/<image>"
+        )
+    image_size = kw.pop("image_size", 224)
+    transform = kw.pop("transform", None)
+    if transform is None:
+        transform = train_transform(image_size) if split == "train" else eval_transform(image_size)
+    folder = root / split if (root / split).is_dir() else root
+    return ImageFolderDataset(folder, transform=transform, **kw)

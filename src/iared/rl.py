@@ -1,0 +1,49 @@
+"""Reward and policy-gradient loss for training interpreters (the part IA-RED² did not publish).
+
+Our choice, documented in the README ("Reward"):
+
+* BlockDrop-style reward per image (Wu et al., CVPR 2018): ``1 - w_d * f**2`` when the pruned
+  model's prediction is correct, ``-tau`` when it is wrong, where ``f`` is the image's compute
+  fraction (pruned MACs / unpruned MACs, interpreters included) and ``w_d`` a per-stage weight.
+  Squaring ``f`` makes the last tokens the cheapest to keep: the policy is pushed hard away from
+  "keep everything" and gently near the point where accuracy starts to break.
+* REINFORCE with a baseline ``b``: loss = -mean((R - b) * log pi(keep decisions)). Two
+  baselines, both measured (README): *self-critical* (b = reward of the same image under the
+  greedy threshold policy, one extra forward without gradient) and a *running mean* of R.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Baseline = Literal["self-critical", "mean"]
+
+
+def blockdrop_reward(correct: Tensor, compute_fraction: Tensor, tau: float, weight: float = 1.0) -> Tensor:
+    """``(B,)`` rewards: ``1 - weight * f^2`` if correct else ``-tau``."""
+    return torch.where(correct, 1.0 - weight * compute_fraction.float() ** 2, torch.full_like(compute_fraction.float(), -tau))
+
+
+def policy_gradient_loss(log_prob: Tensor, reward: Tensor, baseline: Tensor | float) -> Tensor:
+    """REINFORCE: minimise ``-(R - b) * log pi``; the advantage carries no gradient."""
+    advantage = (reward - baseline).detach()
+    return -(advantage * log_prob).mean()
+
+
+@dataclass
+class RunningMean:
+    """Exponential running mean of the reward, the cheap baseline."""
+
+    momentum: float = 0.9
+    value: float | None = None
+
+    def update(self, reward: Tensor) -> float:
+        """Return the baseline to use for this batch (the mean before seeing it), then update."""
+        batch = float(reward.mean())
+        current = batch if self.value is None else self.value
+        self.value = batch if self.value is None else self.momentum * self.value + (1 - self.momentum) * batch
+        return current
