@@ -1,0 +1,86 @@
+"""Accuracy, compute and speed of a pruned model against its own backbone, in one run on the same data.
+
+Used by ``iared eval --pruned``, ``iared demo`` and the interpreter trainer's periodic
+evaluation, so the three report the same figures the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from iared import flops
+from iared.pruning import IARed
+
+
+@torch.no_grad()
+def accuracy_and_compute(model: IARed, images: Tensor, labels: Tensor, *, threshold: float = 0.5,
+                         batch_size: int = 256, device: torch.device | str = "cpu",
+                         include_full: bool = True) -> dict:
+    """Top-1 of the unpruned and pruned (threshold mode) model, kept fractions and GFLOPs.
+
+    ``images``: ``(N, C_in, H, W)``; ``labels``: ``(N,)``. Pruned compute is averaged per image.
+    """
+    model.eval()
+    full_correct = pruned_correct = 0
+    macs, kept = [], []
+    for start in range(0, len(images), batch_size):
+        x = images[start: start + batch_size].to(device)
+        y = labels[start: start + batch_size].to(device)
+        if include_full:
+            full_correct += int((model.backbone(x).argmax(-1) == y).sum())
+        out = model(x, threshold=threshold)
+        pruned_correct += int((out.logits.argmax(-1) == y).sum())
+        macs.append(out.macs.cpu())
+        kept.append(out.kept_fraction().cpu())
+    n = len(images)
+    full_macs = flops.full_macs(model.backbone.cfg)
+    mean_macs = float(torch.cat(macs).mean())
+    result = {
+        "n": n,
+        "threshold": threshold,
+        "accuracy_pruned": pruned_correct / n,
+        "kept_fraction": [round(float(v), 4) for v in torch.cat(kept).mean(0)],
+        "gflops_full": full_macs / 1e9,
+        "gflops_pruned": mean_macs / 1e9,
+        "flops_reduction": 1 - mean_macs / full_macs,
+        "speedup_ideal": full_macs / mean_macs,
+    }
+    if include_full:
+        result["accuracy_full"] = full_correct / n
+    return result
+
+
+@torch.no_grad()
+def throughput(forward: Callable[[Tensor], object], images: Tensor, *, warmup: int = 2, repeats: int = 5) -> float:
+    """Images per second of ``forward`` on one fixed batch: median of ``repeats`` timed calls."""
+    for _ in range(warmup):
+        forward(images)
+    _sync(images.device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        forward(images)
+        _sync(images.device)
+        times.append(time.perf_counter() - start)
+    return len(images) / sorted(times)[len(times) // 2]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def compare_throughput(model: IARed, images: Tensor, *, threshold: float = 0.5, batch_size: int = 64,
+                       repeats: int = 5) -> dict:
+    """Measured images/s of the unpruned backbone and the pruned model (packed threshold mode)."""
+    model.eval()
+    batch = images[:batch_size]
+    full = throughput(model.backbone, batch, repeats=repeats)
+    pruned = throughput(lambda x: model(x, threshold=threshold), batch, repeats=repeats)
+    return {"batch_size": len(batch), "device": str(batch.device), "threads": torch.get_num_threads(),
+            "throughput_full": full, "throughput_pruned": pruned, "speedup": pruned / full}

@@ -1,0 +1,308 @@
+"""``iared train-interpreters``: learn where to drop tokens, one stage after another, by reward.
+
+Curriculum (IA-RED² Sec. 3.3): the backbone is frozen; stage d's interpreter is trained while
+the stages before it run their (already trained) interpreters in threshold mode and the stages
+after it keep every token. Each step samples keep decisions from Bernoulli(score), runs the
+pruned model, and scores it with :func:`iared.rl.blockdrop_reward`; REINFORCE with a baseline
+updates the interpreter (see :mod:`iared.rl` for the reward and baseline choices).
+
+Optional ``--finetune-steps``: afterwards the backbone is fine-tuned under the learned policy
+(threshold mode, tokens really dropped) with distillation from the unpruned backbone.
+
+The data order is a pure function of (seed, stage, step), so ``--resume`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from iared import flops
+from iared.checkpoint import CheckpointError, read_checkpoint, save_atomic
+from iared.pruning import IARed, IARedConfig, save_pruned
+from iared.rl import Baseline, RunningMean, blockdrop_reward, policy_gradient_loss
+
+TRAIN_STATE_FORMAT = "iared-interp-train/1"
+
+
+@dataclass
+class InterpreterTrainConfig:
+    """Every option of ``iared train-interpreters``; saved next to the checkpoints."""
+
+    task: str = "digits-clutter"
+    backbone: str | None = None  # checkpoint of the backbone; None: the shipped digits backbone
+    out: str = "runs/interpreters"
+    steps_per_stage: int = 150
+    batch_size: int = 64
+    lr: float = 3e-3
+    tau: float = 1.0  # reward of a wrong prediction is -tau
+    stage_weights: tuple[float, ...] = (1.0, 1.0, 1.0)  # weight of the compute term, per stage
+    baseline: Baseline = "self-critical"
+    exploration: float = 0.05  # sample from eps + (1 - 2 eps) * score
+    threshold: float = 0.5
+    num_stages: int = 3
+    interpreter_heads: int = 6
+    eval_every: int = 50
+    eval_samples: int = 500
+    save_every: int = 50
+    finetune_steps: int = 0
+    finetune_lr: float = 5e-5
+    distill_weight: float = 0.5  # loss = (1 - w) * CE(label) + w * KL(teacher || student)
+    seed: int = 0
+    device: str = "cpu"
+    history: list = field(default_factory=list, repr=False)
+
+
+def batch_indices(n: int, batch_size: int, seed: int, stage: int, step: int) -> Tensor:
+    """Which samples form the batch at (stage, step): deterministic, so resuming is exact."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + (stage + 2) * 1_000_000_007 + step) % 2**63)
+    return torch.randint(0, n, (batch_size,), generator=generator)
+
+
+def stack_batch(dataset, indices: Tensor) -> tuple[Tensor, Tensor]:
+    items = [dataset[int(i)] for i in indices]
+    return torch.stack([it[0] for it in items]), torch.as_tensor([int(it[1]) for it in items])
+
+
+def stage_modes(stage: int, num_stages: int, current: str) -> list[str]:
+    """Curriculum modes: earlier stages thresholded, this one ``current``, later ones keep all."""
+    return ["threshold"] * stage + [current] + ["all"] * (num_stages - stage - 1)
+
+
+class InterpreterTrainer:
+    """Trains ``model.interpreters`` on ``dataset`` (map-style, items ``(image, label, ...)``)."""
+
+    def __init__(self, model: IARed, dataset, cfg: InterpreterTrainConfig, val_data: tuple[Tensor, Tensor] | None = None,
+                 progress: bool = True):
+        self.model, self.dataset, self.cfg, self.val_data = model, dataset, cfg, val_data
+        self.progress = progress
+        self.device = torch.device(cfg.device)
+        self.full_macs = flops.full_macs(model.backbone.cfg)
+        self.stage, self.step = 0, 0
+        self.running = RunningMean()
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.history: list[dict] = []
+        self.out = Path(cfg.out)
+
+    # -- state ------------------------------------------------------------------------------
+
+    def _new_optimizer(self, stage: int) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.model.interpreters[stage].parameters(), lr=self.cfg.lr)
+
+    def state_path(self) -> Path:
+        return self.out / "train_state.pt"
+
+    def save_state(self) -> None:
+        save_atomic({
+            "format": TRAIN_STATE_FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer else {},
+            "stage": self.stage, "step": self.step,
+            "running_mean": -1e9 if self.running.value is None else self.running.value,
+            "history": json.dumps(self.history),
+            "config": {"model": self.model.backbone.cfg.to_dict(), "iared": self.model.config_dict(),
+                       "train": _config_dict(self.cfg)},
+        }, self.state_path())
+
+    def load_state(self, path: Path) -> None:
+        state = read_checkpoint(path)
+        if state.get("format") != TRAIN_STATE_FORMAT:
+            raise CheckpointError(f"bad checkpoint {path}: not an interpreter training state")
+        self.model.load_state_dict(state["model"])
+        self.stage, self.step = int(state["stage"]), int(state["step"])
+        self.running.value = None if state["running_mean"] == -1e9 else float(state["running_mean"])
+        self.history = json.loads(state["history"])
+        if self.stage < self.model.num_stages:
+            self.optimizer = self._new_optimizer(self.stage)
+            if state["optimizer"]:
+                self.optimizer.load_state_dict(state["optimizer"])
+
+    # -- one step -----------------------------------------------------------------------------
+
+    def reward(self, logits: Tensor, macs: Tensor, labels: Tensor, stage: int) -> Tensor:
+        correct = logits.argmax(-1) == labels
+        return blockdrop_reward(correct, macs / self.full_macs, self.cfg.tau, self.cfg.stage_weights[stage])
+
+    def train_step(self, images: Tensor, labels: Tensor) -> dict:
+        cfg, model, stage = self.cfg, self.model, self.stage
+        out = model(images, stage_modes(stage, model.num_stages, "sample"), threshold=cfg.threshold,
+                    exploration=cfg.exploration)
+        reward = self.reward(out.logits, out.macs, labels, stage)
+        if cfg.baseline == "self-critical":
+            with torch.no_grad():
+                greedy = model(images, stage_modes(stage, model.num_stages, "threshold"), threshold=cfg.threshold)
+                baseline = self.reward(greedy.logits, greedy.macs, labels, stage)
+        else:
+            baseline = torch.tensor(self.running.update(reward))
+        loss = policy_gradient_loss(out.log_prob, reward, baseline)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {"reward": float(reward.mean()), "kept": float(out.kept_fraction()[:, stage].mean()),
+                "accuracy": float((out.logits.argmax(-1) == labels).float().mean()),
+                "gflops": float(out.gflops.mean())}
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> list[dict]:
+        cfg, model = self.cfg, self.model
+        model.to(self.device)
+        model.backbone.requires_grad_(False)
+        model.eval()  # no dropout anywhere; interpreters learn through log-probabilities only
+        if self.optimizer is None and self.stage < model.num_stages:
+            self.optimizer = self._new_optimizer(self.stage)
+        while self.stage < model.num_stages:
+            bar = tqdm(total=cfg.steps_per_stage, initial=self.step, desc=f"stage {self.stage + 1}/{model.num_stages}",
+                       disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
+            while self.step < cfg.steps_per_stage:
+                idx = batch_indices(len(self.dataset), cfg.batch_size, cfg.seed, self.stage, self.step)
+                images, labels = stack_batch(self.dataset, idx)
+                stats = self.train_step(images.to(self.device), labels.to(self.device))
+                self.step += 1
+                bar.update(1)
+                bar.set_postfix(reward=f"{stats['reward']:.3f}", kept=f"{stats['kept']:.2f}",
+                                acc=f"{stats['accuracy']:.2f}")
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps_per_stage:
+                    self._log(stats)
+                if self.step % cfg.save_every == 0:
+                    self.save_state()
+            bar.close()
+            self.stage, self.step = self.stage + 1, 0
+            self.optimizer = self._new_optimizer(self.stage) if self.stage < model.num_stages else None
+            self.save_state()
+        return self.history
+
+    def _log(self, stats: dict) -> None:
+        entry = {"stage": self.stage, "step": self.step, **{k: round(v, 4) for k, v in stats.items()}}
+        if self.val_data is not None:
+            from iared.measure import accuracy_and_compute
+
+            images, labels = self.val_data
+            ev = accuracy_and_compute(self.model, images, labels, threshold=self.cfg.threshold,
+                                      device=self.device, include_full=False)
+            entry.update(val_accuracy=ev["accuracy_pruned"], val_kept=ev["kept_fraction"],
+                         val_gflops=round(ev["gflops_pruned"], 5))
+        self.history.append(entry)
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+def finetune_backbone(model: IARed, dataset, cfg: InterpreterTrainConfig, progress: bool = True) -> None:
+    """Fine-tune the backbone under the learned policy, distilling from the unpruned backbone."""
+    if cfg.finetune_steps <= 0:
+        return
+    teacher = copy.deepcopy(model.backbone).eval().requires_grad_(False)
+    model.backbone.requires_grad_(True)
+    model.interpreters.requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.backbone.parameters(), lr=cfg.finetune_lr, weight_decay=0.0)
+    device = torch.device(cfg.device)
+    w = cfg.distill_weight
+    for step in tqdm(range(cfg.finetune_steps), desc="fine-tune", disable=not progress, file=sys.stderr):
+        idx = batch_indices(len(dataset), cfg.batch_size, cfg.seed, -1, step)
+        images, labels = (t.to(device) for t in stack_batch(dataset, idx))
+        with torch.no_grad():
+            soft = teacher(images).softmax(-1)
+        logits = model(images, threshold=cfg.threshold).logits
+        loss = (1 - w) * F.cross_entropy(logits, labels) + w * F.kl_div(logits.log_softmax(-1), soft,
+                                                                        reduction="batchmean")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    model.backbone.requires_grad_(False)
+    model.eval()
+
+
+def _config_dict(cfg: InterpreterTrainConfig) -> dict:
+    d = asdict(cfg)
+    d.pop("history", None)
+    d["stage_weights"] = list(d["stage_weights"])
+    return d
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+def build_model(cfg: InterpreterTrainConfig) -> IARed:
+    from iared.models import create_model, load_model
+
+    backbone = create_model("digits_vit", pretrained=True) if cfg.backbone is None else load_model(cfg.backbone)
+    return IARed(backbone, IARedConfig(num_stages=cfg.num_stages, interpreter_heads=cfg.interpreter_heads))
+
+
+def load_split(task: str, split: str, n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """The first ``n`` samples of a split as tensors (evaluation sets)."""
+    from iared.data import build_dataset
+
+    ds = build_dataset(task, split)
+    return stack_batch(ds, torch.arange(min(n, len(ds))))
+
+
+def train_from_config(cfg: InterpreterTrainConfig, resume: bool = False, progress: bool = True) -> tuple[IARed, list]:
+    from iared.data import build_dataset
+
+    if len(cfg.stage_weights) != cfg.num_stages:
+        cfg.stage_weights = tuple([cfg.stage_weights[0]] * cfg.num_stages)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)
+    train_set = build_dataset(cfg.task, "train")
+    val = load_split(cfg.task, "val", cfg.eval_samples)
+    trainer = InterpreterTrainer(model, train_set, cfg, val_data=val, progress=progress)
+    out = Path(cfg.out)
+    if resume:
+        if not trainer.state_path().is_file():
+            raise FileNotFoundError(f"nothing to resume: {trainer.state_path()} does not exist")
+        trainer.load_state(trainer.state_path())
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2))
+    history = trainer.run()
+    finetune_backbone(model, train_set, cfg, progress=progress)
+    save_pruned(model, out / "pruned.pt", extra={"train": _config_dict(cfg)})
+    return model, history
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("train-interpreters", help="train IA-RED² interpreters on a frozen backbone",
+                              description=__doc__.split("\n\n")[0])
+    d = InterpreterTrainConfig()
+    p.add_argument("--task", default=d.task, help="digits-clutter or an ImageFolder directory")
+    p.add_argument("--backbone", default=d.backbone, help="backbone checkpoint (default: shipped digits backbone)")
+    p.add_argument("--out", default=d.out)
+    p.add_argument("--steps-per-stage", type=int, default=d.steps_per_stage)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--tau", type=float, default=d.tau, help="penalty of a wrong prediction (reward -tau)")
+    p.add_argument("--stage-weights", type=float, nargs="+", default=list(d.stage_weights))
+    p.add_argument("--baseline", choices=["self-critical", "mean"], default=d.baseline)
+    p.add_argument("--exploration", type=float, default=d.exploration)
+    p.add_argument("--threshold", type=float, default=d.threshold)
+    p.add_argument("--num-stages", type=int, default=d.num_stages)
+    p.add_argument("--interpreter-heads", type=int, default=d.interpreter_heads)
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--eval-samples", type=int, default=d.eval_samples)
+    p.add_argument("--save-every", type=int, default=d.save_every)
+    p.add_argument("--finetune-steps", type=int, default=d.finetune_steps,
+                   help="fine-tune the backbone under the learned policy with distillation (0: off)")
+    p.add_argument("--finetune-lr", type=float, default=d.finetune_lr)
+    p.add_argument("--distill-weight", type=float, default=d.distill_weight)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    fields = {k: v for k, v in vars(args).items() if k in InterpreterTrainConfig.__dataclass_fields__}
+    fields["stage_weights"] = tuple(fields["stage_weights"])
+    cfg = InterpreterTrainConfig(**fields)
+    model, history = train_from_config(cfg, resume=args.resume)
+    print(json.dumps(history[-1] if history else {}, indent=None))
+    print(f"saved {Path(cfg.out) / 'pruned.pt'}", file=sys.stderr)
+    return 0
