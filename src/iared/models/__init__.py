@@ -116,7 +116,7 @@ def _config_from_timm(ref: nn.Module) -> ViTConfig:
         depth=len(ref.blocks), num_heads=blk.attn.num_heads,
         mlp_ratio=blk.mlp.fc1.out_features / ref.embed_dim, qkv_bias=blk.attn.qkv.bias is not None,
         distilled=getattr(ref, "dist_token", None) is not None,
-        init_values=float(ls.gamma.flatten()[0]) if hasattr(ls, "gamma") else None,
+        init_values=float(ls.gamma.detach().flatten()[0]) if hasattr(ls, "gamma") else None,
         mean=tuple(pcfg.get("mean", (0.485, 0.456, 0.406))), std=tuple(pcfg.get("std", (0.229, 0.224, 0.225))),
     )
 

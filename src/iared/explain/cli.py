@@ -1,0 +1,391 @@
+"""``iared explain`` (heatmap panels for images) and ``iared explain-eval`` (methods x metrics).
+
+    iared explain IMAGE_OR_DIR [--checkpoint PRUNED.pt] --out DIR [--methods ...] [--threshold 0.5]
+    iared explain-eval [--checkpoint PRUNED.pt] [--images DIR --masks DIR] [--limit N]
+                       [--json PATH] [--plot PNG] [--methods ...] [--steps 16] [--baseline rise]
+
+Without ``--checkpoint`` the pruned model shipped for the embedded task
+(``iared/assets/digits_pruned.pt``, written by :func:`iared.pruning.save_pruned`) is used when
+present; otherwise the command stops and asks for ``--checkpoint``.
+
+``explain-eval`` runs on the embedded task's test split (``DigitsClutter("test")``, the first
+``--limit`` samples, 500 by default) unless ``--images`` / ``--masks`` name a folder pair: files
+pair up by name stem (every image needs a mask and every mask an image; the unpaired names are
+listed otherwise). Masks are binary images: 0/1 or 0/255, any channel above half scale (or equal
+to 1 in a 0/1 mask) marks the object. Images and masks are resized to the model's square input
+(images bicubic, masks nearest; no crop, as in Chefer et al.'s ImageNet-segmentation
+evaluation) and must have the same size as each other.
+
+Input is checked before anything is written: a missing folder, an unreadable image or mask, an
+image/mask size mismatch end the command with one line naming the files, and no output. Grayscale
+images are converted for RGB models and RGB images to grayscale for one-channel models. PNGs and
+JSON are written atomically (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from iared.explain.evaluate import build_methods, evaluate_explanations, format_table
+from iared.explain.methods import default_methods
+from iared.explain.metrics import BASELINES
+from iared.pruning import IARed
+
+__all__ = [
+    "DEFAULT_CHECKPOINT",
+    "add_explain_eval_parser",
+    "add_explain_parser",
+    "default_checkpoint_path",
+    "load_explain_model",
+    "load_mask",
+    "load_model_input",
+    "pair_folders",
+]
+
+DEFAULT_CHECKPOINT = "digits_pruned.pt"
+"""File name, inside the package's ``assets`` folder, of the shipped pruned digits model."""
+
+DIGITS_DEFAULT_LIMIT = 500
+
+
+# -- inputs -----------------------------------------------------------------------------------
+
+
+def default_checkpoint_path() -> Path:
+    """Where the shipped pruned model lives (``iared/assets/digits_pruned.pt``), present or not."""
+    return Path(str(resources.files("iared") / "assets" / DEFAULT_CHECKPOINT))
+
+
+def load_explain_model(checkpoint=None, device: str = "cpu") -> IARed:
+    """A pruned model from ``checkpoint``, or the shipped one when None (FileNotFoundError if absent)."""
+    from iared.pruning import load_pruned
+
+    if checkpoint is None:
+        checkpoint = default_checkpoint_path()
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"no --checkpoint given and no shipped pruned model at {checkpoint}; "
+                                    "pass --checkpoint PRUNED.pt (a file from iared.pruning.save_pruned, "
+                                    "e.g. written by `iared train-interpreters`)")
+    return load_pruned(checkpoint).to(device).eval()
+
+
+def _image_transform(model: IARed, squash: bool):
+    from iared.data import eval_transform
+
+    cfg = model.backbone.cfg
+    kw = {"crop_pct": 1.0, "crop_mode": "squash"} if squash else {}
+    return eval_transform(cfg.img_size, cfg.mean, cfg.std, **kw)
+
+
+def _as_model_mode(img, model: IARed):
+    in_chans = model.backbone.cfg.in_chans
+    if in_chans == 1:
+        return img.convert("L")
+    if in_chans != 3:
+        raise ValueError(f"model takes {in_chans}-channel images; only 1 or 3 are supported here")
+    return img  # load_image always gives RGB (grayscale, palette, alpha, 16-bit converted)
+
+
+def load_model_input(path, model: IARed, transform=None) -> torch.Tensor:
+    """An image file as the model's input ``(C_in, S, S)``.
+
+    Default transform: images already of the model's size are used whole, others are resized
+    and centre-cropped as in evaluation. A broken file raises the data module's one-line
+    ``BadImageError`` naming it.
+    """
+    from iared.data import load_image
+
+    img = _as_model_mode(load_image(path), model)
+    if transform is None:
+        size = model.backbone.cfg.img_size
+        transform = _image_transform(model, squash=img.size == (size, size))
+    return transform(img)
+
+
+def load_mask(path, size: int | None = None) -> torch.Tensor:
+    """A binary mask file as ``(size, size)`` bool (nearest-neighbour resize; None keeps its size).
+
+    Foreground: any channel > 127, or, in a mask whose values are only 0 and 1, the ones.
+    """
+    from PIL import Image
+
+    from iared.data import load_image
+
+    img = load_image(path)
+    if size is not None and img.size != (size, size):
+        img = img.resize((size, size), Image.NEAREST)
+    values = np.asarray(img).max(-1)
+    return torch.from_numpy(values > (0 if values.max() <= 1 else 127))
+
+
+def _folder(path, what: str) -> Path:
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(f"{what} folder not found: {folder}")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{what} folder {folder} is a file, not a folder")
+    return folder
+
+
+def _show_names(names: list[str], limit: int = 10) -> str:
+    return ", ".join(names[:limit]) + (f" ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def pair_folders(images_dir, masks_dir) -> list[tuple[Path, Path]]:
+    """``(image, mask)`` files paired by stem (sorted); an unpaired or ambiguous name is a ValueError."""
+    from iared.data import list_images
+
+    def by_stem(folder, what):
+        table: dict[str, Path] = {}
+        for f in list_images(_folder(folder, what)):
+            if f.stem in table:
+                raise ValueError(f"{what} folder {folder}: two files share the stem {f.stem!r} "
+                                 f"({table[f.stem]}, {f}); stems must be unique")
+            table[f.stem] = f
+        return table
+
+    images, masks = by_stem(images_dir, "image"), by_stem(masks_dir, "mask")
+    only_images, only_masks = sorted(images.keys() - masks.keys()), sorted(masks.keys() - images.keys())
+    if only_images or only_masks:
+        parts = []
+        if only_images:
+            parts.append(f"images without a mask in {masks_dir}: {_show_names(only_images)}")
+        if only_masks:
+            parts.append(f"masks without an image in {images_dir}: {_show_names(only_masks)}")
+        raise ValueError("image and mask folders do not pair up by file stem: " + "; ".join(parts))
+    return [(images[s], masks[s]) for s in sorted(images)]
+
+
+def check_pairs(pairs: list[tuple[Path, Path]]) -> None:
+    """Decode every image and mask once; one ValueError listing every unreadable file or size clash."""
+    from iared.data import BadImageError, load_image
+
+    problems = []
+    for image_path, mask_path in pairs:
+        sizes = []
+        for path in (image_path, mask_path):
+            try:
+                sizes.append(load_image(path).size)
+            except BadImageError as e:
+                problems.append(f"{path} ({e.problem})")
+        if len(sizes) == 2 and sizes[0] != sizes[1]:
+            problems.append(f"{image_path} is {sizes[0][0]}x{sizes[0][1]} but its mask {mask_path} is "
+                            f"{sizes[1][0]}x{sizes[1][1]}")
+    if problems:
+        raise ValueError(f"{len(problems)} bad image/mask file(s): {_show_names(problems, 5)}")
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _write_json(obj, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_json_safe(obj), f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _methods_for(model: IARed, names, threshold: float):
+    return build_methods(names if names else default_methods(model), threshold)
+
+
+# -- iared explain ----------------------------------------------------------------------------
+
+
+def _panel_names(files: list[Path], source: Path) -> list[str]:
+    """One output file name per input: its path below ``source`` with '__' for '/', then .png;
+    inputs that would collide (a.jpg, a.png) keep their extension in the name."""
+    stems = []
+    for path in files:
+        rel = path.relative_to(source) if source.is_dir() else Path(path.name)
+        stems.append(("__".join(rel.with_suffix("").parts), rel.suffix.lstrip(".").lower()))
+    counts: dict[str, int] = {}
+    for stem, _ in stems:
+        counts[stem] = counts.get(stem, 0) + 1
+    return [f"{stem}_{ext}.png" if counts[stem] > 1 else f"{stem}.png" for stem, ext in stems]
+
+
+def run_explain(args) -> int:
+    from iared.data import BadImageError, list_images
+    from iared.explain.render import display_image, render_panel
+
+    if args.methods:
+        build_methods(args.methods, args.threshold)  # unknown names fail before the model loads
+    source = Path(args.input).expanduser()
+    files = list_images(source)
+    out_dir = Path(args.out).expanduser()
+    if source.is_dir():  # never explain our own panels from an earlier run into the same folder
+        out_resolved = out_dir.resolve()
+        files = [f for f in files if out_resolved not in f.resolve().parents]
+        if not files:
+            raise ValueError(f"no images found in {source} outside the output folder {out_dir}")
+    model = load_explain_model(args.checkpoint, args.device)
+    methods = _methods_for(model, args.methods, args.threshold)
+    cfg = model.backbone.cfg
+
+    inputs, bad = [], []
+    for path in files:  # read everything first: a bad file stops the run before any output
+        try:
+            inputs.append(load_model_input(path, model))
+        except BadImageError as e:
+            bad.append(f"{path} ({e.problem})")
+    if bad:
+        raise ValueError(f"{len(bad)} unreadable image(s), nothing written: {_show_names(bad, 5)}")
+
+    for path, name, image in zip(files, _panel_names(files, source), inputs):
+        x = image[None].to(args.device)
+        with torch.no_grad():
+            out = model(x, threshold=args.threshold)
+            target = model.backbone(x).argmax(-1)
+        heatmaps = {method_name: method(model, x, target)[0] for method_name, method in methods.items()}
+        title = (f"{path.name}   backbone: class {int(target)}   pruned: class {int(out.logits.argmax())}, "
+                 f"{float(out.gflops[0]):.3g} GFLOPs")
+        written = render_panel(out_dir / name, display_image(x[0], cfg.mean, cfg.std),
+                               [k[0, cfg.num_prefix_tokens:] for k in out.keep], heatmaps,
+                               patch_size=cfg.patch_size, title=title)
+        print(written)
+    return 0
+
+
+def add_explain_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("explain", help="heatmap panels (interpreter + baselines) for images",
+                              description="For each image, a PNG: the image, the patches kept after each "
+                                          "stage, and every method's heatmap.")
+    p.add_argument("input", metavar="IMAGE_OR_DIR", help="an image file or a folder (searched recursively)")
+    p.add_argument("--checkpoint", help="pruned model (iared.pruning.save_pruned); default: the shipped one")
+    p.add_argument("--out", required=True, help="folder for the PNG panels")
+    p.add_argument("--methods", nargs="+", metavar="METHOD",
+                   help="methods as name or name:int (default: all; the interpreter combined and per stage)")
+    p.add_argument("--threshold", type=float, default=0.5, help="interpreter keep threshold (default 0.5)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=run_explain)
+    return p
+
+
+# -- iared explain-eval -----------------------------------------------------------------------
+
+
+def _digits_batches(n: int, batch_size: int, seed: int, model: IARed):
+    from iared.data import DigitsClutter
+
+    cfg = model.backbone.cfg
+    mean = torch.tensor(cfg.mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(cfg.std, dtype=torch.float32).view(-1, 1, 1)
+    data = DigitsClutter("test", length=n, seed=seed)
+    for start in range(0, n, batch_size):
+        items = [data[i] for i in range(start, min(n, start + batch_size))]
+        yield (torch.stack([(it[0] - mean) / std for it in items]), torch.stack([it[2] for it in items]))
+
+
+def _folder_batches(pairs, model: IARed, batch_size: int):
+    from iared.data import load_image
+
+    transform = _image_transform(model, squash=True)
+    size = model.backbone.cfg.img_size
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start: start + batch_size]
+        yield (torch.stack([transform(_as_model_mode(load_image(i), model)) for i, _ in chunk]),
+               torch.stack([load_mask(m, size) for _, m in chunk]))
+
+
+def run_explain_eval(args) -> int:
+    from tqdm.auto import tqdm
+
+    if (args.images is None) != (args.masks is None):
+        raise ValueError("--images and --masks go together: give both folders or neither")
+    for flag, value in (("--limit", args.limit), ("--steps", args.steps), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
+    if args.methods:
+        build_methods(args.methods, args.threshold)
+    if args.images is not None:
+        pairs = pair_folders(args.images, args.masks)[: args.limit]
+    model = load_explain_model(args.checkpoint, args.device)
+    methods = _methods_for(model, args.methods, args.threshold)
+    if args.images is not None:
+        check_pairs(pairs)
+        batches, total = _folder_batches(pairs, model, args.batch_size), len(pairs)
+        data = f"{args.images} + {args.masks}"
+    else:
+        cfg = model.backbone.cfg
+        if cfg.in_chans != 1 or cfg.img_size != 64:
+            raise ValueError(f"the embedded digits-clutter task needs a 64x64 one-channel model, this one takes "
+                             f"{cfg.img_size}x{cfg.img_size}x{cfg.in_chans}; pass --images and --masks")
+        total = args.limit or DIGITS_DEFAULT_LIMIT
+        batches = _digits_batches(total, args.batch_size, args.seed, model)
+        data = "digits-clutter test"
+    plot = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
+    with tqdm(total=total, desc="explain-eval", unit="img", file=sys.stderr, disable=args.quiet) as bar:
+        results = evaluate_explanations(model, batches, methods, steps=args.steps, baseline=args.baseline,
+                                        tolerance=args.tolerance, threshold=args.threshold,
+                                        device=args.device, progress=bar)
+    results = {"data": data, "checkpoint": str(args.checkpoint or default_checkpoint_path()), **results,
+               "target": "backbone prediction",
+               "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                               "machine": platform.machine(), "device": str(args.device)}}
+    print(format_table(results))
+    agreement = results["agreement"]
+    print(f"n={results['n']}  pruned model agrees with backbone on {agreement:.1%}; "
+          f"deletion/insertion: {args.steps} steps, baseline {args.baseline}")
+    if plot:
+        from iared.explain.render import bar_chart
+
+        bar_chart(results, plot)
+        print(f"wrote {plot}")
+    if args.json:
+        _write_json(results, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def add_explain_eval_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("explain-eval", help="score explanation methods against ground-truth masks",
+                              description="Pixel accuracy, mIoU, mAP (ImageNet-segmentation protocol), "
+                                          "pointing game, deletion and insertion AUC (RISE) for every method.")
+    p.add_argument("--checkpoint", help="pruned model (iared.pruning.save_pruned); default: the shipped one")
+    p.add_argument("--images", help="folder of images (default: the digits-clutter test split)")
+    p.add_argument("--masks", help="folder of binary masks paired with --images by file stem")
+    p.add_argument("--limit", type=int, metavar="N",
+                   help=f"evaluate the first N samples (default: {DIGITS_DEFAULT_LIMIT} on digits, all pairs "
+                        "in folders)")
+    p.add_argument("--methods", nargs="+", metavar="METHOD",
+                   help="methods as name or name:int (default: all; the interpreter combined and per stage)")
+    p.add_argument("--json", help="write all figures here (and the bar chart beside it, .png)")
+    p.add_argument("--plot", help="write the bar chart PNG here (default: beside --json)")
+    p.add_argument("--steps", type=int, default=16, help="deletion/insertion steps (default 16)")
+    p.add_argument("--baseline", choices=BASELINES, default="rise",
+                   help="what deleted / not yet inserted pixels become (default rise: zero for deletion, "
+                        "blurred image for insertion)")
+    p.add_argument("--tolerance", type=float, default=0.0, help="pointing-game tolerance in pixels")
+    p.add_argument("--threshold", type=float, default=0.5, help="interpreter keep threshold")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0, help="digits test-split sample seed")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_explain_eval)
+    return p

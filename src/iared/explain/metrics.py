@@ -1,0 +1,275 @@
+"""How good is a heatmap: agreement with a ground-truth mask, and causal effect on the model.
+
+Heatmaps are ``(B, H, W)`` in [0, 1] at image resolution (what :mod:`iared.explain.methods`
+returns); masks are ``(B, H, W)`` bool, True on the object.
+
+Segmentation, the ImageNet-Segmentation protocol of Chefer et al. (``imagenet_seg_eval.py`` of
+"Transformer Interpretability Beyond Attention Visualization", CVPR 2021):
+
+- the heatmap is binarised at its own mean (``map > mean(map)``);
+- pixel accuracy = correct pixels / all pixels, summed over the whole set;
+- mIoU = mean over the two classes {background, foreground} of intersection / union, each
+  summed over the whole set before dividing;
+- mAP = mean over images of the average precision of the soft map, computed as their
+  ``get_ap_scores`` does: one AP over the 2 x H x W (score, label) pairs formed by the
+  foreground channel (score = map, label = mask) and the background channel (score = 1 - map,
+  label = not mask). ``ap_foreground`` (mean over images of the AP of the map against the mask
+  alone, images without foreground skipped) is reported beside it.
+
+Pointing game (Zhang et al., 2016): a hit when the heatmap's maximum (first in raster order on
+ties) lies within ``tolerance`` pixels (Euclidean) of a mask pixel; images without any mask
+pixel are left out of the hit rate.
+
+Deletion / insertion (RISE, Petsiuk et al., BMVC 2018): pixels are ranked by the heatmap (ties
+in raster order); in ``steps`` equal steps the top-ranked pixels are replaced by a baseline
+(deletion, starting from the image) or restored onto the baseline (insertion, starting from the
+baseline); the target-class softmax probability after each step, ``steps + 1`` points on [0, 1],
+is integrated with the trapezoidal rule. Lower deletion and higher insertion AUC are better.
+Baselines as in RISE by default (``baseline="rise"``): zeros for deletion, a Gaussian blur of
+the image for insertion; ``"zero"`` / ``"blur"`` / a tensor use one baseline for both. Zeros
+are taken in the classifier's input space (for a normalised input: the dataset mean colour).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "BASELINES",
+    "SegmentationMeter",
+    "auc",
+    "average_precision",
+    "binarize",
+    "blur",
+    "causal_curves",
+    "deletion_insertion",
+    "pointing_game",
+    "protocol_ap",
+    "segmentation_stats",
+]
+
+
+# -- segmentation -----------------------------------------------------------------------------
+
+
+def binarize(heatmaps: Tensor) -> Tensor:
+    """``(B, H, W)`` -> bool, True where the map exceeds its own per-image mean."""
+    return heatmaps > heatmaps.mean(dim=(-2, -1), keepdim=True)
+
+
+def average_precision(scores, labels) -> float:
+    """Average precision of ``scores`` ranking the True entries of ``labels`` (any shape).
+
+    ``AP = sum_n (R_n - R_{n-1}) P_n`` over the distinct score thresholds, high to low (tied
+    scores form one threshold), as ``sklearn.metrics.average_precision_score``. NaN when
+    ``labels`` holds no positive.
+    """
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels, dtype=bool).ravel()
+    if s.shape != y.shape:
+        raise ValueError(f"average_precision: {s.shape[0]} scores but {y.shape[0]} labels")
+    positives = int(y.sum())
+    if positives == 0:
+        return float("nan")
+    order = np.argsort(-s, kind="stable")
+    s, y = s[order], y[order]
+    tp = np.cumsum(y)
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last index of each group of tied scores
+    tp = tp[last]
+    precision = tp / (last + 1)
+    recall = tp / positives
+    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
+def protocol_ap(heatmap, mask) -> float:
+    """AP of one soft map as in Chefer et al.'s evaluation: foreground scored by the map and
+    background by ``1 - map`` (map in [0, 1]), pooled into one ranking. Never NaN for a
+    non-empty image: background pixels are positives of the second channel."""
+    h = np.asarray(heatmap, dtype=np.float64).ravel()
+    m = np.asarray(mask, dtype=bool).ravel()
+    return average_precision(np.concatenate([1.0 - h, h]), np.concatenate([~m, m]))
+
+
+def segmentation_stats(heatmaps: Tensor, masks: Tensor) -> dict[str, Tensor]:
+    """Per-image counts for the segmentation protocol.
+
+    Returns ``correct`` ``(B,)`` (pixels where binarised map == mask), ``pixels`` ``(B,)``,
+    ``intersection`` / ``union`` ``(B, 2)`` for [background, foreground], ``ap`` ``(B,)``
+    (:func:`protocol_ap`) and ``ap_foreground`` ``(B,)`` (NaN without foreground).
+    """
+    if heatmaps.shape != masks.shape:
+        raise ValueError(f"heatmaps {tuple(heatmaps.shape)} and masks {tuple(masks.shape)} differ in shape")
+    pred = binarize(heatmaps).flatten(1)
+    gt = masks.bool().flatten(1)
+    correct = (pred == gt).sum(1)
+    inter = torch.stack([(~pred & ~gt).sum(1), (pred & gt).sum(1)], dim=1)
+    union = torch.stack([(~pred | ~gt).sum(1), (pred | gt).sum(1)], dim=1)
+    h, g = heatmaps.detach().float().flatten(1).cpu().numpy(), gt.cpu().numpy()
+    ap = torch.tensor([protocol_ap(h[i], g[i]) for i in range(len(h))], dtype=torch.float64)
+    ap_fg = torch.tensor([average_precision(h[i], g[i]) for i in range(len(h))], dtype=torch.float64)
+    pixels = torch.full_like(correct, gt.shape[1])
+    return {"correct": correct.cpu(), "pixels": pixels.cpu(), "intersection": inter.cpu(),
+            "union": union.cpu(), "ap": ap, "ap_foreground": ap_fg}
+
+
+class SegmentationMeter:
+    """Accumulates :func:`segmentation_stats` (and pointing-game hits) over batches.
+
+    ``compute()`` -> ``pixel_accuracy``, ``miou``, ``iou_background``, ``iou_foreground`` (set
+    totals, as Chefer et al.), ``map`` (mean of per-image :func:`protocol_ap`),
+    ``ap_foreground`` (mean of per-image foreground AP, images without foreground skipped),
+    ``pointing`` (hit rate over images with foreground) and ``n``.
+    """
+
+    def __init__(self, tolerance: float = 0.0):
+        self.tolerance = tolerance
+        self.correct = self.pixels = 0
+        self.intersection = torch.zeros(2, dtype=torch.float64)
+        self.union = torch.zeros(2, dtype=torch.float64)
+        self.ap: list[Tensor] = []
+        self.ap_fg: list[Tensor] = []
+        self.hits: list[Tensor] = []
+
+    def update(self, heatmaps: Tensor, masks: Tensor) -> dict[str, Tensor]:
+        stats = segmentation_stats(heatmaps, masks)
+        self.correct += int(stats["correct"].sum())
+        self.pixels += int(stats["pixels"].sum())
+        self.intersection += stats["intersection"].sum(0).double()
+        self.union += stats["union"].sum(0).double()
+        self.ap.append(stats["ap"])
+        self.ap_fg.append(stats["ap_foreground"])
+        stats["pointing"] = pointing_game(heatmaps, masks, self.tolerance).cpu()
+        has_object = masks.flatten(1).any(1).cpu()
+        self.hits.append(stats["pointing"][has_object])
+        return stats
+
+    def compute(self) -> dict[str, float]:
+        iou = self.intersection / self.union.clamp_min(1)
+
+        def mean(parts: list[Tensor]) -> float:
+            values = torch.cat(parts) if parts else torch.zeros(0)
+            values = values[~values.double().isnan()].double()
+            return float(values.mean()) if len(values) else float("nan")
+
+        return {
+            "pixel_accuracy": self.correct / max(self.pixels, 1),
+            "miou": float(iou.mean()),
+            "iou_background": float(iou[0]),
+            "iou_foreground": float(iou[1]),
+            "map": mean(self.ap),
+            "ap_foreground": mean(self.ap_fg),
+            "pointing": mean([h.double() for h in self.hits]),
+            "n": int(sum(len(a) for a in self.ap)),
+        }
+
+
+def pointing_game(heatmaps: Tensor, masks: Tensor, tolerance: float = 0.0) -> Tensor:
+    """``(B,)`` bool: the heatmap's argmax pixel lies within ``tolerance`` px of the mask."""
+    if heatmaps.shape != masks.shape:
+        raise ValueError(f"heatmaps {tuple(heatmaps.shape)} and masks {tuple(masks.shape)} differ in shape")
+    B, H, W = heatmaps.shape
+    peak = heatmaps.flatten(1).argmax(1)
+    py, px = (peak // W).view(B, 1, 1).float(), (peak % W).view(B, 1, 1).float()
+    ys = torch.arange(H, device=heatmaps.device).view(1, H, 1).float()
+    xs = torch.arange(W, device=heatmaps.device).view(1, 1, W).float()
+    dist2 = (ys - py) ** 2 + (xs - px) ** 2
+    near = dist2 <= float(tolerance) ** 2
+    return (near & masks.bool().to(heatmaps.device)).flatten(1).any(1)
+
+
+# -- deletion / insertion ---------------------------------------------------------------------
+
+
+def blur(images: Tensor, kernel_size: int = 11, sigma: float = 5.0) -> Tensor:
+    """Gaussian blur (separable, reflect padding) of ``(B, C, H, W)``: RISE's insertion baseline."""
+    radius = kernel_size // 2
+    x = torch.arange(kernel_size, dtype=images.dtype, device=images.device) - radius
+    k = torch.exp(-(x**2) / (2 * sigma**2))
+    k = k / k.sum()
+    C = images.shape[1]
+    pad = min(radius, images.shape[-1] - 1, images.shape[-2] - 1)
+    out = F.pad(images, (pad, pad, pad, pad), mode="reflect") if pad else images
+    if pad < radius:  # tiny images: crop the kernel to the padding we could afford
+        k = k[radius - pad: radius + pad + 1]
+        k = k / k.sum()
+    out = F.conv2d(out, k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
+    return F.conv2d(out, k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
+
+
+BASELINES = ("rise", "zero", "blur")
+
+
+def _baseline_images(images: Tensor, baseline, kind: str) -> Tensor:
+    if isinstance(baseline, Tensor):
+        return baseline.to(images).expand_as(images)
+    if baseline == "rise":
+        baseline = "zero" if kind == "deletion" else "blur"
+    if baseline == "zero":
+        return torch.zeros_like(images)
+    if baseline == "blur":
+        return blur(images)
+    raise ValueError(f"baseline must be one of {', '.join(BASELINES)} or a tensor, got {baseline!r}")
+
+
+@torch.no_grad()
+def causal_curves(classifier: Callable[[Tensor], Tensor], images: Tensor, heatmaps: Tensor, target,
+                  *, steps: int = 16, baseline="rise", kinds=("deletion", "insertion")) -> dict[str, Tensor]:
+    """Target-class probability curves ``(B, steps + 1)`` for each of ``kinds``.
+
+    classifier: ``images -> logits``; images ``(B, C, H, W)`` as the classifier takes them;
+    heatmaps ``(B, H, W)``; target ``(B,)`` class indices; baseline ``"rise"`` (zero for
+    deletion, blur for insertion), ``"zero"``, ``"blur"`` or a tensor broadcastable to
+    ``images`` (in the classifier's input space). Point k has ``round(k * H * W / steps)``
+    pixels deleted / inserted; one batched forward per point.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    B, _, H, W = images.shape
+    if heatmaps.shape != (B, H, W):
+        raise ValueError(f"heatmaps {tuple(heatmaps.shape)} do not match images {tuple(images.shape)}")
+    for kind in kinds:
+        if kind not in ("deletion", "insertion"):
+            raise ValueError(f"unknown causal metric {kind!r}: expected 'deletion' or 'insertion'")
+    target = torch.as_tensor(target, device=images.device).long().reshape(-1)
+    if target.numel() == 1:
+        target = target.expand(B)
+    target = target.reshape(B, 1)
+    order = heatmaps.flatten(1).argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(H * W, device=order.device).expand(B, -1))
+    rank = rank.view(B, 1, H, W)
+
+    def prob(x: Tensor) -> Tensor:
+        return classifier(x).float().softmax(-1).gather(1, target)[:, 0]
+
+    p_image = prob(images)
+    curves = {}
+    for kind in kinds:
+        base = _baseline_images(images, baseline, kind)
+        p_base = prob(base)
+        probs = [p_image if kind == "deletion" else p_base]
+        for k in range(1, steps):
+            top = rank < round(k * H * W / steps)  # the first k/steps of the pixels in heatmap order
+            x = torch.where(top, base, images) if kind == "deletion" else torch.where(top, images, base)
+            probs.append(prob(x))
+        probs.append(p_base if kind == "deletion" else p_image)
+        curves[kind] = torch.stack(probs, 1)
+    return curves
+
+
+def auc(curves: Tensor) -> Tensor:
+    """Trapezoidal area under ``(B, K + 1)`` curves sampled evenly on [0, 1] -> ``(B,)``."""
+    K = curves.shape[1] - 1
+    if K < 1:
+        raise ValueError("auc needs at least two points per curve")
+    return (curves[:, 1:] + curves[:, :-1]).sum(1) / (2 * K)
+
+
+def deletion_insertion(classifier, images, heatmaps, target, *, steps: int = 16, baseline="rise") -> dict[str, Tensor]:
+    """``{"deletion": (B,), "insertion": (B,)}`` AUCs (see :func:`causal_curves`)."""
+    curves = causal_curves(classifier, images, heatmaps, target, steps=steps, baseline=baseline)
+    return {kind: auc(c) for kind, c in curves.items()}

@@ -1,0 +1,360 @@
+"""``iared train``: train a backbone classifier (from scratch or from a checkpoint).
+
+One loop, no framework: AdamW with warmup + cosine, label smoothing, gradient clipping,
+periodic evaluation on ``val``, a final one on ``test``. Distributed data parallel when
+launched with ``torchrun`` (``--batch-size`` is the global batch, split evenly over ranks).
+
+Outputs in ``--out DIR``: ``checkpoint.pt`` (full training state, see
+:mod:`iared.train.common`), ``config.json`` (model + training config) and ``log.jsonl``;
+``--export PATH`` additionally writes the weights alone (float16 safetensors) for shipping.
+
+``--resume`` continues the run in ``DIR`` where it stopped: the data of each step is a pure
+function of ``(seed, step)``, so a resumed run ends with exactly the weights of an
+uninterrupted one (same world size and thread count; for image folders, random augmentation
+in workers is not replayed). The command reproducing the shipped embedded backbone::
+
+    iared train --task digits-clutter --model digits_vit --steps 600 --batch-size 128 \\
+        --lr 2e-3 --warmup 60 --label-smoothing 0.1 --export src/iared/assets/digits_vit.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from iared.train.common import (
+    Checkpointer,
+    JsonlLogger,
+    StepBatchSampler,
+    all_reduce_sums,
+    cleanup,
+    init_distributed,
+    is_main,
+    param_groups,
+    parse_overrides,
+    progress,
+    restore_rng,
+    save_atomic,
+    seed_everything,
+    set_lr,
+    training_state,
+    unwrap,
+    warmup_cosine,
+)
+
+__all__ = ["BackboneTrainConfig", "train", "add_parser", "config_from_args", "export_weights"]
+
+
+@dataclass
+class BackboneTrainConfig:
+    """Everything a backbone run depends on; the CLI maps onto it one to one
+    (``--batch-size`` -> ``batch_size``, ``--model-override K=V`` -> ``model_overrides``)."""
+
+    model: str = "digits_vit"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    task: str = "digits-clutter"
+    checkpoint: str | None = None  # initial weights (fine-tuning); ignored on resume
+    steps: int = 3000
+    batch_size: int = 128  # global, all ranks together
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup: int = 100
+    label_smoothing: float = 0.1
+    clip_grad: float | None = 1.0
+    eval_every: int = 500
+    save_every: int = 500
+    log_every: int = 10
+    train_size: int | None = None  # virtual tasks: number of distinct training samples
+    val_size: int | None = None  # virtual tasks: evaluate on the first N val samples
+    seed: int = 0
+    out: str = "runs/backbone"
+    workers: int = 0
+    device: str = "auto"
+    threads: int | None = None  # torch.set_num_threads in each process
+    resume: bool = False
+    stop_at: int | None = None  # stop after this step and save, as if preempted
+    export: str | None = None  # float16 safetensors of the final weights
+    progress: bool = True
+
+
+# Fields that may differ between a run and its resumption without changing the result.
+OPERATIONAL = {"eval_every", "save_every", "log_every", "out", "workers", "device", "threads", "resume", "stop_at",
+               "export", "progress", "checkpoint"}
+
+HELP = {
+    "model": "backbone name (see iared.models.list_models)",
+    "model_overrides": "change a ViTConfig field, e.g. depth=3 (repeatable)",
+    "task": "task name (digits-clutter) or an image folder root/<class>/<image>",
+    "checkpoint": "initial weights (any format create_model reads)",
+    "steps": "optimizer steps",
+    "batch_size": "global batch size (split over torchrun ranks)",
+    "lr": "peak learning rate (AdamW)",
+    "min_lr": "learning rate at the end of the cosine",
+    "weight_decay": "AdamW weight decay (not on biases, norms, tokens)",
+    "warmup": "linear warmup steps",
+    "label_smoothing": "cross-entropy label smoothing",
+    "clip_grad": "gradient norm clip (None: off)",
+    "eval_every": "evaluate on val every N steps (0: only at the end)",
+    "save_every": "write DIR/checkpoint.pt every N steps (0: only at the end)",
+    "log_every": "log the training loss every N steps",
+    "train_size": "virtual tasks: number of distinct training samples",
+    "val_size": "virtual tasks: size of the val subset used during training",
+    "seed": "seed of the weights and of the data order",
+    "out": "output directory DIR",
+    "workers": "data loader worker processes",
+    "device": "auto | cpu | cuda",
+    "threads": "torch threads per process",
+    "resume": "continue the run in DIR from DIR/checkpoint.pt",
+    "stop_at": "stop after this step (saving a checkpoint), as if the job were preempted",
+    "export": "also write the final weights as float16 safetensors to PATH",
+    "progress": "show a progress bar",
+}
+
+
+# -- the loop -----------------------------------------------------------------------------------
+
+
+def train(cfg: BackboneTrainConfig) -> dict[str, Any]:
+    """Run (or resume) a training run; returns the final metrics and paths (on every rank)."""
+    rank, world, device = init_distributed(cfg.device)
+    try:
+        return _train(cfg, rank, world, device)
+    finally:
+        cleanup()
+
+
+def _build_data(cfg: BackboneTrainConfig, model_cfg, rank: int, world: int):
+    from iared.data import TASKS, build_dataset, eval_transform, train_transform
+
+    if cfg.task in TASKS:
+        kw = {"length": cfg.train_size} if cfg.train_size else {}
+        train_set = build_dataset(cfg.task, "train", seed=cfg.seed, **kw)
+        # val/test always use the canonical samples (seed 0) so numbers compare across runs
+        val_set = build_dataset(cfg.task, "val", **({"length": cfg.val_size} if cfg.val_size else {}))
+        test_set = build_dataset(cfg.task, "test")
+    else:
+        size, mean, std = model_cfg.img_size, model_cfg.mean, model_cfg.std
+        train_set = build_dataset(cfg.task, "train", transform=train_transform(size, mean=mean, std=std))
+        val_set = build_dataset(cfg.task, "val", transform=eval_transform(size, mean=mean, std=std))
+        test_set = build_dataset(cfg.task, "test", transform=eval_transform(size, mean=mean, std=std))
+
+    def eval_loader(ds):  # rank r evaluates samples r, r+world, ...; results are summed over ranks
+        shard = torch.utils.data.Subset(ds, range(rank, len(ds), world))
+        return torch.utils.data.DataLoader(shard, batch_size=256, num_workers=cfg.workers)
+
+    return train_set, eval_loader(val_set), eval_loader(test_set)
+
+
+def _evaluate(model: nn.Module, loader, device, cache: list | None = None) -> dict[str, float]:
+    from iared.evaluate import evaluate_classifier
+
+    if cache is not None and not cache:  # materialise once: virtual datasets regenerate on every pass
+        cache.extend((b[0], torch.as_tensor(b[1])) for b in loader)
+    m = evaluate_classifier(unwrap(model), cache if cache is not None else loader, device)
+    s = all_reduce_sums({"correct": m["correct"], "loss_sum": m["loss_sum"], "n": m["n"]}, device)
+    return {"top1": s["correct"] / s["n"], "loss": s["loss_sum"] / s["n"], "n": int(s["n"])}
+
+
+def _train(cfg: BackboneTrainConfig, rank: int, world: int, device: torch.device) -> dict[str, Any]:
+    from iared.models import MODEL_CONFIGS, ViTConfig, create_model
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.model not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model {cfg.model!r}; known: {', '.join(sorted(MODEL_CONFIGS))}")
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {world} torchrun processes")
+    out = Path(cfg.out)
+    ckpt = Checkpointer(out, cfg.save_every)
+    log = JsonlLogger(out / "log.jsonl")
+    state = None
+    if cfg.resume and ckpt.exists():
+        state = ckpt.load()
+        _check_resumable(cfg, state["config"]["train"], ckpt.path)
+    elif cfg.resume and is_main():
+        print(f"iared train: no checkpoint in {out}; starting a new run")
+
+    overrides = dict(cfg.model_overrides)
+    model_cfg = ViTConfig(**{**MODEL_CONFIGS[cfg.model], **overrides})
+    train_set, val_loader, test_loader = _build_data(cfg, model_cfg, rank, world)
+    num_classes = getattr(train_set, "num_classes", None)
+    if num_classes and num_classes != model_cfg.num_classes and "num_classes" not in overrides:
+        overrides["num_classes"] = num_classes  # image folders: the head follows the folder's classes
+
+    seed_everything(cfg.seed)
+    model = create_model(cfg.model, checkpoint=None if state else cfg.checkpoint, **overrides).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    step = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        restore_rng(state["rng"])
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(
+            {"model": unwrap(model).cfg.to_dict(), "train": dataclasses.asdict(cfg), "world_size": world}, indent=2))
+        log.log(event="start", step=step, world_size=world, device=str(device), resumed=state is not None)
+
+    def state_fn():
+        return training_state(model, optimizer, step, cfg, world_size=world)
+
+    sampler = StepBatchSampler(len(train_set), cfg.batch_size, cfg.seed, cfg.steps, start_step=step,
+                               rank=rank, world=world)
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers,
+                                         pin_memory=device.type == "cuda")
+    stop = min(cfg.steps, cfg.stop_at) if cfg.stop_at is not None else cfg.steps
+    val_cache: list = []
+    loss_acc, n_acc, t_window, start = torch.zeros((), device=device), 0, time.time(), time.time()
+    bar = progress(total=stop, initial=step, desc="train", disable=not cfg.progress)
+    for batch in loader:
+        if step >= stop:
+            break
+        images, labels = batch[0].to(device, non_blocking=True), torch.as_tensor(batch[1]).to(device)
+        lr = warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr)
+        set_lr(optimizer, lr)
+        model.train()
+        loss = F.cross_entropy(model(images), labels, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip_grad:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        optimizer.step()
+        step += 1
+        loss_acc += loss.detach()
+        n_acc += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == stop:
+            mean_loss = all_reduce_sums({"loss": float(loss_acc) / n_acc}, device)["loss"] / world
+            rate = n_acc * cfg.batch_size / max(time.time() - t_window, 1e-9)
+            log.log(event="train", step=step, loss=mean_loss, lr=lr, images_per_s=round(rate, 1))
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+            loss_acc.zero_()
+            n_acc, t_window = 0, time.time()
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            val = _evaluate(model, val_loader, device, val_cache)
+            log.log(event="eval", split="val", step=step, **val)
+            if is_main():
+                bar.write(f"step {step}: val top-1 {100 * val['top1']:.2f}%  loss {val['loss']:.4f}")
+        if step < stop:
+            ckpt.maybe_save(step, state_fn)
+    bar.close()
+
+    result: dict[str, Any] = {"step": step, "checkpoint": str(ckpt.path), "seconds": round(time.time() - start, 1)}
+    if step < cfg.steps:  # stopped early (--stop-at): save and leave the rest for --resume
+        ckpt.save(state_fn)
+        log.log(event="stopped", step=step)
+        return result
+    result["val"] = _evaluate(model, val_loader, device, val_cache)
+    result["test"] = _evaluate(model, test_loader, device)
+    log.log(event="eval", split="val", step=step, **result["val"])
+    log.log(event="eval", split="test", step=step, **result["test"])
+    ckpt.save(lambda: {**state_fn(), "metrics": {"val": result["val"], "test": result["test"]}})
+    if cfg.export and is_main():
+        result["export"] = str(export_weights(unwrap(model), cfg.export, cfg))
+    log.log(event="done", step=step, seconds=result["seconds"])
+    if is_main():
+        print(f"step {step}: val top-1 {100 * result['val']['top1']:.2f}% loss {result['val']['loss']:.4f} | "
+              f"test top-1 {100 * result['test']['top1']:.2f}% loss {result['test']['loss']:.4f} | "
+              f"{result['seconds']:.0f} s | {ckpt.path}")
+    return result
+
+
+def _check_resumable(cfg: BackboneTrainConfig, saved: dict, path: Path) -> None:
+    diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in dataclasses.asdict(cfg).items()
+             if k not in OPERATIONAL and saved.get(k) != v]
+    if diffs:
+        raise ValueError(f"cannot resume {path} with a different configuration ({'; '.join(diffs)})")
+
+
+def export_weights(model: nn.Module, path: str | Path, cfg: BackboneTrainConfig | None = None) -> Path:
+    """The weights alone, float16: safetensors for ``.safetensors`` paths, else a torch file
+    ``{"model": sd, "config": {"model": ...}}`` that :func:`iared.models.load_model` reads."""
+    sd = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in unwrap(model).state_dict().items()}
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return save_atomic(sd, path)
+    config = {"model": unwrap(model).cfg.to_dict()}
+    if cfg is not None:
+        config["train"] = dataclasses.asdict(cfg)
+    return save_atomic({"format": "iared-weights/1", "model": sd, "config": config}, path)
+
+
+# -- command line -------------------------------------------------------------------------------
+
+
+def _arg_type(tp):
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    base = args[0] if args and (typing.get_origin(tp) in (typing.Union, types.UnionType)) else tp
+    return base
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``iared train``: one option per :class:`BackboneTrainConfig` field. Options left
+    out keep the dataclass default (or, with ``--resume``, the saved run's value)."""
+    p = subparsers.add_parser("train", help="train a backbone classifier (digits-clutter or an image folder)",
+                              description=__doc__.split("\n\n")[0])
+    hints = typing.get_type_hints(BackboneTrainConfig)
+    for f in dataclasses.fields(BackboneTrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{HELP.get(f.name, '')} (default: {default})"
+        if f.name == "model_overrides":
+            p.add_argument("--model-override", dest=f.name, action="append", metavar="KEY=VALUE",
+                           default=argparse.SUPPRESS, help=help_text)
+            continue
+        if f.name == "progress":
+            p.add_argument("--no-progress", dest=f.name, action="store_false", default=argparse.SUPPRESS,
+                           help="no progress bar")
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        tp = _arg_type(hints[f.name])
+        if tp is bool:
+            p.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=help_text)
+        else:
+            p.add_argument(flag, dest=f.name, type=tp, default=argparse.SUPPRESS, help=help_text,
+                           metavar=f.name.upper())
+    p.set_defaults(func=main)
+    return p
+
+
+add_train_parser = add_parser
+
+
+def config_from_args(args: argparse.Namespace) -> BackboneTrainConfig:
+    """Dataclass defaults, or the saved config when resuming (less ``stop_at``), updated with the
+    options given."""
+    names = {f.name for f in dataclasses.fields(BackboneTrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    if "model_overrides" in given:
+        given["model_overrides"] = parse_overrides(given["model_overrides"])
+    base = BackboneTrainConfig()
+    if given.get("resume"):
+        path = Path(given.get("out", base.out)) / "checkpoint.pt"
+        if path.is_file():
+            from iared.train.common import load_training_state
+
+            saved = load_training_state(path)["config"]["train"]
+            # --stop-at describes one invocation (a simulated preemption), not the run: inheriting
+            # it would make every resumption stop again at once at the same step.
+            base = BackboneTrainConfig(**{k: v for k, v in saved.items() if k in names - {"stop_at"}})
+    return dataclasses.replace(base, **given)
+
+
+def main(args: argparse.Namespace) -> int:
+    train(config_from_args(args))
+    return 0

@@ -1,0 +1,365 @@
+"""Pieces every training loop shares: distributed setup, resumable data order, LR schedule,
+checkpoints, logging.
+
+A loop built from these (see :mod:`iared.train.backbone`) looks like::
+
+    rank, world, device = init_distributed()
+    sampler = StepBatchSampler(len(train_set), cfg.batch_size, cfg.seed, cfg.steps,
+                               start_step=step, rank=rank, world=world)
+    for step, batch in zip(range(step, cfg.steps), DataLoader(train_set, batch_sampler=sampler)):
+        set_lr(optimizer, warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps))
+        ...
+        ckpt.maybe_save(step + 1, lambda: training_state(model, optimizer, step + 1, cfg))
+    cleanup()
+
+Determinism contract: the data a step sees is a pure function of ``(seed, step)`` (and of
+``rank`` / ``world`` for the share each process takes), the learning rate is a pure function
+of ``step``, and a checkpoint holds the model, the optimizer and the RNG states. So a run
+killed after step k and resumed gives bit for bit the weights of a run that never stopped
+(same machine, same world size).
+
+Checkpoints are plain dicts of tensors / numbers / strings, readable with
+``torch.load(weights_only=True)``::
+
+    {"format": "iared-train/1", "model": state_dict, "optimizer": optimizer.state_dict(),
+     "step": int, "rng": {...tensors/ints...}, "config": {"model": ..., "train": ...}, ...}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from iared.checkpoint import CheckpointError, read_checkpoint, save_atomic
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "Checkpointer",
+    "JsonlLogger",
+    "StepBatchSampler",
+    "all_reduce_sums",
+    "capture_rng",
+    "cleanup",
+    "init_distributed",
+    "is_main",
+    "param_groups",
+    "parse_overrides",
+    "progress",
+    "restore_rng",
+    "seed_everything",
+    "set_lr",
+    "training_state",
+    "unwrap",
+    "warmup_cosine",
+]
+
+CHECKPOINT_FORMAT = "iared-train/1"
+
+
+# -- distributed ------------------------------------------------------------------------------
+
+
+def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1), else run alone.
+
+    Backend: NCCL when CUDA is available, gloo otherwise (CPU). ``device``: ``"auto"`` (CUDA
+    ``LOCAL_RANK`` if available, else CPU), or an explicit ``"cpu"`` / ``"cuda"``.
+    Returns ``(rank, world_size, device)``.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda:
+        dev = torch.device("cuda", local_rank if world > 1 or device in ("auto", "cuda") else None)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+    return rank, world, dev
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single-process run)."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def cleanup() -> None:
+    """Leave the process group (no-op when not distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside a ``DistributedDataParallel`` (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def all_reduce_sums(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Sum each value over all ranks (identity in a single process)."""
+    if world_size() == 1:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+# -- data order -------------------------------------------------------------------------------
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Batch sampler whose batch at step ``s`` is a pure function of ``(seed, s)``.
+
+    The global batch of step ``s`` holds positions ``s*B .. s*B+B-1`` of an endless stream made
+    of one random permutation of ``range(size)`` per epoch (permutation ``e`` is seeded by
+    ``(seed, e)``). Rank ``r`` of ``world`` takes ``global_batch[r::world]``, so the union over
+    ranks is exactly the single-process batch, and resuming at ``start_step`` needs no state.
+
+    Args:
+        size: dataset length.
+        batch_size: *global* batch size (all ranks together); must be divisible by ``world``.
+        seed: data-order seed.
+        steps: total steps of the run; iteration yields ``steps - start_step`` batches.
+        start_step: first step to yield (resume).
+        shuffle: False gives the dataset order (position ``p`` -> ``p % size``).
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, steps: int, start_step: int = 0,
+                 rank: int = 0, world: int = 1, shuffle: bool = True):
+        if size < 1:
+            raise ValueError("StepBatchSampler needs a non-empty dataset")
+        if batch_size % world:
+            raise ValueError(f"batch size {batch_size} is not divisible by the world size {world}")
+        self.size, self.batch_size, self.seed = int(size), int(batch_size), int(seed)
+        self.steps, self.start_step, self.rank, self.world = int(steps), int(start_step), rank, world
+        self.shuffle = shuffle
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:
+                self._perms.pop(min(self._perms))
+            if self.shuffle:
+                g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2**63))
+                self._perms[epoch] = torch.randperm(self.size, generator=g)
+            else:
+                self._perms[epoch] = torch.arange(self.size)
+        return self._perms[epoch]
+
+    def global_batch(self, step: int) -> list[int]:
+        """Dataset indices of the whole batch of ``step`` (all ranks)."""
+        out = []
+        pos, end = step * self.batch_size, (step + 1) * self.batch_size
+        while pos < end:
+            epoch, off = divmod(pos, self.size)
+            take = min(end - pos, self.size - off)
+            out.extend(self._permutation(epoch)[off : off + take].tolist())
+            pos += take
+        return out
+
+    def batch(self, step: int) -> list[int]:
+        """The indices this rank uses at ``step``."""
+        return self.global_batch(step)[self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start_step, self.steps):
+            yield self.batch(step)
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start_step)
+
+
+# -- optimisation -----------------------------------------------------------------------------
+
+
+def warmup_cosine(step: int, base_lr: float, warmup: int, total: int, min_lr: float = 0.0) -> float:
+    """Learning rate at ``step`` (0-based): linear warmup to ``base_lr`` over ``warmup`` steps
+    (step 0 gets ``base_lr / warmup``), then cosine decay to ``min_lr`` at ``total``."""
+    if warmup > 0 and step < warmup:
+        return base_lr * (step + 1) / warmup
+    span = max(1, total - warmup)
+    t = min(1.0, (step - warmup) / span)
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * t))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's LR (groups may carry ``lr_scale``)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms and tokens / position embeddings (1-D
+    parameters and names ending in ``_token`` / ``pos_embed``), the usual ViT recipe."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(("_token", "pos_embed")):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng() -> dict[str, Any]:
+    """RNG states as tensors / ints only, so the checkpoint loads with ``weights_only=True``."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "numpy_gauss": (int(np_state[3]), float(np_state[4])),
+        "python": torch.tensor(random.getstate()[1], dtype=torch.int64),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], *state["numpy_gauss"]))
+    random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+
+
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, train_cfg: Any,
+                   **extra) -> dict[str, Any]:
+    """The dict a :class:`Checkpointer` writes. ``model`` may be DDP-wrapped and must carry
+    ``cfg.to_dict()`` (our backbones do); ``train_cfg`` is a dataclass; ``extra`` entries are
+    stored as given (keep them tensors / numbers / strings / containers of those)."""
+    inner = unwrap(model)
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model": inner.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": int(step),
+        "rng": capture_rng(),
+        "config": {"model": inner.cfg.to_dict(), "train": dataclasses.asdict(train_cfg)},
+        **extra,
+    }
+
+
+class Checkpointer:
+    """Writes ``directory/filename`` atomically every ``every`` steps and at the end, rank 0 only.
+
+    ``save_atomic`` writes to a temporary file and renames it, so a run killed mid-write keeps
+    the previous checkpoint intact. The state is built lazily (``state_fn``) so ranks that do
+    not write pay nothing.
+    """
+
+    def __init__(self, directory: str | os.PathLike, every: int = 0, filename: str = "checkpoint.pt"):
+        self.directory = Path(directory)
+        self.every = int(every)
+        self.path = self.directory / filename
+
+    def maybe_save(self, step: int, state_fn: Callable[[], dict]) -> bool:
+        if self.every > 0 and step % self.every == 0:
+            self.save(state_fn)
+            return True
+        return False
+
+    def save(self, state_fn: Callable[[], dict] | dict) -> Path | None:
+        if not is_main():
+            return None
+        state = state_fn() if callable(state_fn) else state_fn
+        return save_atomic(state, self.path)
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def load(self) -> dict[str, Any]:
+        """The saved training state (``weights_only=True``); :class:`CheckpointError` if it is
+        missing, unreadable or not an iared training checkpoint."""
+        return load_training_state(self.path)
+
+
+def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
+    state = read_checkpoint(path)
+    missing = [k for k in ("model", "optimizer", "step", "config") if k not in state]
+    if state.get("format") != CHECKPOINT_FORMAT or missing:
+        raise CheckpointError(
+            f"bad checkpoint {path}: not an iared training checkpoint (format {state.get('format')!r}, "
+            f"missing keys {missing}); --resume needs the checkpoint.pt written by `iared train`"
+        )
+    return state
+
+
+# -- logging ----------------------------------------------------------------------------------
+
+
+class JsonlLogger:
+    """Appends one JSON object per line to ``path`` (rank 0 only); adds wall time ``time``."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.start = time.time()
+
+    def log(self, **record) -> None:
+        if not is_main():
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        record = {**record, "time": round(time.time() - self.start, 3)}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def progress(iterable=None, **kw):
+    """tqdm on rank 0, a silent pass-through elsewhere (or when ``disable=True``)."""
+    from tqdm.auto import tqdm
+
+    kw["disable"] = kw.get("disable", False) or not is_main()
+    kw.setdefault("dynamic_ncols", True)
+    kw.setdefault("mininterval", 1.0)
+    return tqdm(iterable, **kw)
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["depth=3", "embed_dim=32"]`` -> ``{"depth": 3, "embed_dim": 32}`` (values as Python
+    literals where they parse, else strings)."""
+    import ast
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"bad override {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out

@@ -1,0 +1,122 @@
+"""Our ViT / DeiT against timm itself: same weights in, same logits out (float32, eval mode).
+
+Every timm model here is random-initialised and then perturbed (LayerNorm affine parameters,
+biases and tokens included), so a swapped, transposed or ignored tensor changes the logits.
+Weights reach our model four ways: ``from_timm`` and three file formats read by
+``create_model(name, checkpoint=...)``.
+"""
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from iared.models import MODEL_CONFIGS, create_model, from_timm
+from iared.models.vit import VisionTransformer, ViTConfig
+
+DEIT = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
+NAMES = DEIT + [n.replace("_patch16", "_distilled_patch16") for n in DEIT]
+TOL = 1e-5
+
+
+def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random offsets on every parameter (timm starts biases at 0 and norms at 1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+@torch.no_grad()
+def max_diff(model: torch.nn.Module, x: torch.Tensor, expected: torch.Tensor) -> float:
+    out = model.eval()(x)
+    assert out.shape == expected.shape
+    return float((out - expected).abs().max())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_deit_matches_timm_all_weight_sources(name, tmp_path):
+    torch.manual_seed(0)
+    ref = perturbed(timm.create_model(name, pretrained=False))
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ref(x)
+    assert expected.shape == (2, 1000) and float(expected.std()) > 0.1  # a signal worth comparing
+
+    ours = from_timm(ref).eval()
+    assert ours.cfg.distilled == ("distilled" in name)
+    assert ours.cfg.to_dict() == {**ViTConfig(**MODEL_CONFIGS[name]).to_dict(), "mean": ours.cfg.mean,
+                                  "std": ours.cfg.std}
+    assert max_diff(ours, x, expected) <= TOL
+    reference_sd = ours.state_dict()
+
+    sd = ref.state_dict()
+    files = {
+        "deit.pth": {"model": sd},  # the official DeiT release layout
+        "plain.pt": sd,
+        "weights.safetensors": sd,
+    }
+    for filename, obj in files.items():
+        path = tmp_path / filename
+        save_file(obj, path) if filename.endswith(".safetensors") else torch.save(obj, path)
+        loaded = create_model(name, checkpoint=path).eval()
+        loaded_sd = loaded.state_dict()
+        assert loaded_sd.keys() == reference_sd.keys()
+        assert all(torch.equal(loaded_sd[k], reference_sd[k]) for k in reference_sd), filename
+        if "base" not in name:  # base: identical weights (above) imply identical logits; spare the CPU
+            assert max_diff(loaded, x, expected) <= TOL, filename
+        path.unlink()
+
+
+@pytest.mark.parametrize("distilled", [False, True])
+def test_non_default_geometry_matches_timm(distilled):
+    """64 px, 8 px patches, one channel, 2 blocks, layer scale, no qkv bias, mlp ratio 2."""
+    from timm.models.deit import VisionTransformerDistilled
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    kw = dict(img_size=64, patch_size=8, in_chans=1, num_classes=7, embed_dim=48, depth=2, num_heads=3,
+              mlp_ratio=2.0, qkv_bias=False, init_values=0.1)
+    torch.manual_seed(0)
+    ref = perturbed((VisionTransformerDistilled if distilled else TimmViT)(**kw))
+    x = torch.randn(3, 1, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = ref(x)
+
+    ours = from_timm(ref)
+    c = ours.cfg
+    assert (c.img_size, c.patch_size, c.in_chans, c.num_classes, c.embed_dim, c.depth, c.num_heads) == \
+        (64, 8, 1, 7, 48, 2, 3)
+    assert (c.mlp_ratio, c.qkv_bias, c.distilled, c.num_patches) == (2.0, False, distilled, 64)
+    assert c.init_values is not None
+    assert max_diff(ours, x, expected) <= TOL
+
+    # The same geometry built from our config and loaded from timm's state dict.
+    direct = VisionTransformer(ViTConfig(**{k: v for k, v in kw.items()}, distilled=distilled))
+    direct.load_state_dict(ref.state_dict())
+    assert max_diff(direct, x, expected) <= TOL
+    # timm's forward_features (all tokens, final norm) too.
+    with torch.no_grad():
+        assert float((direct.forward_features(x) - ref.forward_features(x)).abs().max()) <= TOL
+
+
+def test_from_timm_refuses_unsupported_variants():
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    small = dict(img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=2, num_classes=3)
+    with pytest.raises(ValueError, match="global_pool='avg'"):
+        from_timm(TimmViT(**small, global_pool="avg"))
+    with pytest.raises(ValueError, match="register tokens"):
+        from_timm(TimmViT(**small, reg_tokens=2))
+    with pytest.raises(TypeError, match="timm VisionTransformer"):
+        from_timm(torch.nn.Linear(2, 2))
+
+
+def test_create_model_overrides_and_unknown_name():
+    model = create_model("digits_vit", depth=2, embed_dim=32, num_heads=2)
+    assert (model.cfg.depth, model.cfg.embed_dim, model.cfg.in_chans, model.cfg.img_size) == (2, 32, 1, 64)
+    assert model(torch.zeros(2, 1, 64, 64)).shape == (2, 10)
+    with pytest.raises(ValueError, match="unknown model 'deit_huge'"):
+        create_model("deit_huge")
+    with pytest.raises(ValueError, match="expected 64x64 images"):
+        model(torch.zeros(1, 1, 32, 32))
