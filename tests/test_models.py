@@ -120,3 +120,27 @@ def test_create_model_overrides_and_unknown_name():
         create_model("deit_huge")
     with pytest.raises(ValueError, match="expected 64x64 images"):
         model(torch.zeros(1, 1, 32, 32))
+
+
+def test_forward_on_a_subset_of_patches_equals_running_each_image_alone():
+    from iared.train.backbone import random_patch_keep
+
+    torch.manual_seed(0)
+    model = VisionTransformer(ViTConfig(img_size=32, patch_size=8, in_chans=1, num_classes=3, embed_dim=16,
+                                        depth=2, num_heads=2)).eval()
+    images = torch.rand(5, 1, 32, 32)
+    keep = random_patch_keep(5, 16, 0.8, "cpu")
+    counts = keep.sum(1)
+    assert ((counts >= 3) & (counts <= 16)).all() and len(set(counts.tolist())) > 1
+    assert torch.equal(model(images, keep=torch.ones(5, 16, dtype=torch.bool)), model(images))
+    batched = model(images, keep=keep)
+    for i in range(5):
+        patches = model.patch_embed(images[i: i + 1])[:, keep[i]]
+        x = torch.cat([model.cls_token, patches + model.pos_embed[:, 1:][:, keep[i]]], 1)
+        x[:, 0] += model.pos_embed[0, 0]
+        for block in model.blocks:  # timm-style reference on a plain tensor
+            x = x + block.attn.proj(torch.nn.functional.scaled_dot_product_attention(
+                *block.attn.qkv(block.norm1(x)).reshape(1, -1, 3, 2, 8).permute(2, 0, 3, 1, 4)
+            ).transpose(1, 2).reshape(1, -1, 16))
+            x = x + block.mlp.fc2(block.mlp.act(block.mlp.fc1(block.norm2(x))))
+        assert torch.allclose(model.head(model.norm(x)[:, 0]), batched[i], atol=1e-5)

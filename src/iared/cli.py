@@ -19,6 +19,7 @@ COMMANDS = {
     "train-interpreters": "iared.train.interpreters",
     "demo": "iared.demo",
     "bench": "iared.bench",
+    "export": "iared.export",
     "explain": "iared.explain.cli",
     "explain-eval": "iared.explain.cli",
 }

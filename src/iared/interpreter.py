@@ -37,6 +37,23 @@ class MultiHeadInterpreter(nn.Module):
         nn.init.trunc_normal_(self.qk.weight, std=0.02)
         nn.init.zeros_(self.qk.bias)
 
+    @torch.no_grad()
+    def set_initial_score(self, score: float) -> None:
+        """Bias the layer so every token scores about ``score`` while the weights are small.
+
+        With ``q = W_q x + b``, ``k = W_k x + b`` and small ``W``, each head's logit is about
+        ``|b_h|^2 / sqrt(d)``; equal entries ``a = sqrt(logit(score) / sqrt(d))`` give the target.
+        Reward training starts from "keep almost everything" (as BlockDrop does): a policy that
+        starts at 0.5 drops half of the useful tokens, gets punished for every mistake, and
+        learns "keep everything" before it learns which tokens are redundant.
+        """
+        if not 0.5 <= score < 1:
+            raise ValueError(f"initial score must be in [0.5, 1), got {score}")
+        dim = self.qk.in_features
+        d = dim // self.num_heads
+        logit = torch.logit(torch.tensor(float(score))).item()
+        self.qk.bias.fill_((logit / d**0.5) ** 0.5)
+
     def forward(self, tokens: Tokens) -> Tensor:
         dim = self.qk.in_features
         x = self.norm(tokens.data)

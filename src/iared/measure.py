@@ -19,10 +19,12 @@ from iared.pruning import IARed
 @torch.no_grad()
 def accuracy_and_compute(model: IARed, images: Tensor, labels: Tensor, *, threshold: float = 0.5,
                          batch_size: int = 256, device: torch.device | str = "cpu",
-                         include_full: bool = True) -> dict:
+                         include_full: bool = True, mode="threshold") -> dict:
     """Top-1 of the unpruned and pruned (threshold mode) model, kept fractions and GFLOPs.
 
     ``images``: ``(N, C_in, H, W)``; ``labels``: ``(N,)``. Pruned compute is averaged per image.
+    ``mode``: ``threshold`` for every stage, or one mode per stage (curriculum evaluation runs
+    the stages not trained yet in ``all``).
     """
     model.eval()
     full_correct = pruned_correct = 0
@@ -32,7 +34,9 @@ def accuracy_and_compute(model: IARed, images: Tensor, labels: Tensor, *, thresh
         y = labels[start: start + batch_size].to(device)
         if include_full:
             full_correct += int((model.backbone(x).argmax(-1) == y).sum())
-        out = model(x, threshold=threshold)
+        # accuracy does not depend on the layout (tests check packed == padded); padded is the
+        # cheapest to run for arbitrary per-image counts on every device
+        out = model(x, mode, threshold=threshold, layout="padded")
         pruned_correct += int((out.logits.argmax(-1) == y).sum())
         macs.append(out.macs.cpu())
         kept.append(out.kept_fraction().cpu())

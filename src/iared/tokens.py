@@ -24,6 +24,7 @@ dropped: every ``select`` forces them to be kept, and their order stays at the f
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -261,15 +262,25 @@ class PackedTokens(Tokens):
     # -- attention ---------------------------------------------------------------------------
 
     def attend(self, q, k, v, weights_out=None):
+        """Block-diagonal attention: each image's rows attend only to that image's rows.
+
+        ``q, k, v``: ``(T, H, D)``. Strategies (``self.attention``; ``auto`` asks
+        :func:`default_packed_attention`): ``loop`` runs one SDPA per image, ``nested`` one
+        jagged nested-tensor SDPA (a fused varlen kernel on CUDA), ``bucket`` sorts the images by
+        length into a few groups and runs one padded SDPA per group. All give the same result as
+        running each image alone (up to float rounding).
+        """
         if weights_out is not None:
             raise ValueError("explicit attention weights are only recorded on dense token batches")
-        counts = list(self.sizes)
+        strategy = self.attention if self.attention != "auto" else default_packed_attention(q.device)
+        if strategy not in ("nested", "bucket", "loop"):
+            raise ValueError(f"unknown packed attention {strategy!r}; expected one of auto, nested, loop, bucket")
+        counts = self.sizes
         if len(set(counts)) == 1:
             # Every image kept the same number of tokens: a plain batched SDPA is exact and fastest.
             B, n = len(counts), counts[0]
             shape = (B, n) + q.shape[1:]
             return _sdpa_heads(q.view(shape), k.view(shape), v.view(shape)).reshape(q.shape)
-        strategy = self.attention if self.attention != "auto" else default_packed_attention(q.device)
         if strategy == "nested":
             return self._attend_nested(q, k, v)
         if strategy == "bucket":
@@ -285,37 +296,186 @@ class PackedTokens(Tokens):
         return torch.cat(outs)
 
     def _attend_nested(self, q, k, v):
-        """Jagged nested tensors: one fused varlen kernel on CUDA (flash / memory-efficient)."""
+        """Jagged nested tensors: one fused varlen kernel on CUDA (flash / memory-efficient / cuDNN).
+
+        Off CUDA, torch's jagged SDPA has only its math path, which it picks only for contiguous
+        inputs; with strided views (what ``qkv(x).unbind`` gives) it goes on to probe cuDNN and
+        fails inside CUDA initialisation on a machine without a driver. So off CUDA the inputs are
+        made contiguous and any failure is re-raised naming the strategy to use instead.
+        """
         offsets = self.offsets
+        if q.device.type != "cuda":
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
 
         def nest(t):
-            return torch.nested.nested_tensor_from_jagged(t, offsets).transpose(1, 2)
+            nt = torch.nested.nested_tensor_from_jagged(t, offsets, min_seqlen=min(self.sizes),
+                                                        max_seqlen=max(self.sizes))
+            return nt.transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(nest(q), nest(k), nest(v))
+        try:
+            out = F.scaled_dot_product_attention(nest(q), nest(k), nest(v))
+        except (RuntimeError, NotImplementedError) as e:  # torch.AcceleratorError is a RuntimeError
+            raise RuntimeError(
+                f"packed attention 'nested' failed on device {q.device} with {q.dtype} inputs "
+                f"(torch {torch.__version__}): {str(e).splitlines()[0]}; use attention='bucket' or 'loop'"
+            ) from e
         return out.transpose(1, 2).values()
 
-    def _attend_bucketed(self, q, k, v, counts, buckets: int = 4):
-        """Sort images by length, split into a few buckets, pad within each bucket only."""
-        order = sorted(range(len(counts)), key=counts.__getitem__)
-        out = torch.empty_like(q)
-        size = -(-len(order) // buckets)
-        groups = [order[i: i + size] for i in range(0, len(order), size)]
-        starts = self.offsets.tolist()
-        for group in groups:
-            width = max(counts[i] for i in group)
-            rows = torch.cat([torch.arange(starts[i], starts[i] + counts[i]) for i in group]).to(q.device)
-            mask = torch.zeros(len(group), width, dtype=torch.bool, device=q.device)
-            for j, i in enumerate(group):
-                mask[j, : counts[i]] = True
-            def pad(t):
-                dense = t.new_zeros((len(group), width) + t.shape[1:])
-                dense[mask] = t[rows]
-                return dense
-            res = _sdpa_heads(pad(q), pad(k), pad(v), mask=mask[:, None, None, :])
-            out[rows] = res[mask]
+    def _attend_bucketed(self, q, k, v, counts, buckets: int = 8):
+        """Sort images by length, cut into at most ``buckets`` groups, pad within each group only.
+
+        The cut points minimise the padded attention work plus a per-group overhead (see
+        :func:`_bucket_cuts`). Per group: one gather builds the padded ``(G, W, 3, H, D)`` input
+        (one gather for q, k and v together when they are slices of one ``qkv`` buffer, as
+        :class:`iared.models.vit.Attention` makes them), one SDPA with a key mask, one gather of the
+        real rows out of the padded output. Padding queries are computed and never read.
+        """
+        overhead = _BUCKET_OVERHEAD.get(q.device.type, _BUCKET_OVERHEAD["cuda"])
+        plan = _cached_bucket_plan(counts, buckets, q.device, overhead)
+        H, D = q.shape[1:]
+        qkv = _stacked_qkv(q, k, v)
+        out = None if plan.dest is None else q.new_empty(q.shape)
+        for g in range(len(plan.groups)):
+            group, width, mask, rows = plan.groups[g], plan.widths[g], plan.masks[g], plan.gather[g]
+            if qkv is not None:
+                qb, kb, vb = qkv.index_select(0, rows).view(group, width, 3, H, D).unbind(2)
+            else:
+                qb, kb, vb = (t.index_select(0, rows).view(group, width, H, D) for t in (q, k, v))
+            res = _sdpa_heads(qb, kb, vb, mask=mask)  # (group, width, H, D), a strided view
+            real = res[plan.slot_image[g], plan.slot_pos[g]]  # (real rows of the group, H, D)
+            if out is None:
+                return real  # one group holding every image in order: already packed order
+            out.index_copy_(0, plan.dest[g], real)
         return out
 
 
+def _stacked_qkv(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
+    """A ``(T, 3, H, D)`` view whose ``[:, i]`` are q, k, v, when the three are evenly spaced slices of
+    one buffer (``qkv(x).unflatten(...).unbind(...)``); else None. Inference only (no autograd, no
+    tracing), where one gather instead of three saves two passes over the activations."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None
+    if torch.compiler.is_compiling():
+        return None
+    if not (q.shape == k.shape == v.shape and q.stride() == k.stride() == v.stride()
+            and q.dtype == k.dtype == v.dtype and q.device == k.device == v.device):
+        return None
+    ptr = q.untyped_storage().data_ptr()
+    if k.untyped_storage().data_ptr() != ptr or v.untyped_storage().data_ptr() != ptr:
+        return None
+    step = k.storage_offset() - q.storage_offset()
+    if step <= 0 or v.storage_offset() - k.storage_offset() != step:
+        return None
+    T, H, D = q.shape
+    s0, s1, s2 = q.stride()
+    return q.as_strided((T, 3, H, D), (s0, step, s1, s2), q.storage_offset())
+
+
+@dataclass(frozen=True)
+class _BucketPlan:
+    """Device-side indices for :meth:`PackedTokens._attend_bucketed`, one entry per group.
+
+    ``gather[g]``: ``(groups[g] * widths[g],)`` packed rows forming group g's padded batch (its
+    images in increasing image order; padding slots repeat a real row of the same image).
+    ``masks[g]``: ``(groups[g], 1, 1, widths[g])`` valid keys, or None when the group has no padding.
+    ``slot_image[g]``, ``slot_pos[g]``: for every real token of the group, image by image, its
+    place ``(image in group, position)`` in the padded output. ``dest[g]``: those tokens' packed
+    rows; ``dest`` is None when one group holds every image (then the real tokens come out in
+    packed order and no scatter is needed).
+    """
+
+    groups: tuple[int, ...]
+    widths: tuple[int, ...]
+    masks: tuple[Tensor | None, ...]
+    gather: tuple[Tensor, ...]
+    slot_image: tuple[Tensor, ...]
+    slot_pos: tuple[Tensor, ...]
+    dest: tuple[Tensor, ...] | None
+
+
+# Per-group overhead in units of padded query-key pairs (one SDPA call, two gathers), per device type.
+# CPU: every group adds a few parallel regions, each costing milliseconds when the cores are shared
+# with other jobs, while one thread shows no difference between 1 and 8 groups (padding costs
+# little: attention is a small share of a block's work at ViT token counts); so few groups there.
+_BUCKET_OVERHEAD = {"cuda": 4096, "cpu": 65536}
+
+
+def _bucket_cuts(lengths: list[int], buckets: int, overhead: float = 4096) -> list[int]:
+    """Cut points of sorted ``lengths`` into at most ``buckets`` contiguous groups minimising
+    ``sum(group_size * max_len**2) + overhead * groups`` (exact DP over the sorted lengths)."""
+    import numpy as np
+
+    L = np.asarray(lengths, dtype=np.float64)
+    n = len(L)
+    # cost of a group covering sorted positions [i, j): (j - i) * L[j-1]^2 + overhead
+    i = np.arange(n + 1)[:, None]
+    j = np.arange(n + 1)[None, :]
+    w2 = np.concatenate([[0.0], L**2])[None, :]  # L[j-1]^2
+    seg = np.where(j > i, (j - i) * w2 + overhead, np.inf)
+    best = np.full(n + 1, np.inf)
+    best[0] = 0.0
+    choices = []
+    results = []
+    for _ in range(min(buckets, n)):
+        total = best[:, None] + seg
+        arg = total.argmin(0)
+        best = total[arg, np.arange(n + 1)]
+        choices.append(arg)
+        results.append(best[n])
+    k = int(np.argmin(results))
+    cuts, end = [n], n
+    for level in range(k, -1, -1):
+        end = int(choices[level][end])
+        cuts.append(end)
+    return cuts[::-1]
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_plan(counts: tuple[int, ...], buckets: int, device: torch.device, overhead: float = 4096) -> _BucketPlan:
+    """Group images by length (cached: a selection's counts serve every block of its stage)."""
+    import numpy as np
+
+    sizes = np.asarray(counts, dtype=np.int64)
+    order = np.argsort(sizes, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    cuts = _bucket_cuts(sizes[order].tolist(), buckets, overhead)
+
+    def dev(a):
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
+
+    groups, widths, masks, gathers, slot_image, slot_pos, dest = [], [], [], [], [], [], []
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        members = np.sort(order[lo:hi])  # image order inside a group
+        n, s = sizes[members][:, None], starts[members][:, None]
+        width = int(n.max())
+        t = np.arange(width)[None, :]
+        valid = t < n  # (group, width)
+        gathers.append(dev((s + np.minimum(t, n - 1)).reshape(-1)))
+        rows_in_group, pos = np.nonzero(valid)  # row-major: image by image, positions ascending
+        slot_image.append(dev(rows_in_group))
+        slot_pos.append(dev(pos))
+        dest.append(dev((s + t)[valid]))
+        masks.append(None if bool(valid.all()) else torch.from_numpy(valid[:, None, None, :].copy()).to(device))
+        groups.append(len(members))
+        widths.append(width)
+    return _BucketPlan(tuple(groups), tuple(widths), tuple(masks), tuple(gathers), tuple(slot_image),
+                       tuple(slot_pos), None if len(groups) == 1 else tuple(dest))
+
+
+@torch.compiler.disable
+def _cached_bucket_plan(counts: tuple[int, ...], buckets: int, device: torch.device,
+                        overhead: float = 4096) -> _BucketPlan:
+    """:func:`_bucket_plan` outside torch.compile: host-side numpy planning, cached per counts."""
+    return _bucket_plan(counts, buckets, device, overhead)
+
+
 def default_packed_attention(device: torch.device) -> PackedAttention:
-    """Measured choice per device type (see ``iared bench`` and the README's layout section)."""
-    return "nested" if device.type == "cuda" else "loop"
+    """The strategy ``auto`` picks on ``device`` (measure with ``iared bench``).
+
+    CUDA: ``nested``, torch's fused varlen SDPA kernels (one launch, no padding). Elsewhere: never
+    ``nested`` (off CUDA torch's jagged SDPA is a per-image math path, and on CPU-only machines it
+    can fail inside CUDA initialisation); ``bucket``, which on CPU ties ``loop`` with one thread
+    (DeiT-S, batch 64, keep 0.7: both within 1% of budget mode) and is 2-3x faster than it with
+    several threads, where each of ``loop``'s per-image SDPA calls is a separate parallel region.
+    """
+    return "nested" if device.type == "cuda" else "bucket"

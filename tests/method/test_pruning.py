@@ -135,3 +135,16 @@ def test_bad_modes_and_configs_are_refused():
     with pytest.raises(ValueError, match="stage_starts"):
         IARed(tiny_vit(), IARedConfig(stage_starts=(0, 3, 3)))
     assert IARed(tiny_vit(embed_dim=20, num_heads=2)).interpreters[0].num_heads == 5  # 6 does not divide 20
+
+
+def test_initial_score_biases_every_token_to_the_target():
+    interp = MultiHeadInterpreter(dim=24, num_heads=6)
+    interp.qk.weight.data.zero_()  # no weight: the score is the bias term alone
+    interp.set_initial_score(0.9)
+    tokens = DenseTokens.from_embeddings(torch.randn(3, 17, 24), 1)
+    scores = interp(tokens)
+    assert torch.allclose(scores[:, 1:], torch.full((3, 16), 0.9), atol=1e-6)
+    interp.set_initial_score(0.5)
+    assert torch.allclose(interp(tokens)[:, 1:], torch.full((3, 16), 0.5), atol=1e-6)
+    with pytest.raises(ValueError, match="initial score"):
+        interp.set_initial_score(0.3)

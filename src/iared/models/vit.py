@@ -197,14 +197,20 @@ class VisionTransformer(nn.Module):
             logits = (logits + self.head_dist(prefix[:, 1])) / 2
         return logits
 
-    def forward(self, images: Tensor, attention_out: list | None = None) -> Tensor:
+    def forward(self, images: Tensor, attention_out: list | None = None, keep: Tensor | None = None) -> Tensor:
         """``(B, C_in, H, W)`` -> logits ``(B, num_classes)``.
 
         ``attention_out``: pass a list to run the explicit-attention path and receive one
         ``(B, heads, N, N)`` probability tensor per block (for explainers; the default path
         uses fused SDPA and materialises nothing).
+        ``keep``: ``(B, N)`` bool over the patch tokens (prefix excluded): run the blocks on
+        those patches only (images may keep different counts: the batch is padded + masked).
+        Training with random ``keep`` makes a backbone that tolerates dropped tokens.
         """
         tokens = self.embed(images)
+        if keep is not None:
+            prefix = torch.ones(keep.shape[0], self.num_prefix_tokens, dtype=torch.bool, device=keep.device)
+            tokens = tokens.select(torch.cat([prefix, keep], dim=1), ragged="padded")
         for block in self.blocks:
             tokens = block(tokens, attention_out)
         return self.head_from_tokens(tokens)

@@ -73,6 +73,7 @@ class BackboneTrainConfig:
     warmup: int = 100
     label_smoothing: float = 0.1
     clip_grad: float | None = 1.0
+    token_drop: float = 0.0  # each image keeps a random U(1 - token_drop, 1) fraction of its patches
     eval_every: int = 500
     save_every: int = 500
     log_every: int = 10
@@ -106,6 +107,8 @@ HELP = {
     "warmup": "linear warmup steps",
     "label_smoothing": "cross-entropy label smoothing",
     "clip_grad": "gradient norm clip (None: off)",
+    "token_drop": "drop up to this fraction of each image's patch tokens at random while training, so the "
+                  "backbone tolerates pruning",
     "eval_every": "evaluate on val every N steps (0: only at the end)",
     "save_every": "write DIR/checkpoint.pt every N steps (0: only at the end)",
     "log_every": "log the training loss every N steps",
@@ -229,7 +232,9 @@ def _train(cfg: BackboneTrainConfig, rank: int, world: int, device: torch.device
         lr = warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr)
         set_lr(optimizer, lr)
         model.train()
-        loss = F.cross_entropy(model(images), labels, label_smoothing=cfg.label_smoothing)
+        keep = random_patch_keep(len(images), unwrap(model).cfg.num_patches, cfg.token_drop, device) \
+            if cfg.token_drop > 0 else None
+        loss = F.cross_entropy(model(images, keep=keep), labels, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_grad:
@@ -273,6 +278,17 @@ def _train(cfg: BackboneTrainConfig, rank: int, world: int, device: torch.device
               f"test top-1 {100 * result['test']['top1']:.2f}% loss {result['test']['loss']:.4f} | "
               f"{result['seconds']:.0f} s | {ckpt.path}")
     return result
+
+
+def random_patch_keep(batch: int, num_patches: int, max_drop: float, device) -> torch.Tensor:
+    """``(batch, num_patches)`` bool: image i keeps a random subset of ``round(r_i * N)`` patches
+    (at least one), ``r_i ~ U(1 - max_drop, 1)``. Drawn from the global RNG (saved on resume)."""
+    if not 0 <= max_drop < 1:
+        raise ValueError(f"token_drop must be in [0, 1), got {max_drop}")
+    ratio = 1 - max_drop * torch.rand(batch, 1)
+    count = (ratio * num_patches).round().clamp(min=1)
+    rank = torch.rand(batch, num_patches).argsort(dim=1).argsort(dim=1)
+    return (rank < count).to(device)
 
 
 def _check_resumable(cfg: BackboneTrainConfig, saved: dict, path: Path) -> None:

@@ -47,6 +47,7 @@ class InterpreterTrainConfig:
     stage_weights: tuple[float, ...] = (1.0, 1.0, 1.0)  # weight of the compute term, per stage
     baseline: Baseline = "self-critical"
     exploration: float = 0.05  # sample from eps + (1 - 2 eps) * score
+    initial_score: float = 0.9  # each stage starts from "keep ~all" (MultiHeadInterpreter.set_initial_score)
     threshold: float = 0.5
     num_stages: int = 3
     interpreter_heads: int = 6
@@ -133,12 +134,15 @@ class InterpreterTrainer:
 
     def train_step(self, images: Tensor, labels: Tensor) -> dict:
         cfg, model, stage = self.cfg, self.model, self.stage
+        # Training runs padded + masked: exact like packed, and one batched attention call per block
+        # is the cheapest way to run ragged batches whose shapes change every step.
         out = model(images, stage_modes(stage, model.num_stages, "sample"), threshold=cfg.threshold,
-                    exploration=cfg.exploration)
+                    exploration=cfg.exploration, layout="padded")
         reward = self.reward(out.logits, out.macs, labels, stage)
         if cfg.baseline == "self-critical":
             with torch.no_grad():
-                greedy = model(images, stage_modes(stage, model.num_stages, "threshold"), threshold=cfg.threshold)
+                greedy = model(images, stage_modes(stage, model.num_stages, "threshold"), threshold=cfg.threshold,
+                               layout="padded")
                 baseline = self.reward(greedy.logits, greedy.macs, labels, stage)
         else:
             baseline = torch.tensor(self.running.update(reward))
@@ -160,6 +164,8 @@ class InterpreterTrainer:
         if self.optimizer is None and self.stage < model.num_stages:
             self.optimizer = self._new_optimizer(self.stage)
         while self.stage < model.num_stages:
+            if self.step == 0:  # a fresh stage (untouched on resume: only the bias changes, idempotently)
+                model.interpreters[self.stage].set_initial_score(cfg.initial_score)
             bar = tqdm(total=cfg.steps_per_stage, initial=self.step, desc=f"stage {self.stage + 1}/{model.num_stages}",
                        disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
             while self.step < cfg.steps_per_stage:
@@ -186,8 +192,10 @@ class InterpreterTrainer:
             from iared.measure import accuracy_and_compute
 
             images, labels = self.val_data
+            # the stages not trained yet keep everything, as in training
             ev = accuracy_and_compute(self.model, images, labels, threshold=self.cfg.threshold,
-                                      device=self.device, include_full=False)
+                                      device=self.device, include_full=False,
+                                      mode=stage_modes(self.stage, self.model.num_stages, "threshold"))
             entry.update(val_accuracy=ev["accuracy_pruned"], val_kept=ev["kept_fraction"],
                          val_gflops=round(ev["gflops_pruned"], 5))
         self.history.append(entry)
@@ -211,7 +219,7 @@ def finetune_backbone(model: IARed, dataset, cfg: InterpreterTrainConfig, progre
         images, labels = (t.to(device) for t in stack_batch(dataset, idx))
         with torch.no_grad():
             soft = teacher(images).softmax(-1)
-        logits = model(images, threshold=cfg.threshold).logits
+        logits = model(images, threshold=cfg.threshold, layout="padded").logits
         loss = (1 - w) * F.cross_entropy(logits, labels) + w * F.kl_div(logits.log_softmax(-1), soft,
                                                                         reduction="batchmean")
         optimizer.zero_grad(set_to_none=True)
@@ -283,6 +291,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--baseline", choices=["self-critical", "mean"], default=d.baseline)
     p.add_argument("--exploration", type=float, default=d.exploration)
     p.add_argument("--threshold", type=float, default=d.threshold)
+    p.add_argument("--initial-score", type=float, default=d.initial_score,
+                   help="every token's score when a stage starts training (0.5 = unbiased)")
     p.add_argument("--num-stages", type=int, default=d.num_stages)
     p.add_argument("--interpreter-heads", type=int, default=d.interpreter_heads)
     p.add_argument("--eval-every", type=int, default=d.eval_every)

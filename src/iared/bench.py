@@ -1,0 +1,533 @@
+"""``iared bench``: how fast is a pruned ViT really, next to what its FLOPs promise?
+
+For each dtype and batch size it times, in one run and on the same images:
+
+``unpruned``          the backbone alone (no interpreters).
+``threshold-packed``  threshold mode, kept tokens of all images packed into one ``(T, C)`` batch;
+                      one row per packed-attention strategy (``loop`` / ``bucket`` / ``nested``).
+``threshold-padded``  threshold mode, padded to the longest image + attention mask (the reference
+                      that ATS / A-ViT style methods use).
+``budget``            budget mode (top-k, dense) keeping, per stage, the mean count that threshold
+                      mode kept, so both do the same FLOPs on average.
+
+Every row carries the FLOPs-ideal speed-up (unpruned MACs / pruned MACs, from
+:attr:`PrunedOutput.macs`), the measured speed-up (unpruned time / its time, same run) and their
+ratio, the *efficiency*; plus the interpreters' MACs as a share of the backbone's.
+
+Speed needs no trained weights. With random weights every interpreter scores about 0.5, so the
+bench re-initialises the interpreters' weights with a larger std (``--interpreter-std``; this is
+done in the bench only, never to a model you load from ``--checkpoint``) so that scores spread, then
+calibrates one threshold per stage to the ``--keep`` quantile of that stage's scores on the batch:
+the mean kept fraction per stage is ``--keep`` while the count still varies from image to image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+from iared import flops
+from iared.pruning import IARed, PrunedOutput
+from iared.tokens import default_packed_attention
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STRATEGIES = ("loop", "bucket", "nested")
+MODEL_ALIASES = {"digits": "digits_vit", "deit-s": "deit_small_patch16_224", "deit-t": "deit_tiny_patch16_224",
+                 "deit-b": "deit_base_patch16_224"}
+# --quick: a tiny geometry and one timed call, so the whole command runs in seconds (smoke tests)
+QUICK_GEOMETRY = dict(img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=48, depth=3, num_heads=3)
+
+
+@dataclass
+class BenchConfig:
+    """What ``iared bench`` measures; the command line maps onto it one to one."""
+
+    model: str = "deit_small_patch16_224"
+    checkpoint: str | None = None
+    threshold: float | None = None  # with --checkpoint: its threshold (default 0.5)
+    keep: float = 0.7
+    task: str | None = None  # images from this task's test split (e.g. digits-clutter); None: Gaussian noise
+    device: str = "auto"
+    dtypes: tuple[str, ...] = ("float32", "bfloat16")
+    batch_sizes: tuple[int, ...] = (1, 8, 64, 256)
+    strategies: tuple[str, ...] | None = None  # None: loop,bucket on CPU (nested is slow there), all on CUDA
+    compile: bool = False
+    warmup: int = 2
+    repeats: int = 5
+    threads: int | None = None
+    clock: str = "wall"  # or "cpu": process CPU time (CPU device; meaningful with --threads 1 on a shared machine)
+    interpreter_std: float | None = None  # None: sqrt(3 / embed_dim), interpreter logits of std ~3
+    seed: int = 0
+    quick: bool = False
+    json: str | None = None
+
+
+# -- model preparation ----------------------------------------------------------------------------
+
+
+def spread_interpreters(model: IARed, std: float | None = None, seed: int = 0) -> None:
+    """Re-initialise the interpreters' weights with ``std`` so random-weight scores are not all 0.5.
+
+    Bench only: it gives the score distribution a spread, so per-image kept counts vary as they do
+    with a trained interpreter. Never applied to a loaded checkpoint. With LayerNorm'd tokens of
+    width C, a head's logit ``q.k / sqrt(d)`` has std about ``std**2 * C``; the default
+    ``sqrt(3 / C)`` makes that ~3: scores spread over (0, 1) without saturating into a few tied values
+    (ties would make the quantile-calibrated thresholds keep far fewer tokens than asked).
+    """
+    if std is None:
+        std = (3.0 / model.backbone.cfg.embed_dim) ** 0.5
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for interp in model.interpreters:
+            w = interp.qk.weight
+            w.copy_(torch.randn(w.shape, generator=gen) * std)
+
+
+@torch.inference_mode()
+def calibrate_thresholds(model: IARed, images: Tensor, keep: float) -> list[float]:
+    """Per-stage thresholds such that each stage keeps ``keep`` of its alive patch tokens on average.
+
+    Stage by stage: earlier stages use their calibrated threshold, this one and later ones keep
+    everything; the threshold is the ``1 - keep`` quantile of this stage's scores over the alive
+    patch tokens of the whole batch, so counts still differ per image.
+    """
+    stages = model.num_stages
+    thresholds: list[float] = []
+    for stage in range(stages):
+        out = model(images, "threshold", threshold=thresholds + [-1.0] * (stages - stage))
+        p = out.num_prefix
+        alive = out.keep[stage - 1] if stage else torch.ones_like(out.keep[0])
+        scores = out.scores[stage][:, p:][alive[:, p:]].float()
+        thresholds.append(float(torch.quantile(scores.cpu(), 1.0 - keep)))
+    return thresholds
+
+
+def budget_ratios(out: PrunedOutput, n_patches: int) -> list[float]:
+    """Per-stage keep ratios that make budget mode keep threshold mode's mean count per stage."""
+    p = out.num_prefix
+    alive = float(n_patches)
+    ratios = []
+    for keep in out.keep:
+        mean = float(keep[:, p:].float().sum(1).mean())
+        k = max(1, round(mean))
+        ratios.append(min(1.0, k / alive))
+        alive = k
+    return ratios
+
+
+def interpreter_share(model: IARed, out: PrunedOutput) -> float:
+    """Interpreter MACs / backbone MACs (mean over the batch; backbone = everything else)."""
+    cfg = model.backbone.cfg
+    n0 = cfg.num_patches + cfg.num_prefix_tokens
+    seen = [torch.full_like(out.macs, n0)] + [k.sum(1).to(out.macs) for k in out.keep[:-1]]
+    interp = sum(flops.interpreter_macs(n, cfg.embed_dim) for n, s in zip(seen, out.scores) if s is not None)
+    return float((interp / (out.macs - interp)).mean())
+
+
+# -- timing ----------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
+            clock: str = "wall") -> list[float]:
+    """Milliseconds of ``repeats`` calls after ``warmup`` calls (device synchronised).
+
+    ``clock``: ``wall`` (elapsed time) or ``cpu`` (this process's CPU time: on a CPU shared with
+    other jobs and one thread, it counts only the work done, not the time spent descheduled).
+    """
+    now = CLOCKS[clock]
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = now()
+        fn()
+        _sync(device)
+        times.append((now() - t0) * 1e3)
+    return times
+
+
+@dataclass
+class Row:
+    config: str
+    dtype: str
+    batch: int
+    attention: str | None = None
+    ms_median: float | None = None
+    ms_all: list[float] = field(default_factory=list)
+    images_per_s: float | None = None
+    gmacs_per_image: float | None = None
+    mean_kept: list[float] = field(default_factory=list)  # mean patch tokens alive after each stage
+    kept_std: list[float] = field(default_factory=list)  # spread of that count over images
+    ideal_speedup: float | None = None
+    speedup: float | None = None
+    efficiency: float | None = None
+    interpreter_pct: float | None = None  # interpreter MACs as % of backbone MACs
+    vs_budget: float | None = None  # this row's throughput / budget mode's
+    error: str | None = None
+    ms_min: float | None = None
+
+    @property
+    def label(self) -> str:
+        return self.config + (f"/{self.attention}" if self.attention else "")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def bench_model(model: IARed, images: Tensor, *, thresholds: Sequence[float], strategies: Sequence[str] = STRATEGIES,
+                compile: bool = False, warmup: int = 2, repeats: int = 5, dtype_name: str = "float32",
+                clock: str = "wall", progress: Callable[[str], None] = _log) -> list[Row]:
+    """Time every configuration on ``images`` (already on the model's device and dtype)."""
+    device = images.device
+    batch = images.shape[0]
+    cfg = model.backbone.cfg
+    full = flops.full_macs(cfg)
+
+    with torch.inference_mode():
+        ref = model(images, "threshold", threshold=list(thresholds))
+    ratios = budget_ratios(ref, cfg.num_patches)
+
+    def runner(kind: str, attention: str = "auto") -> Callable[[], object]:
+        if kind == "unpruned":
+            fn = model.backbone
+            return _wrap(fn, compile, lambda f: f(images))
+        if kind == "budget":
+            return _wrap(model, compile, lambda f: f(images, "budget", keep_ratio=ratios))
+        layout = "padded" if kind == "threshold-padded" else "packed"
+        return _wrap(model, compile, lambda f: f(images, "threshold", threshold=list(thresholds), layout=layout,
+                                                 attention=attention))
+
+    plan = [("unpruned", None), ("budget", None), ("threshold-padded", None)]
+    plan += [("threshold-packed", s) for s in strategies]
+    rows: list[Row] = []
+    fns: list[Callable[[], object] | None] = []
+    for kind, attention in plan:
+        row = Row(kind, dtype_name, batch, attention)
+        rows.append(row)
+        fns.append(None)
+        try:
+            fn = runner(kind, attention or "auto")
+            with torch.inference_mode():
+                out = fn()
+        except Exception as e:  # noqa: BLE001 -- one failing configuration must not end the run
+            row.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            progress(f"  {row.label}: failed: {row.error}")
+            continue
+        fns[-1] = fn
+        if kind == "unpruned":
+            macs = full
+            row.interpreter_pct = 0.0
+        else:
+            macs = float(out.macs.mean())
+            row.interpreter_pct = 100 * interpreter_share(model, out)
+            kept = torch.stack([k[:, out.num_prefix:].float().sum(1) for k in out.keep], 1)
+            row.mean_kept = [round(float(x), 2) for x in kept.mean(0)]
+            row.kept_std = [round(float(x), 2) for x in kept.std(0, correction=0)]
+        row.gmacs_per_image = macs / 1e9
+        row.ideal_speedup = full / macs
+
+    # Interleaved: every round times each configuration once, so a burst of load from other
+    # processes on a shared machine lands on all of them rather than on one.
+    with torch.inference_mode():
+        for i in range(warmup):
+            for fn in fns:
+                if fn is not None:
+                    fn()
+        for i in range(repeats):
+            for row, fn in zip(rows, fns):
+                if fn is not None:
+                    row.ms_all += time_fn(fn, device, 0, 1, clock)
+            progress(f"  round {i + 1}/{repeats}: " + ", ".join(
+                f"{r.label} {r.ms_all[-1]:.1f}" for r in rows if r.ms_all))
+    for row in rows:
+        if row.ms_all:
+            row.ms_median = statistics.median(row.ms_all)
+            row.ms_min = min(row.ms_all)
+            row.images_per_s = batch / row.ms_median * 1e3
+
+    base = next((r for r in rows if r.config == "unpruned" and r.ms_median), None)
+    budget = next((r for r in rows if r.config == "budget" and r.ms_median), None)
+    for r in rows:
+        if r.ms_median is None:
+            continue
+        if base is not None:
+            r.speedup = base.ms_median / r.ms_median
+            r.efficiency = r.speedup / r.ideal_speedup
+        if budget is not None and r.config != "unpruned":
+            r.vs_budget = budget.ms_median / r.ms_median
+    return rows
+
+
+def _wrap(module, compile: bool, call: Callable):
+    if not compile:
+        return lambda: call(module)
+    compiled = torch.compile(module)
+    return lambda: call(compiled)
+
+
+# -- running the whole grid -------------------------------------------------------------------------
+
+
+def machine_info(device: torch.device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+    }
+    if device.type == "cuda":
+        info["cuda"] = torch.version.cuda
+    if hasattr(os, "getloadavg"):
+        # 1-minute load when the run started: above ~0 before we start, other jobs share the CPU
+        info["load_avg_1m_at_start"] = round(os.getloadavg()[0], 2)
+    return info
+
+
+def load_task_images(task: str, n: int, mcfg) -> Tensor:
+    """``n`` images of ``task``'s test split (repeated if the split is smaller), checked against the model."""
+    from iared.data import build_dataset
+    from iared.train.interpreters import stack_batch
+
+    ds = build_dataset(task, "test")
+    if len(ds) == 0:
+        raise ValueError(f"--task {task}: empty test split")
+    images, _ = stack_batch(ds, torch.arange(n) % len(ds))
+    if tuple(images.shape[1:]) != (mcfg.in_chans, mcfg.img_size, mcfg.img_size):
+        raise ValueError(f"--task {task}: images of shape {tuple(images.shape[1:])} do not fit the model "
+                         f"({mcfg.in_chans}x{mcfg.img_size}x{mcfg.img_size})")
+    return images
+
+
+def build_model(cfg: BenchConfig, device: torch.device) -> tuple[IARed, list[float] | None]:
+    """The model to time, and a fixed threshold when it comes from a checkpoint (else None)."""
+    if cfg.checkpoint:
+        from iared.pruning import load_pruned
+
+        model = load_pruned(cfg.checkpoint)
+        return model.to(device).eval(), [cfg.threshold if cfg.threshold is not None else 0.5] * model.num_stages
+    from iared.models import create_model
+
+    torch.manual_seed(cfg.seed)
+    name = MODEL_ALIASES.get(cfg.model, cfg.model)
+    backbone = create_model(name, **(QUICK_GEOMETRY if cfg.quick else {}))
+    model = IARed(backbone).eval()
+    spread_interpreters(model, cfg.interpreter_std, cfg.seed)
+    return model.to(device), None
+
+
+def run(cfg: BenchConfig, progress: Callable[[str], None] = _log) -> dict:
+    """Measure the grid in ``cfg``; returns the JSON-able report (also written to ``cfg.json``)."""
+    if not 0 < cfg.keep <= 1:
+        raise ValueError(f"--keep must be in (0, 1], got {cfg.keep}")
+    for d in cfg.dtypes:
+        if d not in DTYPES:
+            raise ValueError(f"--dtype {d!r}: expected one of {', '.join(DTYPES)}")
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device available")
+    if cfg.strategies is None:
+        # torch's jagged-nested SDPA is a fused varlen kernel on CUDA only; elsewhere it is a slow
+        # per-image math path (and crashes on CPU-only machines unless its inputs are contiguous)
+        cfg.strategies = STRATEGIES if device.type == "cuda" else ("loop", "bucket")
+    for s in cfg.strategies:
+        if s not in STRATEGIES:
+            raise ValueError(f"--strategies {s!r}: expected some of {', '.join(STRATEGIES)}")
+    if cfg.clock not in CLOCKS:
+        raise ValueError(f"--clock {cfg.clock!r}: expected one of {', '.join(CLOCKS)}")
+    if cfg.clock == "cpu" and device.type != "cpu":
+        raise ValueError("--clock cpu measures host CPU time: only meaningful with --device cpu")
+    if cfg.warmup < 0 or cfg.repeats < 1:
+        raise ValueError(f"--warmup must be >= 0 and --repeats >= 1, got {cfg.warmup} and {cfg.repeats}")
+    if cfg.quick:
+        cfg.warmup, cfg.repeats = min(cfg.warmup, 1), min(cfg.repeats, 2)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.compile:
+        # every configuration (and batch size) is a new specialisation of the same forward code
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    model, fixed = build_model(cfg, device)
+    mcfg = model.backbone.cfg
+    report = {"machine": machine_info(device), "config": asdict(cfg), "model": mcfg.to_dict(),
+              "default_attention": default_packed_attention(device), "runs": []}
+    gen = torch.Generator().manual_seed(cfg.seed)
+    pool = load_task_images(cfg.task, max(cfg.batch_sizes), mcfg) if cfg.task else None
+    for dtype_name in cfg.dtypes:
+        dtype = DTYPES[dtype_name]
+        model = model.to(dtype)
+        for batch in cfg.batch_sizes:
+            progress(f"[{dtype_name} batch {batch}]")
+            if pool is not None:
+                images = pool[:batch]
+            else:
+                images = torch.randn(batch, mcfg.in_chans, mcfg.img_size, mcfg.img_size, generator=gen)
+            images = images.to(device, dtype)
+            try:
+                thresholds = fixed or calibrate_thresholds(model, images, cfg.keep)
+                rows = bench_model(model, images, thresholds=thresholds, strategies=cfg.strategies,
+                                   compile=cfg.compile, warmup=cfg.warmup, repeats=cfg.repeats,
+                                   dtype_name=dtype_name, clock=cfg.clock, progress=progress)
+            except torch.OutOfMemoryError as e:
+                progress(f"  out of memory at batch {batch}: skipped")
+                report["runs"].append({"dtype": dtype_name, "batch": batch, "error": f"out of memory: {e}"[:300]})
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            report["runs"].append({"dtype": dtype_name, "batch": batch, "thresholds": thresholds,
+                                   "rows": [asdict(r) for r in rows]})
+    model.float()
+    if hasattr(os, "getloadavg"):
+        report["machine"]["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    if cfg.json:
+        text = json.dumps(report, indent=2)
+        if cfg.json == "-":
+            print(text)
+        else:
+            with open(cfg.json, "w") as f:
+                f.write(text + "\n")
+    return report
+
+
+def format_table(report: dict) -> str:
+    """The human-readable table of a :func:`run` report."""
+    m = report["machine"]
+    lines = [f"{report['config']['model'] if not report['config'].get('checkpoint') else report['config']['checkpoint']}"
+             f" | keep {report['config']['keep']} | {m['device_name']} ({m['cpu_cores']} cores, {m['threads']} threads)"
+             f" | torch {m['torch']} | {report['config'].get('clock', 'wall')} clock"
+             + (f" | load avg {m['load_avg_1m_at_start']} at start" if "load_avg_1m_at_start" in m else "")]
+    head = (f"{'dtype':9} {'batch':>5} {'config':22} {'ms/batch':>9} {'min ms':>9} {'img/s':>8} {'GMACs':>6} {'ideal':>6} "
+            f"{'speedup':>7} {'eff':>5} {'vs bud':>6} {'interp%':>7}  kept/stage (±std)")
+    lines += [head, "-" * len(head)]
+
+    def f(x, spec):
+        return format(x, spec) if x is not None else "-"
+
+    for run_ in report["runs"]:
+        if "rows" not in run_:
+            lines.append(f"{run_['dtype']:9} {run_['batch']:>5} {run_.get('error', '')}")
+            continue
+        for r in run_["rows"]:
+            name = r["config"] + (f"/{r['attention']}" if r["attention"] else "")
+            if r["error"]:
+                lines.append(f"{r['dtype']:9} {r['batch']:>5} {name:22} error: {r['error'][:70]}")
+                continue
+            kept = " ".join(f"{k:.1f}±{s:.1f}" for k, s in zip(r["mean_kept"], r["kept_std"]))
+            lines.append(
+                f"{r['dtype']:9} {r['batch']:>5} {name:22} {f(r['ms_median'], '9.1f')} {f(r.get('ms_min'), '9.1f')} {f(r['images_per_s'], '8.1f')} "
+                f"{f(r['gmacs_per_image'], '6.2f')} {f(r['ideal_speedup'], '6.2f')} {f(r['speedup'], '7.2f')} "
+                f"{f(r['efficiency'], '5.2f')} {f(r['vs_budget'], '6.2f')} {f(r['interpreter_pct'], '7.2f')}  {kept}"
+            )
+    summary = summarize(report)
+    if summary:
+        lines.append("")
+        lines += summary
+    return "\n".join(lines)
+
+
+def summarize(report: dict) -> list[str]:
+    """One line per (dtype, batch): the default packed strategy's efficiency, packed vs budget, interpreter share."""
+    default = report.get("default_attention")
+    lines = []
+    for run_ in report["runs"]:
+        rows = [r for r in run_.get("rows", []) if r["config"] == "threshold-packed" and r["efficiency"] is not None]
+        if not rows:
+            continue
+        row = next((r for r in rows if r["attention"] == default), None) or max(rows, key=lambda r: r["efficiency"])
+        lines.append(f"{run_['dtype']} batch {run_['batch']}: threshold-packed/{row['attention']} efficiency "
+                     f"{row['efficiency']:.2f} (measured {row['speedup']:.2f}x of ideal {row['ideal_speedup']:.2f}x), "
+                     f"vs budget {row['vs_budget'] if row['vs_budget'] is None else format(row['vs_budget'], '.2f')}, "
+                     f"interpreter FLOPs {row['interpreter_pct']:.2f}% of backbone")
+    if default:
+        lines.append(f"default packed attention on {report['machine']['device']}: {default}")
+    return lines
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+
+def _csv(cast):
+    return lambda s: tuple(cast(x) for x in s.split(",") if x)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench", help="throughput and latency: unpruned vs threshold (packed / padded) vs budget mode",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("--model", default=BenchConfig.model,
+                   help="backbone geometry with random weights (default DeiT-S; 'digits' = the embedded task's digits_vit)")
+    p.add_argument("--checkpoint", help="a pruned IA-RED² checkpoint (iared.pruning.save_pruned) to time instead")
+    p.add_argument("--threshold", type=float, help="threshold for --checkpoint (default 0.5)")
+    p.add_argument("--keep", type=float, default=BenchConfig.keep,
+                   help="random-weight models: mean kept fraction per stage (thresholds calibrated on the batch)")
+    p.add_argument("--task", help="time on this task's test images (e.g. digits-clutter) instead of Gaussian noise; "
+                                  "useful with --checkpoint, whose trained interpreters then keep realistic counts")
+    p.add_argument("--device", default=BenchConfig.device, choices=["auto", "cpu", "cuda"],
+                   help="default auto: cuda when available")
+    p.add_argument("--dtype", type=_csv(str), default=BenchConfig.dtypes, dest="dtypes",
+                   help="comma list of float32, bfloat16, float16 (default float32,bfloat16)")
+    p.add_argument("--batch-sizes", type=_csv(int), default=BenchConfig.batch_sizes,
+                   help="comma list (default 1,8,64,256; out-of-memory sizes are skipped)")
+    p.add_argument("--strategies", type=_csv(str), default=BenchConfig.strategies,
+                   help="packed-attention strategies to time (default: loop,bucket on CPU, where torch's nested SDPA "
+                        "has only a slow math path; loop,bucket,nested on CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every configuration")
+    p.add_argument("--warmup", type=int, default=BenchConfig.warmup)
+    p.add_argument("--repeats", type=int, default=BenchConfig.repeats, help="timed calls; the median is reported")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--clock", default=BenchConfig.clock, choices=list(CLOCKS),
+                   help="wall: elapsed time (default); cpu: process CPU time, robust to other jobs on a shared "
+                        "machine when used with --threads 1")
+    p.add_argument("--interpreter-std", type=float, default=BenchConfig.interpreter_std,
+                   help="random-weight models: std of the re-initialised interpreter weights (score spread; "
+                        "default sqrt(3 / embed_dim))")
+    p.add_argument("--seed", type=int, default=BenchConfig.seed)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: tiny geometry (unless --checkpoint), at most 1 warm-up and 2 timed calls")
+    p.add_argument("--json", help="write the full report as JSON to this path ('-' for stdout; the table goes to stderr)")
+    p.set_defaults(func=main)
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    names = {f for f in BenchConfig.__dataclass_fields__}
+    cfg = BenchConfig(**{k: v for k, v in vars(args).items() if k in names})
+    report = run(cfg)
+    table = format_table(report)
+    print(table, file=sys.stderr if cfg.json == "-" else sys.stdout)
+    return 0

@@ -1,0 +1,188 @@
+"""Token layouts: packed attention strategies, padded layout and threshold mode against running
+every image alone (the definition of "no token leaks between images")."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from iared.models.vit import ViTConfig, VisionTransformer
+from iared.pruning import IARed
+from iared.tokens import DenseTokens, PackedTokens, PaddedTokens, _bucket_cuts, _bucket_plan, default_packed_attention
+
+STRATEGIES = ["loop", "bucket", "nested"]
+TOL = 1e-5
+
+
+def tiny_model(seed: int = 0) -> IARed:
+    torch.manual_seed(seed)
+    backbone = VisionTransformer(ViTConfig(img_size=32, patch_size=8, in_chans=3, num_classes=7, embed_dim=48,
+                                           depth=3, num_heads=3))
+    model = IARed(backbone, num_stages=3, interpreter_heads=3).eval()
+    with torch.no_grad():  # spread the scores so thresholds give different counts per image
+        for interp in model.interpreters:
+            interp.qk.weight.normal_(0, 0.5)
+    return model
+
+
+def packed(counts, heads=3, dim=8, seed=0, attention="auto"):
+    gen = torch.Generator().manual_seed(seed)
+    counts = torch.tensor(counts)
+    T = int(counts.sum())
+    qkv = torch.randn(T, 3, heads, dim, generator=gen)
+    q, k, v = qkv.unbind(1)  # strided views, as Attention.forward makes them
+    tokens = PackedTokens.from_counts(torch.zeros(T, 1), torch.zeros(T, dtype=torch.long), counts, 1, attention)
+    return tokens, q, k, v
+
+
+def per_image(q, k, v, counts):
+    outs = []
+    for qi, ki, vi in zip(q.split(counts), k.split(counts), v.split(counts)):
+        outs.append(torch.nn.functional.scaled_dot_product_attention(
+            qi.transpose(0, 1)[None], ki.transpose(0, 1)[None], vi.transpose(0, 1)[None])[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("counts", [[5, 9, 2, 9, 17, 1, 30, 12], [3, 4], [1, 1, 2], [7] * 5 + [8]])
+def test_packed_attention_matches_each_image_alone(strategy, counts):
+    tokens, q, k, v = packed(counts, attention=strategy)
+    out = tokens.attend(q, k, v)
+    assert out.shape == q.shape
+    assert (out - per_image(q, k, v, counts)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_packed_attention_equal_counts_fast_path(strategy):
+    tokens, q, k, v = packed([6, 6, 6], attention=strategy)
+    assert (tokens.attend(q, k, v) - per_image(q, k, v, [6, 6, 6])).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("buckets", [1, 2, 8])
+@pytest.mark.parametrize("stacked", [True, False])
+def test_bucketed_attention_any_grouping(buckets, stacked):
+    """Every grouping (one padded group ... one group per length), with q, k, v as slices of one
+    qkv buffer (one fused gather) or as unrelated tensors."""
+    counts = [5, 9, 2, 9, 17, 1, 30, 12, 3]
+    tokens, q, k, v = packed(counts)
+    if not stacked:
+        q, k, v = q.contiguous(), k.contiguous() * 2, v.contiguous()
+    out = tokens._attend_bucketed(q, k, v, tokens.sizes, buckets=buckets)
+    assert (out - per_image(q, k, v, counts)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("counts", [[3, 4], [6, 6]])
+def test_unknown_strategy_is_named(counts):
+    tokens, q, k, v = packed(counts, attention="nope")
+    with pytest.raises(ValueError, match="nope"):
+        tokens.attend(q, k, v)
+
+
+def test_nested_on_cpu_never_crashes_obscurely():
+    """torch's jagged SDPA probes cuDNN for strided inputs and dies in CUDA init on CPU-only
+    machines; the nested strategy must either work or say which strategy to use instead."""
+    tokens, q, k, v = packed([4, 9, 2], attention="nested")
+    try:
+        out = tokens.attend(q, k, v)
+    except RuntimeError as e:
+        assert "bucket" in str(e) and "nested" in str(e)
+    else:
+        assert (out - per_image(q, k, v, [4, 9, 2])).abs().max() <= TOL
+
+
+def test_bucket_cuts_cover_everything_and_respect_limit():
+    lengths = sorted([3, 3, 4, 10, 10, 11, 50, 50, 51, 120])
+    for buckets in (1, 2, 3, 8):
+        cuts = _bucket_cuts(lengths, buckets)
+        assert cuts[0] == 0 and cuts[-1] == len(lengths) and cuts == sorted(set(cuts))
+        assert len(cuts) - 1 <= buckets
+    assert _bucket_cuts(lengths, 1) == [0, len(lengths)]
+    assert _bucket_cuts([5] * 6, 4) == [0, 6]  # one width: one group, no padding
+
+
+def test_bucket_plan_indices_are_a_permutation():
+    counts = (5, 9, 2, 9, 17, 1, 30, 12)
+    plan = _bucket_plan(counts, 3, torch.device("cpu"))
+    assert sum(plan.groups) == len(counts) and len(plan.groups) > 1
+    dest = torch.cat(plan.dest)
+    assert torch.equal(dest.sort().values, torch.arange(sum(counts)))  # every packed row written once
+    assert sum(g.numel() for g in plan.gather) == sum(g * w for g, w in zip(plan.groups, plan.widths))
+    for g, w, img, pos in zip(plan.groups, plan.widths, plan.slot_image, plan.slot_pos):
+        assert int(img.max()) < g and int(pos.max()) < w
+    single = _bucket_plan((4, 6, 5), 1, torch.device("cpu"))
+    assert single.groups == (3,) and single.dest is None  # one group: real rows come out in packed order
+
+
+def test_default_strategy_is_known_per_device():
+    for dev in ("cpu", "cuda", "mps"):
+        assert default_packed_attention(torch.device(dev)) in ("loop", "bucket", "nested")
+    # auto never picks nested off CUDA (no fused kernel there; can crash in CUDA init on CPU-only hosts)
+    assert default_packed_attention(torch.device("cpu")) != "nested"
+    assert default_packed_attention(torch.device("mps")) != "nested"
+
+
+# -- whole model: threshold mode against each image alone -------------------------------------------
+
+
+def _alone(model, images, threshold):
+    return torch.cat([model(images[i: i + 1], "threshold", threshold=threshold).logits for i in range(len(images))])
+
+
+@pytest.mark.parametrize("layout,strategy", [("packed", s) for s in STRATEGIES] + [("padded", "auto")])
+def test_threshold_mode_matches_each_image_alone(layout, strategy):
+    model = tiny_model()
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    threshold = [0.45, 0.5, 0.5]
+    with torch.inference_mode():
+        out = model(images, "threshold", threshold=threshold, layout=layout, attention=strategy)
+        counts = [k.sum(1).tolist() for k in out.keep]
+        assert any(len(set(c)) > 1 for c in counts), f"counts should differ per image: {counts}"
+        ref = _alone(model, images, threshold)
+    assert (out.logits - ref).abs().max() <= TOL
+
+
+def test_threshold_mode_packed_equals_padded_distilled():
+    """Two prefix tokens (DeiT distilled): packed (auto strategy) and padded agree with each other and
+    with each image alone."""
+    torch.manual_seed(3)
+    backbone = VisionTransformer(ViTConfig(img_size=32, patch_size=8, num_classes=5, embed_dim=48, depth=3,
+                                           num_heads=3, distilled=True))
+    model = IARed(backbone, num_stages=3, interpreter_heads=3).eval()
+    with torch.no_grad():
+        for interp in model.interpreters:
+            interp.qk.weight.normal_(0, 0.5)
+    images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        packed_out = model(images, "threshold", threshold=0.5)
+        padded_out = model(images, "threshold", threshold=0.5, layout="padded")
+        ref = _alone(model, images, 0.5)
+    assert any(len(set(k.sum(1).tolist())) > 1 for k in packed_out.keep)
+    assert all(bool(k[:, :2].all()) for k in packed_out.keep)  # class + distillation tokens never dropped
+    for a, b in zip(packed_out.keep, padded_out.keep):
+        assert torch.equal(a, b)
+    assert (packed_out.logits - padded_out.logits).abs().max() <= TOL
+    assert (packed_out.logits - ref).abs().max() <= TOL
+    assert torch.allclose(packed_out.macs, padded_out.macs)
+
+
+def test_threshold_zero_equals_unpruned_exactly():
+    model = tiny_model()
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        pruned = model(images, "threshold", threshold=0.0)
+        full = model.backbone(images)
+    assert all(bool(k.all()) for k in pruned.keep)
+    assert torch.equal(pruned.logits, full)
+
+
+def test_packed_select_then_scatter_round_trip():
+    x = torch.randn(3, 6, 4)
+    dense = DenseTokens.from_embeddings(x, 1)
+    keep = torch.tensor([[1, 1, 0, 1, 0, 0], [1, 0, 0, 0, 0, 1], [1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    tokens = dense.select(keep)
+    assert isinstance(tokens, PackedTokens) and tokens.sizes == (3, 2, 5)
+    assert torch.equal(tokens.scatter(torch.ones(tokens.data.shape[0]), 6) > 0, keep)
+    padded = dense.select(keep, ragged="padded")
+    assert isinstance(padded, PaddedTokens)
+    assert torch.equal(padded.scatter(torch.ones(padded.index.shape), 6) > 0, keep)
+    assert torch.equal(replace(tokens, attention="bucket").lengths(), torch.tensor([3, 2, 5]))
