@@ -140,6 +140,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--threshold", type=_thresholds, metavar="T[,T...]",
                    help="keep tokens whose interpreter score > T (one value, or one per stage; default: the "
                         "threshold the checkpoint was trained with, else 0.5)")
+    g.add_argument("--reference", metavar="FILE_OR_NAME",
+                   help="the unpruned model to compare with (default: the checkpoint's own backbone; give the "
+                        "original when the backbone was fine-tuned: an iared checkpoint, or digits_vit for the "
+                        "shipped one)")
     g.add_argument("--throughput-batch", type=int, default=64, metavar="B",
                    help="batch size of the throughput measurement (default: 64; the first images of the data, "
                         "repeated if fewer)")
@@ -191,6 +195,16 @@ def _trained_threshold(path) -> float:
     return float(value) if isinstance(value, (int, float)) else 0.5
 
 
+def _reference_model(spec: str, model):
+    """The unpruned comparison model: a registered name (pretrained weights) or a checkpoint file."""
+    from iared.models import MODEL_CONFIGS, create_model, load_model
+
+    ref = create_model(spec, pretrained=True) if spec in MODEL_CONFIGS else load_model(spec)
+    if ref.cfg.to_dict() != model.backbone.cfg.to_dict():
+        raise ValueError(f"--reference {spec}: its geometry differs from the pruned model's backbone")
+    return ref
+
+
 def run_pruned_eval(args: argparse.Namespace) -> dict[str, Any]:
     """``iared eval --pruned``: pruned model vs its own backbone, one run, the same data.
 
@@ -212,13 +226,15 @@ def run_pruned_eval(args: argparse.Namespace) -> dict[str, Any]:
     if isinstance(threshold, list) and len(threshold) != model.num_stages:
         raise ValueError(f"--threshold: one value or {model.num_stages} (one per stage), got {len(threshold)}")
     loader = build_loader(args.task, args.split, model.backbone.cfg, args.batch_size, args.workers, args.limit)
+    reference = _reference_model(args.reference, model).to(device) if getattr(args, "reference", None) else None
 
     start = time.perf_counter()
     n, sums, kept_sum, first = 0, {"accuracy_full": 0.0, "accuracy_pruned": 0.0, "gflops_pruned": 0.0}, None, []
     gflops_full = None
     for batch in loader:
         images, labels = batch[0], torch.as_tensor(batch[1])
-        m = accuracy_and_compute(model, images, labels, threshold=threshold, batch_size=len(images), device=device)
+        m = accuracy_and_compute(model, images, labels, threshold=threshold, batch_size=len(images), device=device,
+                                 reference=reference)
         n += m["n"]
         for k in sums:
             sums[k] += m[k] * m["n"]

@@ -11,10 +11,19 @@ Outputs in ``--out DIR``: ``checkpoint.pt`` (full training state, see
 ``--resume`` continues the run in ``DIR`` where it stopped: the data of each step is a pure
 function of ``(seed, step)``, so a resumed run ends with exactly the weights of an
 uninterrupted one (same world size and thread count; for image folders, random augmentation
-in workers is not replayed). The command reproducing the shipped embedded backbone::
+in workers is not replayed).
 
-    iared train --task digits-clutter --model digits_vit --steps 600 --batch-size 128 \\
-        --lr 2e-3 --warmup 60 --label-smoothing 0.1 --export src/iared/assets/digits_vit.safetensors
+The shipped embedded backbone (``src/iared/assets/digits_vit.safetensors``, test top-1 96.25 %)
+was trained in three phases on 2 CPU cores (about 72 minutes together)::
+
+    iared train --steps 2400 --batch-size 128 --lr 1e-3 --warmup 150 --out runs/digits_a
+    iared train --checkpoint runs/digits_a/checkpoint.pt --steps 1600 --lr 4e-4 --warmup 50 \
+        --seed 1 --out runs/digits_b
+    iared train --checkpoint runs/digits_b/checkpoint.pt --steps 1600 --lr 4e-4 --warmup 50 \
+        --seed 2 --token-drop 0.5 --out runs/digits_c --export src/iared/assets/digits_vit.safetensors
+
+(test top-1 after each phase: 92.40 %, 94.45 %, 96.25 %; the last phase also makes the model
+tolerate dropped tokens, see the README).
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ class InterpreterTrainConfig:
     steps_per_stage: int = 150
     batch_size: int = 64
     lr: float = 3e-3
-    tau: float = 1.0  # reward of a wrong prediction is -tau
+    tau: float = 5.0  # reward of a wrong prediction is -tau (README: 1 drops too much, 20 keeps all)
     stage_weights: tuple[float, ...] = (1.0, 1.0, 1.0)  # weight of the compute term, per stage
     baseline: Baseline = "self-critical"
     exploration: float = 0.05  # sample from eps + (1 - 2 eps) * score

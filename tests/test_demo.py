@@ -1,0 +1,33 @@
+"""``iared demo`` end to end, shortened: the files it promises and their consistency."""
+
+import json
+
+import pytest
+
+from iared.cli import main
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_demo_writes_results_table_and_pictures(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(["demo", "--out", str(out), "--steps-per-stage", "2", "--finetune-steps", "2", "--test-samples", "64",
+                 "--eval-samples", "32", "--quiet"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    for key in ("accuracy_full", "accuracy_pruned", "kept_fraction", "gflops_full", "gflops_pruned",
+                "throughput_full", "throughput_pruned", "speedup"):
+        assert key in results, key
+    # the shipped backbone: a trained model, far above chance even on 64 images
+    assert results["accuracy_full"] >= 0.85
+    assert len(results["kept_fraction"]) == 3
+    # a token dropped at one stage stays dropped: kept fractions never increase
+    kept = results["kept_fraction"]
+    assert all(a >= b for a, b in zip(kept, kept[1:]))
+    assert results["gflops_pruned"] <= results["gflops_full"]
+    assert results["speedup"] == pytest.approx(results["throughput_pruned"] / results["throughput_full"])
+    pictures = sorted(p.name for p in out.glob("test_*.png"))
+    assert pictures == [f"test_{i:02d}.png" for i in range(16)] == sorted(results["pictures"])
+    assert (out / "interpreters" / "pruned.pt").is_file()
+    table = capsys.readouterr().out
+    assert "top-1 accuracy" in table and "speed-up" in table
+    assert not list(out.glob(".*tmp*"))  # nothing half-written left behind
