@@ -23,7 +23,10 @@ def test_demo_writes_results_table_and_pictures(tmp_path, capsys):
     # a token dropped at one stage stays dropped: kept fractions never increase
     kept = results["kept_fraction"]
     assert all(a >= b for a, b in zip(kept, kept[1:]))
-    assert results["gflops_pruned"] <= results["gflops_full"]
+    # two training steps leave the interpreters near their initial "keep ~all" (score 0.9): the
+    # pruned model then costs the backbone plus the interpreters
+    assert results["gflops_full"] < results["gflops_pruned"] < 1.1 * results["gflops_full"]
+    assert results["flops_reduction"] == pytest.approx(1 - results["gflops_pruned"] / results["gflops_full"])
     assert results["speedup"] == pytest.approx(results["throughput_pruned"] / results["throughput_full"])
     pictures = sorted(p.name for p in out.glob("test_*.png"))
     assert pictures == [f"test_{i:02d}.png" for i in range(16)] == sorted(results["pictures"])

@@ -40,7 +40,7 @@ class InterpreterTrainConfig:
     task: str = "digits-clutter"
     backbone: str | None = None  # checkpoint of the backbone; None: the shipped digits backbone
     out: str = "runs/interpreters"
-    steps_per_stage: int = 150
+    steps_per_stage: int = 500
     batch_size: int = 64
     lr: float = 3e-3
     tau: float = 5.0  # reward of a wrong prediction is -tau (README: 1 drops too much, 20 keeps all)
@@ -51,7 +51,7 @@ class InterpreterTrainConfig:
     threshold: float = 0.5
     num_stages: int = 3
     interpreter_heads: int = 6
-    eval_every: int = 50
+    eval_every: int = 100
     eval_samples: int = 500
     save_every: int = 50
     finetune_steps: int = 0
