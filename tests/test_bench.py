@@ -6,10 +6,18 @@ import pytest
 import torch
 
 from iared import flops
-from iared.bench import (BenchConfig, bench_model, budget_ratios, calibrate_thresholds, format_table,
-                         interpreter_share, run, spread_interpreters)
+from iared.bench import (
+    BenchConfig,
+    bench_model,
+    budget_ratios,
+    calibrate_thresholds,
+    format_table,
+    interpreter_share,
+    run,
+    spread_interpreters,
+)
 from iared.cli import main as cli_main
-from iared.models.vit import ViTConfig, VisionTransformer
+from iared.models.vit import VisionTransformer, ViTConfig
 from iared.pruning import IARed
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from iared.export import BudgetModel, compile_threshold, export_budget_onnx, run_onnx
-from iared.models.vit import ViTConfig, VisionTransformer
+from iared.models.vit import VisionTransformer, ViTConfig
 from iared.pruning import IARed
 
 

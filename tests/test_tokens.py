@@ -6,9 +6,16 @@ from dataclasses import replace
 import pytest
 import torch
 
-from iared.models.vit import ViTConfig, VisionTransformer
+from iared.models.vit import VisionTransformer, ViTConfig
 from iared.pruning import IARed
-from iared.tokens import DenseTokens, PackedTokens, PaddedTokens, _bucket_cuts, _bucket_plan, default_packed_attention
+from iared.tokens import (
+    DenseTokens,
+    PackedTokens,
+    PaddedTokens,
+    _bucket_cuts,
+    _bucket_plan,
+    default_packed_attention,
+)
 
 STRATEGIES = ["loop", "bucket", "nested"]
 TOL = 1e-5

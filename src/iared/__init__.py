@@ -9,5 +9,13 @@ from iared.models import VisionTransformer, create_model, from_timm
 from iared.pruning import IARed, IARedConfig, PrunedOutput
 
 __version__ = "0.1.0"
-__all__ = ["IARed", "IARedConfig", "PrunedOutput", "MultiHeadInterpreter", "VisionTransformer", "create_model",
-           "from_timm", "__version__"]
+__all__ = [
+           "IARed",
+           "IARedConfig",
+           "MultiHeadInterpreter",
+           "PrunedOutput",
+           "VisionTransformer",
+           "__version__",
+           "create_model",
+           "from_timm",
+]

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
             if e.name and e.name.startswith("iared"):
                 continue  # a command whose module is not part of this build
             raise
-        register = getattr(module, f"add_{name.replace('-', '_')}_parser", None) or getattr(module, "add_parser")
+        register = getattr(module, f"add_{name.replace('-', '_')}_parser", None) or module.add_parser
         if (module_name, register) in registered:
             continue
         register(sub)

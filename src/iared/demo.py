@@ -68,7 +68,8 @@ def save_pictures(model: IARed, images: Tensor, labels: Tensor, out_dir: Path, t
         for stage in range(model.num_stages):
             alive = out.keep[stage][i, out.num_prefix:].reshape(grid, grid).float()
             shade = alive.repeat_interleave(patch, 0).repeat_interleave(patch, 1).numpy()
-            axes[stage + 1].imshow(image * (0.25 + 0.75 * shade), cmap="gray", vmin=0, vmax=1)
+            # dropped patches turn mid-grey (their ink faint), so dropped background is visible too
+            axes[stage + 1].imshow(shade * image + (1 - shade) * (0.35 + 0.3 * image), cmap="gray", vmin=0, vmax=1)
             axes[stage + 1].set_title(f"stage {stage + 1}: {int(alive.sum())}/{grid * grid} kept", fontsize=8)
         axes[-1].imshow(image, cmap="gray", vmin=0, vmax=1)
         axes[-1].imshow(heat[i].numpy(), cmap="jet", alpha=0.5, extent=(-0.5, image.shape[1] - 0.5,

@@ -31,8 +31,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["add_parser", "add_common_arguments", "build_loader", "evaluate_classifier", "load_backbone",
-           "run_backbone_eval", "run_pruned_eval", "report", "report_pruned"]
+__all__ = [
+    "add_common_arguments",
+    "add_parser",
+    "build_loader",
+    "evaluate_classifier",
+    "load_backbone",
+    "report",
+    "report_pruned",
+    "run_backbone_eval",
+    "run_pruned_eval",
+]
 
 
 @torch.no_grad()

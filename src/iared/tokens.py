@@ -49,7 +49,7 @@ class Tokens:
     def batch_size(self) -> int:
         raise NotImplementedError
 
-    def with_data(self, data: Tensor) -> "Tokens":
+    def with_data(self, data: Tensor) -> Tokens:
         """The same layout with new features (what a block returns)."""
         return replace(self, data=data)
 
@@ -82,7 +82,7 @@ class Tokens:
         """Token-aligned bool: True for class / distillation tokens."""
         return self.index < self.num_prefix
 
-    def select(self, keep: Tensor, ragged: RaggedLayout = "packed") -> "Tokens":
+    def select(self, keep: Tensor, ragged: RaggedLayout = "packed") -> Tokens:
         """Keep the tokens where ``keep`` (token-aligned bool) is True; prefix tokens always stay."""
         raise NotImplementedError
 
@@ -111,7 +111,7 @@ class DenseTokens(Tokens):
     """``data``: ``(B, N, C)``; ``index``: ``(B, N)`` original positions."""
 
     @staticmethod
-    def from_embeddings(x: Tensor, num_prefix: int) -> "DenseTokens":
+    def from_embeddings(x: Tensor, num_prefix: int) -> DenseTokens:
         B, N, _ = x.shape
         index = torch.arange(N, device=x.device).expand(B, N)
         return DenseTokens(x, index, num_prefix)
@@ -148,7 +148,7 @@ class DenseTokens(Tokens):
             return PaddedTokens(self.data, self.index, self.num_prefix, mask=torch.ones_like(keep)).select(keep)
         return PackedTokens.from_dense(self.data, self.index, keep, self.num_prefix, self.attention)
 
-    def gather(self, order: Tensor) -> "DenseTokens":
+    def gather(self, order: Tensor) -> DenseTokens:
         """Keep tokens ``order`` ``(B, K)`` (positions in the current sequence) in that order."""
         data = self.data.gather(1, order.unsqueeze(-1).expand(-1, -1, self.data.shape[-1]))
         return DenseTokens(data, self.index.gather(1, order), self.num_prefix, self.attention)
@@ -222,7 +222,7 @@ class PackedTokens(Tokens):
 
     @staticmethod
     def from_counts(data: Tensor, index: Tensor, counts: Tensor, num_prefix: int,
-                    attention: PackedAttention = "auto") -> "PackedTokens":
+                    attention: PackedAttention = "auto") -> PackedTokens:
         offsets = F.pad(counts.cumsum(0), (1, 0))
         sizes = tuple(counts.tolist())
         image = torch.repeat_interleave(torch.arange(len(sizes), device=data.device), counts,
@@ -232,7 +232,7 @@ class PackedTokens(Tokens):
 
     @staticmethod
     def from_dense(data: Tensor, index: Tensor, keep: Tensor, num_prefix: int,
-                   attention: PackedAttention = "auto") -> "PackedTokens":
+                   attention: PackedAttention = "auto") -> PackedTokens:
         """Pack the kept rows of a ``(B, N, C)`` batch (``keep``: ``(B, N)`` bool)."""
         return PackedTokens.from_counts(data[keep], index[keep], keep.sum(1), num_prefix, attention)
 

@@ -14,10 +14,19 @@ from pathlib import Path
 from torch import nn
 
 from iared.checkpoint import CheckpointError, extract_state_dict, load_weights, read_checkpoint
-from iared.models.vit import Block, ViTConfig, VisionTransformer
+from iared.models.vit import Block, VisionTransformer, ViTConfig
 
-__all__ = ["VisionTransformer", "ViTConfig", "Block", "create_model", "from_timm", "load_model",
-           "list_models", "MODEL_CONFIGS", "EMBEDDED_CHECKPOINT"]
+__all__ = [
+    "EMBEDDED_CHECKPOINT",
+    "MODEL_CONFIGS",
+    "Block",
+    "ViTConfig",
+    "VisionTransformer",
+    "create_model",
+    "from_timm",
+    "list_models",
+    "load_model",
+]
 
 # The embedded task's backbone: 64x64 single-channel canvases, 8x8 patches (64 patch tokens).
 # Width 144 keeps the shipped float16 weights near 3 MB; 6 blocks = 3 stages of 2.

@@ -16,7 +16,6 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from iared.tokens import DenseTokens, Tokens

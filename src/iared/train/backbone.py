@@ -62,7 +62,7 @@ from iared.train.common import (
     warmup_cosine,
 )
 
-__all__ = ["BackboneTrainConfig", "train", "add_parser", "config_from_args", "export_weights"]
+__all__ = ["BackboneTrainConfig", "add_parser", "config_from_args", "export_weights", "train"]
 
 
 @dataclass
