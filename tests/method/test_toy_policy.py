@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from iared import IARed, IARedConfig
+from iared import IARed, IARedConfig, flops
 from iared.models import VisionTransformer, ViTConfig
 from iared.train.interpreters import InterpreterTrainConfig, InterpreterTrainer
 
@@ -37,7 +37,7 @@ def train_backbone(model, steps=150):
     return model.eval()
 
 
-def test_reward_training_finds_the_informative_region():
+def test_reward_training_finds_the_informative_region(tmp_path):
     torch.manual_seed(0)
     backbone = train_backbone(VisionTransformer(ViTConfig(img_size=16, patch_size=4, in_chans=1, num_classes=2,
                                                           embed_dim=32, depth=3, num_heads=2)))
@@ -45,7 +45,7 @@ def test_reward_training_finds_the_informative_region():
     x, y = make_toy(4096, seed=2)
     dataset = list(zip(x, y.tolist()))
     cfg = InterpreterTrainConfig(steps_per_stage=120, batch_size=64, lr=1e-2, tau=1.0, eval_every=1000,
-                                 save_every=10_000, out="unused")
+                                 save_every=10_000, out=str(tmp_path))
     InterpreterTrainer(model, dataset, cfg, progress=False).run()
 
     xt, yt = make_toy(512, seed=3)
@@ -60,4 +60,4 @@ def test_reward_training_finds_the_informative_region():
     assert pruned_acc >= full_acc - 0.02, (pruned_acc, full_acc)
     assert inside > 0.9, kept_patches
     assert outside < 0.4, kept_patches
-    assert out.macs.mean() < 0.6 * float(__import__("iared").flops.full_macs(backbone.cfg))
+    assert out.macs.mean() < 0.6 * flops.full_macs(backbone.cfg)
