@@ -45,7 +45,7 @@ MODEL_CONFIGS: dict[str, dict] = {
     "digits_vit": DIGITS_VIT,
 }
 
-# A backbone for the embedded task that this project trained itself (see README: reproduce).
+# A backbone for the embedded task that this project trained itself (the commands that reproduce it: src/iared/train/backbone.py's docstring).
 EMBEDDED_CHECKPOINT = "digits_vit.safetensors"
 
 
