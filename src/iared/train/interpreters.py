@@ -4,7 +4,8 @@ Curriculum (IA-RED² Sec. 3.3): the backbone is frozen; stage d's interpreter is
 the stages before it run their (already trained) interpreters in threshold mode and the stages
 after it keep every token. Each step samples keep decisions from
 Bernoulli(eps + (1 - 2 eps) * score), eps = ``exploration``, runs the pruned model, and scores
-it with :func:`iared.rl.blockdrop_reward`; REINFORCE with a baseline updates the interpreter (see :mod:`iared.rl` for the reward and baseline choices).
+it with :func:`iared.rl.blockdrop_reward`; REINFORCE with a baseline updates the interpreter
+(see :mod:`iared.rl` for the reward and baseline choices).
 
 Optional ``--finetune-steps``: afterwards the backbone is fine-tuned under the learned policy
 (threshold mode, tokens really dropped) with distillation from the unpruned backbone.
