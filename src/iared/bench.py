@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from iared import flops
+from iared.measure import synchronize
 from iared.pruning import IARed, PrunedOutput
 from iared.tokens import default_packed_attention
 
@@ -137,11 +138,6 @@ def interpreter_share(model: IARed, out: PrunedOutput) -> float:
 # -- timing ----------------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
@@ -155,13 +151,13 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, repeats
     now = CLOCKS[clock]
     for _ in range(warmup):
         fn()
-    _sync(device)
+    synchronize(device)
     times = []
     for _ in range(repeats):
-        _sync(device)
+        synchronize(device)
         t0 = now()
         fn()
-        _sync(device)
+        synchronize(device)
         times.append((now() - t0) * 1e3)
     return times
 

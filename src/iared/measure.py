@@ -7,7 +7,6 @@ evaluation, so the three report the same figures the same way.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -60,22 +59,8 @@ def accuracy_and_compute(model: IARed, images: Tensor, labels: Tensor, *, thresh
     return result
 
 
-@torch.no_grad()
-def throughput(forward: Callable[[Tensor], object], images: Tensor, *, warmup: int = 2, repeats: int = 5) -> float:
-    """Images per second of ``forward`` on one fixed batch: median of ``repeats`` timed calls."""
-    for _ in range(warmup):
-        forward(images)
-    _sync(images.device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        forward(images)
-        _sync(images.device)
-        times.append(time.perf_counter() - start)
-    return len(images) / sorted(times)[len(times) // 2]
-
-
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timings cover it (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -97,10 +82,10 @@ def compare_throughput(model: IARed, images: Tensor, *, threshold: float = 0.5, 
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, forward in runs.items():
-            _sync(batch.device)
+            synchronize(batch.device)
             start = time.perf_counter()
             forward(batch)
-            _sync(batch.device)
+            synchronize(batch.device)
             times[name].append(time.perf_counter() - start)
     full, pruned = (len(batch) / sorted(times[n])[len(times[n]) // 2] for n in ("full", "pruned"))
     return {"batch_size": len(batch), "device": str(batch.device), "threads": torch.get_num_threads(),
