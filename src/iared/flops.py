@@ -8,11 +8,13 @@ is left out, as fvcore-style counters do.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from iared.models.vit import ViTConfig
+if TYPE_CHECKING:  # models import this module for their MAC counts
+    from iared.models.vit import ViTConfig
 
 
 def block_macs(n, dim: int, mlp_ratio: float):
@@ -23,6 +25,16 @@ def block_macs(n, dim: int, mlp_ratio: float):
 def interpreter_macs(n, dim: int):
     """Interpreter on ``n`` tokens: keys for all tokens, the query for the class token only, dot products."""
     return n * dim * dim + dim * dim + n * dim
+
+
+def mlp_predictor_macs(n, dim: int, hidden: int):
+    """DynamicViT-style score predictor on ``n`` tokens: two-layer local MLP + global mix + scorer."""
+    return n * (dim * hidden + hidden * hidden // 2 + hidden // 2 * hidden // 4 + hidden // 4 * 2)
+
+
+def bipartite_matching_macs(n, dim: int):
+    """ToMe's matching on ``n`` tokens: cosine similarity of the two halves (n/2 x n/2 dot products)."""
+    return (n // 2) * (n - n // 2) * dim
 
 
 def embed_macs(cfg: ViTConfig) -> int:

@@ -17,14 +17,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from iared.tokens import Tokens
+from iared import flops
+from iared.reducers.base import Reducer, StageInput
+from iared.reducers.policy import keep_from_scores
+from iared.tokens import Decision, Tokens  # noqa: F401
 
 
-class MultiHeadInterpreter(nn.Module):
-    """Scores every alive token of a batch. ``forward(tokens) -> (token-aligned,)`` in [0, 1].
+class MultiHeadInterpreter(Reducer):
+    """IA-RED²'s reducer: scores every alive token, and the stage policy turns scores into keeps.
 
-    Prefix tokens (class, distillation) score exactly 1: they are always kept. Padding (in a
-    padded layout) scores 0, which is the paper's "multiplied by the previous keep mask".
+    :meth:`score` ``(tokens) -> (token-aligned,)`` in [0, 1]. Prefix tokens (class, distillation)
+    score exactly 1: they are always kept. Padding (in a padded layout) scores 0, which is the
+    paper's "multiplied by the previous keep mask". :meth:`forward` is the Reducer protocol.
     """
 
     def __init__(self, dim: int, num_heads: int = 6):
@@ -54,7 +58,18 @@ class MultiHeadInterpreter(nn.Module):
         logit = torch.logit(torch.tensor(float(score))).item()
         self.qk.bias.fill_((logit / d**0.5) ** 0.5)
 
-    def forward(self, tokens: Tokens) -> Tensor:
+    def forward(self, x: StageInput) -> Decision:
+        scores = self.score(x.tokens)
+        return keep_from_scores(x.tokens, scores, x.settings, macs=self.macs(x.tokens.lengths()))
+
+    def macs(self, n):
+        """MACs on ``n`` alive tokens (int or ``(B,)``)."""
+        return flops.interpreter_macs(n, self.qk.in_features)
+
+    def describe(self) -> dict:
+        return {"method": "iared", "interpreter_heads": self.num_heads}
+
+    def score(self, tokens: Tokens) -> Tensor:
         dim = self.qk.in_features
         x = self.norm(tokens.data)
         cls = self.norm(tokens.prefix()[:, 0])  # (B, C)

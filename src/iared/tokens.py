@@ -36,6 +36,32 @@ RaggedLayout = Literal["packed", "padded"]
 PackedAttention = Literal["auto", "nested", "loop", "bucket"]
 
 
+@dataclass
+class Decision:
+    """What a token reducer decided at a stage boundary (see :mod:`iared.reducers`).
+
+    ``keep``: token-aligned bool, tokens that stay (prefix tokens always stay). ``merge_into``:
+    token-aligned long, the position each token is merged into (its own position to stay; see
+    :meth:`Tokens.merge`); ``merge_weight`` the averaging weights (default: sizes) and
+    ``track_sizes`` whether survivors carry their sizes into proportional attention.
+    ``scores``: token-aligned, the method's per-token score where it has one (heatmaps).
+    ``log_prob``: ``(B,)`` log-probability of sampled decisions (policy-gradient training).
+    ``macs``: the reducer's own multiply-accumulates per image (float or ``(B,)``).
+    ``kept_count``: when every image keeps the same number of tokens (prefix included) and that
+    number is known without reading the device (budget / top-k), the selection stays dense and
+    traceable (ONNX) without a host-side count.
+    """
+
+    keep: Tensor | None = None
+    merge_into: Tensor | None = None
+    merge_weight: Tensor | None = None
+    track_sizes: bool = True
+    scores: Tensor | None = None
+    log_prob: Tensor | None = None
+    macs: Tensor | float = 0.0
+    kept_count: int | None = None
+
+
 @dataclass(frozen=True, eq=False)
 class Tokens:
     """Base class of the token layouts. ``data`` holds the features, channels last."""
@@ -44,6 +70,10 @@ class Tokens:
     index: Tensor
     num_prefix: int
     attention: PackedAttention = "auto"  # how a packed batch made from this one runs attention
+    # Token-aligned key weights, or None (all 1): attention to token j is proportional to
+    # ``w_j * exp(q.k_j)``. A token merged from s originals has weight s (ToMe's proportional
+    # attention); a soft keep gate in [0, 1] gives DynamicViT's masked attention in training.
+    weights: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -90,6 +120,109 @@ class Tokens:
         """Token-aligned ``values`` -> ``(B, total)`` in original token positions, ``fill`` elsewhere."""
         raise NotImplementedError
 
+    # -- generic operations, written once over the flat rows of any layout ----------------------
+
+    def apply(self, decision: Decision, ragged: RaggedLayout = "packed") -> Tokens:
+        """The tokens after a reducer's decision (a merge or a selection, token-aligned with ``self``)."""
+        if decision.merge_into is not None:
+            if decision.keep is not None:
+                raise ValueError("a decision either merges or keeps: express dropped tokens as merges")
+            return self.merge(decision.merge_into, decision.merge_weight, decision.track_sizes, ragged)
+        if decision.keep is not None:
+            if decision.kept_count is not None and self.uniform_length() is not None:
+                return self.select_count(decision.keep, decision.kept_count)
+            return self.select(decision.keep, ragged=ragged)
+        return self
+
+    def select_count(self, keep: Tensor, count: int) -> Tokens:
+        """:meth:`select` when every image keeps exactly ``count`` tokens (dense layouts only)."""
+        return self.select(keep)
+
+    def uniform_length(self) -> int | None:
+        """Tokens per image when every image has the same count as a static shape (dense), else None."""
+        return None
+
+    def image_ids(self) -> Tensor:
+        """Token-aligned image number of every token (padding rows included)."""
+        return self.per_token(torch.arange(self.batch_size, device=self.data.device))
+
+    def positions(self) -> Tensor:
+        """Token-aligned position of every token inside its image's current sequence."""
+        raise NotImplementedError
+
+    def patch_mask(self) -> Tensor:
+        """Token-aligned bool: real tokens that a reducer may drop (not prefix, not padding)."""
+        valid = self.valid()
+        patch = ~self.is_prefix()
+        return patch if valid is None else patch & valid
+
+    def sum_per_image(self, values: Tensor) -> Tensor:
+        """Token-aligned ``values`` -> ``(B,)`` sums (padding rows must hold 0)."""
+        flat_ids = self.image_ids().reshape(-1)
+        return values.new_zeros(self.batch_size).index_add(0, flat_ids, values.reshape(-1))
+
+    def softmax_per_image(self, logits: Tensor) -> Tensor:
+        """Softmax of token-aligned ``logits`` ``(..., H)`` over the real tokens of each image."""
+        valid = self.valid()
+        if valid is not None:
+            logits = logits.masked_fill(~valid[..., None], float("-inf"))
+        ids = self.image_ids().reshape(-1)
+        flat = logits.reshape(ids.shape[0], -1)
+        peak = flat.new_full((self.batch_size, flat.shape[1]), float("-inf"))
+        peak = peak.scatter_reduce(0, ids[:, None].expand_as(flat), flat, "amax", include_self=True)
+        e = (flat - peak[ids]).exp()
+        total = e.new_zeros(peak.shape).index_add(0, ids, e)
+        return (e / total[ids]).reshape(logits.shape)
+
+    def top_k(self, scores: Tensor, k: int) -> Tensor:
+        """Token-aligned bool keeping the ``k`` highest-scoring patch tokens of every image.
+
+        Needs the same number of alive tokens in every image (a dense batch): budget mode keeps the
+        batch dense stage after stage, so a ragged batch here means an earlier stage was not budgeted.
+        """
+        raise ValueError("a fixed per-image token count (budget / top-k) needs a dense batch: "
+                         "run every earlier stage with a fixed count too")
+
+    def merge(self, into: Tensor, weight: Tensor | None = None, track_sizes: bool = True,
+              ragged: RaggedLayout = "packed") -> Tokens:
+        """Merge tokens into others of the same image, then drop the merged ones.
+
+        ``into``: token-aligned long, the position (within the image's current sequence, see
+        :meth:`positions`) of the token each token is merged into; a token with ``into ==`` its own
+        position stays. Merged features are averages weighted by ``weight`` (default: the current
+        sizes, i.e. :attr:`weights`, 1 when unset), so merging is associative as in ToMe.
+        ``track_sizes``: the survivors' :attr:`weights` become the summed sizes (proportional
+        attention); False leaves them unset (EViT's fused token attends like any other).
+        Prefix tokens must stay (``into`` = own position).
+        """
+        own = self.positions()
+        stays = into == own
+        if bool((~stays & self.is_prefix()).any()):
+            raise ValueError("merge: prefix (class / distillation) tokens cannot be merged away")
+        sizes = self.weights if self.weights is not None else torch.ones_like(own, dtype=self.data.dtype)
+        w = sizes if weight is None else weight.to(self.data.dtype)
+        valid = self.valid()
+        if valid is not None:
+            w = w * valid
+        # Flat rows: destination row = row of the token at position ``into`` in the same image.
+        start = self.start_rows()
+        dest = (start[self.image_ids()] + into).reshape(-1)
+        rows = self.data.reshape(dest.shape[0], -1)
+        wf = w.reshape(-1, 1)
+        numer = torch.zeros_like(rows).index_add(0, dest, rows * wf)
+        denom = rows.new_zeros(dest.shape[0], 1).index_add(0, dest, wf)
+        merged = torch.where(denom > 0, numer / denom.clamp_min(1e-12), rows).reshape(self.data.shape)
+        new_sizes = None
+        if track_sizes:
+            new_sizes = sizes.reshape(-1).new_zeros(dest.shape[0]).index_add(0, dest, sizes.reshape(-1))
+            new_sizes = new_sizes.reshape(sizes.shape)
+        out = replace(self, data=merged, weights=new_sizes)
+        return out.select(stays, ragged=ragged)
+
+    def start_rows(self) -> Tensor:
+        """``(B,)`` flat row (in ``data.reshape(-1, C)``) where each image's sequence starts."""
+        raise NotImplementedError
+
 
 def _sdpa_heads(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     """SDPA on ``(B, N, H, D)`` inputs; returns ``(B, N, H, D)``."""
@@ -97,13 +230,45 @@ def _sdpa_heads(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> 
     return out.transpose(1, 2)
 
 
-def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, weights_out: list) -> Tensor:
-    """Attention with the probabilities materialised, for explainers. ``(B, N, H, D)`` in and out."""
+def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, weights_out: list | None = None,
+                        key_weights: Tensor | None = None, key_mask: Tensor | None = None) -> Tensor:
+    """Attention with the probabilities materialised. ``(B, N, H, D)`` in and out.
+
+    ``key_weights`` ``(B, N)``: attention to key j proportional to ``w_j exp(q.k_j)``, computed as a
+    product (not a log bias) so gradients reach weights that are exactly 0 (DynamicViT's gates).
+    ``key_mask`` ``(B, N)`` bool: keys that exist. ``weights_out``: the probabilities are appended.
+    """
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-    attn = attn.softmax(dim=-1)
-    weights_out.append(attn)
+    if key_mask is not None:
+        attn = attn.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    if key_weights is None:
+        attn = attn.softmax(dim=-1)
+    else:
+        e = (attn - attn.amax(-1, keepdim=True)).exp() * key_weights[:, None, None, :]
+        attn = e / e.sum(-1, keepdim=True).clamp_min(1e-12)
+    if weights_out is not None:
+        weights_out.append(attn)
     return (attn @ v).transpose(1, 2)
+
+
+def _key_bias(key_weights: Tensor | None, key_mask: Tensor | None) -> Tensor | None:
+    """An SDPA ``attn_mask`` ``(B, 1, 1, N)`` from key weights (log) and/or a key mask, or None."""
+    if key_weights is None:
+        return None if key_mask is None else key_mask[:, None, None, :]
+    bias = key_weights.clamp_min(1e-30).log()
+    if key_mask is not None:
+        bias = bias.masked_fill(~key_mask, float("-inf"))
+    return bias[:, None, None, :]
+
+
+def _weighted_attention(q: Tensor, k: Tensor, v: Tensor, key_weights: Tensor | None,
+                        key_mask: Tensor | None = None) -> Tensor:
+    """Batched attention ``(B, N, H, D)`` with optional key weights and key mask."""
+    if key_weights is not None and key_weights.requires_grad:
+        return _explicit_attention(q, k, v, None, key_weights, key_mask)
+    bias = _key_bias(key_weights, key_mask)
+    return _sdpa_heads(q, k, v, mask=None if bias is None else bias.to(q.dtype) if bias.dtype != torch.bool else bias)
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,8 +287,8 @@ class DenseTokens(Tokens):
 
     def attend(self, q, k, v, weights_out=None):
         if weights_out is not None:
-            return _explicit_attention(q, k, v, weights_out)
-        return _sdpa_heads(q, k, v)
+            return _explicit_attention(q, k, v, weights_out, self.weights)
+        return _weighted_attention(q, k, v, self.weights)
 
     def prefix(self):
         return self.data[:, : self.num_prefix]
@@ -135,6 +300,23 @@ class DenseTokens(Tokens):
         B, N = self.index.shape
         return torch.full((B,), N, dtype=torch.long, device=self.data.device)
 
+    def positions(self):
+        B, N = self.index.shape
+        return torch.arange(N, device=self.data.device).expand(B, N)
+
+    def start_rows(self):
+        B, N = self.index.shape
+        return torch.arange(B, device=self.data.device) * N
+
+    def uniform_length(self):
+        return self.data.shape[1]
+
+    def top_k(self, scores, k):
+        patch = self.patch_mask()
+        ranked = torch.where(patch, scores, torch.full_like(scores, float("-inf")))
+        top = ranked.topk(k, dim=1).indices
+        return torch.zeros_like(patch).scatter(1, top, True)
+
     def select(self, keep, ragged="packed"):
         keep = keep | self.is_prefix()
         counts = keep.sum(1)
@@ -145,13 +327,24 @@ class DenseTokens(Tokens):
             order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, : int(counts[0])]
             return self.gather(order)
         if ragged == "padded":
-            return PaddedTokens(self.data, self.index, self.num_prefix, mask=torch.ones_like(keep)).select(keep)
-        return PackedTokens.from_dense(self.data, self.index, keep, self.num_prefix, self.attention)
+            return PaddedTokens(self.data, self.index, self.num_prefix, self.attention, self.weights,
+                                mask=torch.ones_like(keep)).select(keep)
+        return PackedTokens.from_dense(self.data, self.index, keep, self.num_prefix, self.attention, self.weights)
+
+    def select_count(self, keep, count):
+        if count == self.data.shape[1]:
+            return self
+        # Kept tokens first, in their current order: a static-shape topk, no host-side count.
+        n = self.data.shape[1]
+        pos = torch.arange(n, device=keep.device)
+        key = (keep | self.is_prefix()).to(torch.float32) * n + (n - pos)
+        return self.gather(key.topk(count, dim=1).indices)
 
     def gather(self, order: Tensor) -> DenseTokens:
         """Keep tokens ``order`` ``(B, K)`` (positions in the current sequence) in that order."""
         data = self.data.gather(1, order.unsqueeze(-1).expand(-1, -1, self.data.shape[-1]))
-        return DenseTokens(data, self.index.gather(1, order), self.num_prefix, self.attention)
+        weights = None if self.weights is None else self.weights.gather(1, order)
+        return DenseTokens(data, self.index.gather(1, order), self.num_prefix, self.attention, weights)
 
     def scatter(self, values, total, fill=0.0):
         out = values.new_full((self.batch_size, total), fill)
@@ -172,10 +365,10 @@ class PaddedTokens(Tokens):
         return self.mask
 
     def attend(self, q, k, v, weights_out=None):
-        if weights_out is not None:
-            raise ValueError("explicit attention weights are only recorded on dense token batches")
         # Padding is masked out as keys; padded queries compute garbage that nobody reads.
-        return _sdpa_heads(q, k, v, mask=self.mask[:, None, None, :])
+        if weights_out is not None:
+            return _explicit_attention(q, k, v, weights_out, self.weights, self.mask)
+        return _weighted_attention(q, k, v, self.weights, self.mask)
 
     def prefix(self):
         return self.data[:, : self.num_prefix]
@@ -186,6 +379,14 @@ class PaddedTokens(Tokens):
     def lengths(self):
         return self.mask.sum(1)
 
+    def positions(self):
+        B, N = self.index.shape
+        return torch.arange(N, device=self.data.device).expand(B, N)
+
+    def start_rows(self):
+        B, N = self.index.shape
+        return torch.arange(B, device=self.data.device) * N
+
     def select(self, keep, ragged="padded"):
         keep = (keep | self.is_prefix()) & self.mask
         counts = keep.sum(1)
@@ -195,7 +396,8 @@ class PaddedTokens(Tokens):
         mask = keep.gather(1, order)
         # Padding rows keep a harmless index (0) so scatter never writes past the sequence.
         index = torch.where(mask, self.index.gather(1, order), torch.zeros_like(order))
-        return PaddedTokens(data, index, self.num_prefix, self.attention, mask=mask)
+        weights = None if self.weights is None else self.weights.gather(1, order) * mask
+        return PaddedTokens(data, index, self.num_prefix, self.attention, weights, mask=mask)
 
     def is_prefix(self):
         return (self.index < self.num_prefix) & self.mask
@@ -222,19 +424,20 @@ class PackedTokens(Tokens):
 
     @staticmethod
     def from_counts(data: Tensor, index: Tensor, counts: Tensor, num_prefix: int,
-                    attention: PackedAttention = "auto") -> PackedTokens:
+                    attention: PackedAttention = "auto", weights: Tensor | None = None) -> PackedTokens:
         offsets = F.pad(counts.cumsum(0), (1, 0))
         sizes = tuple(counts.tolist())
         image = torch.repeat_interleave(torch.arange(len(sizes), device=data.device), counts,
                                         output_size=sum(sizes))
-        return PackedTokens(data, index, num_prefix, attention, counts=counts, offsets=offsets, image=image,
-                            sizes=sizes)
+        return PackedTokens(data, index, num_prefix, attention, weights, counts=counts, offsets=offsets,
+                            image=image, sizes=sizes)
 
     @staticmethod
     def from_dense(data: Tensor, index: Tensor, keep: Tensor, num_prefix: int,
-                   attention: PackedAttention = "auto") -> PackedTokens:
+                   attention: PackedAttention = "auto", weights: Tensor | None = None) -> PackedTokens:
         """Pack the kept rows of a ``(B, N, C)`` batch (``keep``: ``(B, N)`` bool)."""
-        return PackedTokens.from_counts(data[keep], index[keep], keep.sum(1), num_prefix, attention)
+        return PackedTokens.from_counts(data[keep], index[keep], keep.sum(1), num_prefix, attention,
+                                        None if weights is None else weights[keep])
 
     @property
     def batch_size(self) -> int:
@@ -250,10 +453,21 @@ class PackedTokens(Tokens):
     def lengths(self):
         return self.counts
 
+    def image_ids(self):
+        return self.image
+
+    def positions(self):
+        return torch.arange(self.data.shape[0], device=self.data.device) - self.offsets[self.image]
+
+    def start_rows(self):
+        return self.offsets[:-1]
+
     def select(self, keep, ragged="packed"):
         keep = keep | self.is_prefix()
         counts = torch.zeros_like(self.counts).index_add_(0, self.image, keep.long())
-        return PackedTokens.from_counts(self.data[keep], self.index[keep], counts, self.num_prefix, self.attention)
+        weights = None if self.weights is None else self.weights[keep]
+        return PackedTokens.from_counts(self.data[keep], self.index[keep], counts, self.num_prefix, self.attention,
+                                        weights)
 
     def scatter(self, values, total, fill=0.0):
         out = values.new_full((self.batch_size, total), fill)
@@ -270,28 +484,58 @@ class PackedTokens(Tokens):
         length into a few groups and runs one padded SDPA per group. All give the same result as
         running each image alone (up to float rounding).
         """
-        if weights_out is not None:
-            raise ValueError("explicit attention weights are only recorded on dense token batches")
         strategy = self.attention if self.attention != "auto" else default_packed_attention(q.device)
         if strategy not in ("nested", "bucket", "loop"):
             raise ValueError(f"unknown packed attention {strategy!r}; expected one of auto, nested, loop, bucket")
         counts = self.sizes
-        if len(set(counts)) == 1:
+        if len(set(counts)) == 1 or weights_out is not None:
+            if weights_out is not None and len(set(counts)) != 1:
+                # Explainers: a padded view gives per-image probability maps (B, H, N_max, N_max).
+                padded = self.to_padded()
+                outs = _explicit_attention(*(padded.pad_rows(t) for t in (q, k, v)), weights_out,
+                                           padded.weights, padded.mask)
+                return outs[padded.mask]
             # Every image kept the same number of tokens: a plain batched SDPA is exact and fastest.
             B, n = len(counts), counts[0]
             shape = (B, n) + q.shape[1:]
-            return _sdpa_heads(q.view(shape), k.view(shape), v.view(shape)).reshape(q.shape)
+            w = None if self.weights is None else self.weights.view(B, n)
+            if weights_out is not None:
+                return _explicit_attention(q.view(shape), k.view(shape), v.view(shape), weights_out,
+                                           w).reshape(q.shape)
+            return _weighted_attention(q.view(shape), k.view(shape), v.view(shape), w).reshape(q.shape)
+        if self.weights is not None:
+            # Key weights (merged tokens / soft gates): one weighted attention per image.
+            return self._attend_loop(q, k, v, counts)
         if strategy == "nested":
             return self._attend_nested(q, k, v)
         if strategy == "bucket":
             return self._attend_bucketed(q, k, v, counts)
         return self._attend_loop(q, k, v, counts)
 
+    def to_padded(self) -> PaddedTokens:
+        """The same tokens padded to the longest image (explainers, reference checks)."""
+        width = max(self.sizes)
+        pos = self.positions()
+        data = self.pad_rows(self.data)
+        mask = torch.zeros(self.batch_size, width, dtype=torch.bool, device=self.data.device)
+        mask[self.image, pos] = True
+        index = torch.zeros(self.batch_size, width, dtype=self.index.dtype, device=self.data.device)
+        index[self.image, pos] = self.index
+        weights = None if self.weights is None else self.pad_rows(self.weights)
+        return PaddedTokens(data, index, self.num_prefix, self.attention, weights, mask=mask)
+
+    def pad_rows(self, rows: Tensor) -> Tensor:
+        """Token-aligned ``(T, ...)`` -> ``(B, N_max, ...)``, zeros in the padding."""
+        out = rows.new_zeros((self.batch_size, max(self.sizes)) + rows.shape[1:])
+        out[self.image, self.positions()] = rows
+        return out
+
     def _attend_loop(self, q, k, v, counts):
         """One SDPA call per image: no padding at all, Python overhead of B calls per block."""
+        ws = [None] * len(counts) if self.weights is None else self.weights.split(counts)
         outs = [
-            _sdpa_heads(qi[None], ki[None], vi[None])[0]
-            for qi, ki, vi in zip(q.split(counts), k.split(counts), v.split(counts))
+            _weighted_attention(qi[None], ki[None], vi[None], None if wi is None else wi[None])[0]
+            for qi, ki, vi, wi in zip(q.split(counts), k.split(counts), v.split(counts), ws)
         ]
         return torch.cat(outs)
 

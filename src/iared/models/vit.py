@@ -92,11 +92,46 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, tokens: Tokens, weights_out: list | None = None) -> Tensor:
-        """x: token-aligned ``(..., C)``. ``weights_out``: see :meth:`Tokens.attend`."""
+    def forward(self, x: Tensor, tokens: Tokens, weights_out: list | None = None,
+                record: BlockRecord | None = None) -> Tensor:
+        """x: token-aligned ``(..., C)``. ``weights_out``: see :meth:`Tokens.attend`.
+        ``record``: filled with what token reducers read from this block (class attention, keys)."""
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(-3)
+        if record is not None:
+            record.fill(tokens, q, k, v)
         out = tokens.attend(q, k, v, weights_out)
         return self.proj(out.flatten(-2))
+
+
+class BlockRecord:
+    """What a block exposes to the token reducer of the next stage (filled only when asked).
+
+    ``cls_attention``: token-aligned, the class token's attention to every token, mean over heads
+    (what EViT and ATS rank by). ``keys``: token-aligned ``(..., C)`` keys, heads concatenated
+    (ToMe's similarity metric). ``values_norm``: token-aligned ``||v_j||`` mean over heads (ATS).
+    """
+
+    def __init__(self):
+        self.cls_attention: Tensor | None = None
+        self.keys: Tensor | None = None
+        self.values_norm: Tensor | None = None
+
+    def fill(self, tokens: Tokens, q: Tensor, k: Tensor, v: Tensor | None = None) -> None:
+        q_cls = tokens.per_token(_prefix_query(tokens, q))
+        logits = (q_cls * k).sum(-1) * k.shape[-1] ** -0.5  # (..., H)
+        if tokens.weights is not None:  # proportional attention: what the block really computes
+            logits = logits + tokens.weights.clamp_min(1e-30).log()[..., None]
+        self.cls_attention = tokens.softmax_per_image(logits).mean(-1).detach()
+        self.keys = k.flatten(-2).detach()
+        if v is not None:
+            self.values_norm = v.norm(dim=-1).mean(-1).detach()
+
+
+def _prefix_query(tokens: Tokens, q: Tensor) -> Tensor:
+    """``(B, H, D)``: the class token's query of every image (q is token-aligned ``(..., H, D)``)."""
+    B = tokens.batch_size
+    flat = q.reshape(-1, *q.shape[-2:])
+    return flat[tokens.start_rows()] if B else flat[:0]
 
 
 class Mlp(nn.Module):
@@ -132,9 +167,9 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio))
         self.ls2 = LayerScale(dim, cfg.init_values) if cfg.init_values else nn.Identity()
 
-    def forward(self, tokens: Tokens, weights_out: list | None = None) -> Tokens:
+    def forward(self, tokens: Tokens, weights_out: list | None = None, record: BlockRecord | None = None) -> Tokens:
         x = tokens.data
-        x = x + self.ls1(self.attn(self.norm1(x), tokens, weights_out))
+        x = x + self.ls1(self.attn(self.norm1(x), tokens, weights_out, record))
         x = x + self.ls2(self.mlp(self.norm2(x)))
         return tokens.with_data(x)
 
@@ -144,7 +179,8 @@ class VisionTransformer(nn.Module):
 
     ``forward(images) -> logits (B, num_classes)``. The pieces, for models that prune between
     blocks: :meth:`embed` (pixels -> dense tokens), ``blocks`` (each maps Tokens -> Tokens),
-    :meth:`head_from_tokens` (final norm on the prefix tokens -> logits).
+    :meth:`forward_head` (final norm on the prefix tokens -> logits). It implements the
+    :class:`iared.models.protocol.Backbone` protocol that the stage loop runs on.
     """
 
     def __init__(self, cfg: ViTConfig | None = None, **overrides):
@@ -187,7 +223,40 @@ class VisionTransformer(nn.Module):
         x = torch.cat(prefix + [x], dim=1) + self.pos_embed
         return DenseTokens.from_embeddings(x, self.num_prefix_tokens)
 
-    def head_from_tokens(self, tokens: Tokens) -> Tensor:
+    # -- the Backbone protocol (iared.models.protocol) ------------------------------------------
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per image after :meth:`embed`, prefix included."""
+        return self.cfg.num_patches + self.cfg.num_prefix_tokens
+
+    @property
+    def token_dim(self) -> int:
+        return self.cfg.embed_dim
+
+    @property
+    def token_grid(self) -> tuple[int, ...]:
+        """Layout of the patch tokens: ``(rows, cols)``, row-major after the prefix tokens."""
+        return (self.cfg.grid_size, self.cfg.grid_size)
+
+    def block_macs(self, n):
+        """MACs of one block on ``n`` tokens (int or ``(B,)`` tensor)."""
+        from iared import flops
+
+        return flops.block_macs(n, self.cfg.embed_dim, self.cfg.mlp_ratio)
+
+    def fixed_macs(self) -> float:
+        """MACs that do not depend on the token count: patch embedding and head."""
+        from iared import flops
+
+        return float(flops.embed_macs(self.cfg) + flops.head_macs(self.cfg))
+
+    def patch_pixels(self, images: Tensor) -> Tensor:
+        """``(B, N, C_in * p * p)``: the pixels under every patch token, in token order."""
+        p = self.cfg.patch_size
+        return torch.nn.functional.unfold(images, p, stride=p).transpose(1, 2)
+
+    def forward_head(self, tokens: Tokens) -> Tensor:
         """Final norm on the prefix tokens (LayerNorm is per token) and the classifier(s)."""
         prefix = self.norm(tokens.prefix())
         logits = self.head(prefix[:, 0])
@@ -212,7 +281,7 @@ class VisionTransformer(nn.Module):
             tokens = tokens.select(torch.cat([prefix, keep], dim=1), ragged="padded")
         for block in self.blocks:
             tokens = block(tokens, attention_out)
-        return self.head_from_tokens(tokens)
+        return self.forward_head(tokens)
 
     def forward_features(self, images: Tensor) -> Tensor:
         """``(B, P + N, C)`` normalised features of every token (timm's ``forward_features``)."""

@@ -1,0 +1,47 @@
+"""The Backbone protocol: what the stage loop (:mod:`iared.stages`) needs from a model.
+
+A backbone turns inputs into a :class:`iared.tokens.Tokens` batch, runs blocks that map Tokens to
+Tokens in any layout, and reads predictions off the surviving tokens. The loop never asks which
+architecture it runs: ViT / DeiT here; video and multiscale backbones implement the same members.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor, nn
+
+from iared.tokens import Tokens
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """``embed`` -> blocks -> ``forward_head``, plus the MAC counts that make FLOPs analytic.
+
+    ``blocks[i](tokens, record=None) -> tokens``: a block runs on whatever tokens are alive; when
+    given a :class:`iared.models.vit.BlockRecord` it fills it with what reducers read (class
+    attention, keys). ``num_prefix_tokens`` tokens at the front of every image are never removed.
+    """
+
+    blocks: Sequence[nn.Module]
+    num_prefix_tokens: int
+
+    @property
+    def num_tokens(self) -> int: ...  # tokens per input after embed, prefix included
+
+    @property
+    def token_dim(self) -> int: ...
+
+    @property
+    def token_grid(self) -> tuple[int, ...]: ...  # shape of the non-prefix tokens, row-major
+
+    def embed(self, inputs: Tensor) -> Tokens: ...
+
+    def forward_head(self, tokens: Tokens) -> Tensor: ...
+
+    def block_macs(self, n): ...  # MACs of one block on n tokens (int or (B,) tensor)
+
+    def fixed_macs(self) -> float: ...  # embedding + head
+
+    def patch_pixels(self, inputs: Tensor) -> Tensor: ...  # (B, N, pixels per token) for pixel floors

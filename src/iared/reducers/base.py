@@ -1,0 +1,77 @@
+"""The Reducer protocol: what happens to the tokens at a stage boundary.
+
+A reducer looks at the alive tokens (and, where its method needs them, at what the block before
+recorded: class-token attention, keys) and returns a :class:`iared.tokens.Decision`: which tokens
+to keep, which to merge into which, per-token scores where the method has them, the
+log-probability of sampled decisions in training, and its own MACs. The stage loop applies the
+decision; the reducer never touches the layout.
+
+IA-RED²'s interpreter + policy is one reducer (:class:`iared.interpreter.MultiHeadInterpreter`);
+the peers (ToMe, EViT, DynamicViT, ATS) and the floors (random, pixel saliency) are the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from torch import Tensor, nn
+
+from iared.tokens import Decision, Tokens
+
+if TYPE_CHECKING:
+    from iared.models.protocol import Backbone
+    from iared.models.vit import BlockRecord
+
+Mode = Literal["sample", "threshold", "budget", "all"]
+MODES: tuple[str, ...] = ("sample", "threshold", "budget", "all")
+DEFAULT_THRESHOLD = 0.5  # the paper's inference rule: keep a token whose score exceeds 0.5
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """How a stage decides, given per-token scores (see :func:`iared.reducers.policy.keep_from_scores`).
+
+    ``sample``: keep ~ Bernoulli(eps + (1 - 2 eps) score) (training); ``threshold``: keep score >
+    ``threshold``; ``budget``: keep the top ``keep_ratio`` of the alive patch tokens (same count in
+    every image); ``all``: the stage's reducer does not run.
+    """
+
+    mode: str = "threshold"
+    threshold: float = DEFAULT_THRESHOLD
+    keep_ratio: float | None = None
+    exploration: float = 0.0
+
+
+@dataclass
+class StageInput:
+    """What a reducer sees. ``tokens``: the alive tokens; ``record``: the previous block's record
+    when the reducer's ``needs_record`` is True (None before the first block); ``inputs``: the
+    model's raw input (pixel floors read it through ``backbone.patch_pixels``)."""
+
+    tokens: Tokens
+    stage: int
+    settings: StageSettings
+    inputs: Tensor
+    backbone: Backbone
+    record: BlockRecord | None = None
+
+
+class Reducer(nn.Module):
+    """Base class of token reducers: ``forward(StageInput) -> Decision``.
+
+    ``needs_record``: the loop asks the block before this stage to record class attention and keys.
+    ``uses_policy``: the reducer produces scores that the stage settings (threshold / sample /
+    budget) turn into keep decisions; reducers with a knob of their own (ToMe's r, EViT's rate)
+    set False and ignore the settings' mode (``all`` still switches them off).
+    """
+
+    needs_record: bool = False
+    uses_policy: bool = True
+
+    def forward(self, x: StageInput) -> Decision:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """The reducer's name and knob, saved with checkpoints and reported by ``compare``."""
+        return {"method": type(self).__name__}

@@ -1,0 +1,238 @@
+"""The stage loop: one forward pass for every backbone and every token reducer.
+
+::
+
+    tokens = backbone.embed(inputs)
+    for each stage (a reducer, then a group of consecutive blocks):
+        decision = reducer(tokens, record of the block before)    # IA-RED², ToMe, EViT, ATS, ...
+        tokens   = tokens.apply(decision)                         # drop / merge: tokens really leave
+        tokens   = blocks(tokens)
+    logits = backbone.forward_head(tokens)
+
+Training, evaluation, the bench, ``compare`` and ONNX export all run this loop
+(:meth:`ReducedModel.forward`); nothing else iterates over blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor, nn
+
+from iared.models.protocol import Backbone
+from iared.models.vit import BlockRecord
+from iared.reducers.base import MODES, Reducer, StageInput, StageSettings
+from iared.reducers.policy import budget_counts
+from iared.tokens import PackedAttention, RaggedLayout
+
+Mode = str
+
+
+def equal_stage_starts(depth: int, num_stages: int) -> tuple[int, ...]:
+    """First block of each of ``num_stages`` equal groups (DeiT-S, 3 stages: 0, 4, 8)."""
+    return tuple(round(i * depth / num_stages) for i in range(num_stages))
+
+
+def check_stage_starts(starts: Sequence[int], depth: int) -> tuple[int, ...]:
+    starts = tuple(int(s) for s in starts)
+    if not starts or starts[0] < 0 or list(starts) != sorted(set(starts)) or starts[-1] >= depth:
+        raise ValueError(f"stage_starts must be increasing block indices in [0, {depth}): {starts}")
+    return starts
+
+
+@dataclass
+class ReducedOutput:
+    """What the stage loop returns. ``N0`` = all tokens of an input, prefix included.
+
+    ``scores[g]``: ``(B, N0)`` the stage-g reducer's score per token in original positions, 0 for
+    tokens gone earlier (None when the stage did not run or its method has no scores).
+    ``keep[g]``: ``(B, N0)`` bool, tokens alive after stage g's reduction (a merged token counts at
+    the position of the token it was merged into). ``macs``: ``(B,)`` analytic MACs per input,
+    reducers included. ``log_prob``: ``(B,)`` sum of the sampled decisions' log-probabilities.
+    ``tokens_per_block``: ``(B,)`` alive counts before every block.
+    """
+
+    logits: Tensor
+    scores: list[Tensor | None]
+    keep: list[Tensor]
+    macs: Tensor
+    log_prob: Tensor | None = None
+    num_prefix: int = 1
+    tokens_per_block: list[Tensor] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def gflops(self) -> Tensor:
+        return self.macs / 1e9
+
+    def kept_fraction(self) -> Tensor:
+        """``(B, stages)``: fraction of the input's patch tokens alive after each stage."""
+        return torch.stack([k[:, self.num_prefix:].float().mean(1) for k in self.keep], dim=1)
+
+
+class ReducedModel(nn.Module):
+    """A backbone with a token reducer (or None) before each stage of blocks.
+
+    ``stage_starts[g]``: the first block of stage g. ``reducers[g]``: a
+    :class:`iared.reducers.base.Reducer`, or None for a stage that keeps everything.
+    """
+
+    def __init__(self, backbone: Backbone, reducers: Sequence[Reducer | None], stage_starts: Sequence[int]):
+        super().__init__()
+        self.backbone = backbone
+        self.stage_starts = check_stage_starts(stage_starts, len(backbone.blocks))
+        if len(reducers) != len(self.stage_starts):
+            raise ValueError(f"{len(reducers)} reducers for {len(self.stage_starts)} stages")
+        # An nn.ModuleList cannot hold None: stages without a reducer hold an Identity placeholder.
+        self.reducers = nn.ModuleList(r if r is not None else nn.Identity() for r in reducers)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stage_starts)
+
+    def reducer(self, stage: int) -> Reducer | None:
+        r = self.reducers[stage]
+        return None if isinstance(r, nn.Identity) else r
+
+    def stage_blocks(self, stage: int) -> Sequence[nn.Module]:
+        ends = self.stage_starts[1:] + (len(self.backbone.blocks),)
+        return self.backbone.blocks[self.stage_starts[stage]: ends[stage]]
+
+    def forward(self, inputs: Tensor, mode: Mode | Sequence[Mode] = "threshold", *,
+                threshold: float | Sequence[float] = 0.5, keep_ratio: float | Sequence[float] | None = None,
+                flops_ratio: float | None = None, layout: RaggedLayout = "packed",
+                attention: PackedAttention = "auto", exploration: float = 0.0) -> ReducedOutput:
+        """Run the reduced model on ``inputs`` (``(B, C, H, W)`` images, or what the backbone embeds).
+
+        mode: one of ``MODES`` or one per stage; threshold: one value or one per stage.
+        keep_ratio / flops_ratio: budget mode, the fraction of alive patch tokens each stage keeps,
+        or a target fraction of the unpruned FLOPs (solved to a uniform keep ratio).
+        layout: how ragged batches are held (``packed`` concatenates, ``padded`` pads + masks).
+        exploration: sample mode draws from ``eps + (1 - 2 eps) * score``.
+        """
+        settings = self.stage_settings(mode, threshold, keep_ratio, flops_ratio, exploration)
+        tokens = self.backbone.embed(inputs)
+        if attention != "auto":
+            tokens = replace(tokens, attention=attention)
+        n0 = self.backbone.num_tokens
+        trace = _Trace(n0)
+        record = None
+        for stage in range(self.num_stages):
+            reducer = self.reducer(stage)
+            if reducer is not None and settings[stage].mode != "all":
+                decision = reducer(StageInput(tokens, stage, settings[stage], inputs, self.backbone, record))
+                trace.decided(tokens, decision)
+                tokens = tokens.apply(decision, ragged=layout)
+            else:
+                trace.decided(tokens, None)
+            trace.alive(tokens)
+            blocks = self.stage_blocks(stage)
+            wants_record = self._next_needs_record(stage, settings)
+            for i, block in enumerate(blocks):
+                record = BlockRecord() if wants_record and i == len(blocks) - 1 else None
+                trace.tokens_per_block.append(tokens.lengths())
+                tokens = block(tokens, record=record)
+        logits = self.backbone.forward_head(tokens)
+        macs = self._macs(trace).to(logits.device)
+        return ReducedOutput(logits, trace.scores, trace.keep, macs, trace.log_prob,
+                             self.backbone.num_prefix_tokens, trace.tokens_per_block)
+
+    # -- settings ------------------------------------------------------------------------------
+
+    def _next_needs_record(self, stage: int, settings: Sequence[StageSettings]) -> bool:
+        nxt = stage + 1
+        if nxt >= self.num_stages:
+            return False
+        reducer = self.reducer(nxt)
+        return reducer is not None and reducer.needs_record and settings[nxt].mode != "all"
+
+    def stage_settings(self, mode, threshold=0.5, keep_ratio=None, flops_ratio=None,
+                       exploration: float = 0.0) -> list[StageSettings]:
+        G = self.num_stages
+        modes = [mode] * G if isinstance(mode, str) else list(mode)
+        if len(modes) != G or any(m not in MODES for m in modes):
+            raise ValueError(f"mode must be one of {MODES} or a list of {G} of them, got {mode!r}")
+        thresholds = [threshold] * G if isinstance(threshold, (int, float)) else list(threshold)
+        if len(thresholds) != G:
+            raise ValueError(f"threshold: one value or {G}, got {threshold!r}")
+        ratios: list[float | None] = [None] * G
+        if "budget" in modes:
+            if (keep_ratio is None) == (flops_ratio is None):
+                raise ValueError("budget mode needs exactly one of keep_ratio or flops_ratio")
+            if flops_ratio is not None:
+                keep_ratio = self.ratio_for_flops(flops_ratio)
+            ratios = [keep_ratio] * G if isinstance(keep_ratio, (int, float)) else list(keep_ratio)
+            if len(ratios) != G or not all(0 < r <= 1 for r in ratios):
+                raise ValueError(f"keep_ratio must be in (0, 1], one value or {G}: {keep_ratio!r}")
+        return [StageSettings(m, float(t), r, exploration) for m, t, r in zip(modes, thresholds, ratios)]
+
+    # -- compute accounting ----------------------------------------------------------------------
+
+    def _macs(self, trace: _Trace) -> Tensor:
+        total = torch.as_tensor(self.backbone.fixed_macs(), dtype=torch.float64)
+        for n in trace.tokens_per_block:
+            total = total + self.backbone.block_macs(n.to(torch.float64))
+        for m in trace.reducer_macs:
+            total = total + m
+        return total
+
+    def macs_for_ratios(self, ratios: float | Sequence[float]) -> float:
+        """Analytic MACs per input when each stage keeps ``ratios`` of the alive patch tokens
+        (reducers' own cost included, estimated on a dense probe of that many tokens)."""
+        G = self.num_stages
+        ratios = [ratios] * G if isinstance(ratios, (int, float)) else list(ratios)
+        prefix = self.backbone.num_prefix_tokens
+        alive_after = budget_counts(self.backbone.num_tokens - prefix, ratios)
+        total = self.backbone.fixed_macs()
+        alive = self.backbone.num_tokens - prefix
+        for stage in range(G):
+            reducer = self.reducer(stage)
+            if reducer is not None and hasattr(reducer, "macs"):
+                total += float(reducer.macs(alive + prefix))
+            alive = alive_after[stage]
+            total += float(self.backbone.block_macs(alive + prefix)) * len(self.stage_blocks(stage))
+        return total
+
+    def full_macs(self) -> float:
+        """MACs of the backbone alone (no reducers), one input."""
+        return self.backbone.fixed_macs() + float(sum(self.backbone.block_macs(self.backbone.num_tokens)
+                                                      for _ in self.backbone.blocks))
+
+    def ratio_for_flops(self, flops_ratio: float) -> float:
+        """The uniform per-stage keep ratio whose FLOPs are closest to ``flops_ratio`` x unpruned."""
+        full = self.full_macs()
+        floor = self.macs_for_ratios(1e-9) / full
+        if not floor <= flops_ratio <= 1.0 + 1e-9:
+            raise ValueError(f"flops_ratio {flops_ratio} out of reach: must lie in [{floor:.3f}, 1]")
+        lo, hi = 0.0, 1.0
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if self.macs_for_ratios(mid) < flops_ratio * full else (lo, mid)
+        return hi
+
+
+class _Trace:
+    """Per-stage bookkeeping of one forward pass, in original token positions."""
+
+    def __init__(self, n0: int):
+        self.n0 = n0
+        self.scores: list[Tensor | None] = []
+        self.keep: list[Tensor] = []
+        self.log_prob: Tensor | None = None
+        self.reducer_macs: list = []
+        self.tokens_per_block: list[Tensor] = []
+
+    def decided(self, tokens, decision) -> None:
+        if decision is None:
+            self.scores.append(None)
+            return
+        self.scores.append(None if decision.scores is None else tokens.scatter(decision.scores, self.n0))
+        if decision.log_prob is not None:
+            self.log_prob = decision.log_prob if self.log_prob is None else self.log_prob + decision.log_prob
+        m = decision.macs
+        self.reducer_macs.append(m.detach().double() if isinstance(m, Tensor) else float(m))
+
+    def alive(self, tokens) -> None:
+        self.keep.append(tokens.scatter(torch.ones_like(tokens.index, dtype=torch.float32), self.n0) > 0)
