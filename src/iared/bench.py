@@ -23,7 +23,6 @@ the mean kept fraction per stage is ``--keep`` while the count still varies from
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -37,7 +36,8 @@ import torch
 from torch import Tensor
 
 from iared import flops
-from iared.measure import synchronize
+from iared.files import check_output_file, json_safe, write_json
+from iared.timing import CLOCKS, synchronize, time_interleaved  # noqa: F401  (CLOCKS: re-exported)
 from iared.pruning import IARed, PrunedOutput
 from iared.tokens import default_packed_attention
 
@@ -138,28 +138,10 @@ def interpreter_share(model: IARed, out: PrunedOutput) -> float:
 # -- timing ----------------------------------------------------------------------------------------
 
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
 def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
             clock: str = "wall") -> list[float]:
-    """Milliseconds of ``repeats`` calls after ``warmup`` calls (device synchronised).
-
-    ``clock``: ``wall`` (elapsed time) or ``cpu`` (this process's CPU time: on a CPU shared with
-    other jobs and one thread, it counts only the work done, not the time spent descheduled).
-    """
-    now = CLOCKS[clock]
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        t0 = now()
-        fn()
-        synchronize(device)
-        times.append((now() - t0) * 1e3)
-    return times
+    """Milliseconds of ``repeats`` calls after ``warmup`` calls (:func:`iared.timing.time_interleaved`)."""
+    return time_interleaved({"fn": fn}, device, warmup=warmup, repeats=repeats, clock=clock)["fn"]
 
 
 @dataclass
@@ -349,6 +331,8 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = _log) -> dict:
     """Measure the grid in ``cfg``; returns the JSON-able report (also written to ``cfg.json``)."""
     if not 0 < cfg.keep <= 1:
         raise ValueError(f"--keep must be in (0, 1], got {cfg.keep}")
+    if cfg.json and cfg.json != "-":
+        check_output_file(cfg.json, "--json file")
     for d in cfg.dtypes:
         if d not in DTYPES:
             raise ValueError(f"--dtype {d!r}: expected one of {', '.join(DTYPES)}")
@@ -409,13 +393,10 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = _log) -> dict:
     model.float()
     if hasattr(os, "getloadavg"):
         report["machine"]["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
-    if cfg.json:
-        text = json.dumps(report, indent=2)
-        if cfg.json == "-":
-            print(text)
-        else:
-            with open(cfg.json, "w") as f:
-                f.write(text + "\n")
+    if cfg.json == "-":
+        print(json.dumps(json_safe(report), indent=2))
+    elif cfg.json:
+        write_json(cfg.json, report)
     return report
 
 
@@ -471,59 +452,3 @@ def summarize(report: dict) -> list[str]:
     if default:
         lines.append(f"default packed attention on {report['machine']['device']}: {default}")
     return lines
-
-
-# -- command line ----------------------------------------------------------------------------------
-
-
-def _csv(cast):
-    return lambda s: tuple(cast(x) for x in s.split(",") if x)
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "bench", help="throughput and latency: unpruned vs threshold (packed / padded) vs budget mode",
-        description=__doc__.split("\n\n")[0],
-    )
-    p.add_argument("--model", default=BenchConfig.model,
-                   help="backbone geometry with random weights (default DeiT-S; 'digits' = the embedded task's digits_vit)")
-    p.add_argument("--checkpoint", help="a pruned IA-RED² checkpoint (iared.pruning.save_pruned) to time instead")
-    p.add_argument("--threshold", type=float, help="threshold for --checkpoint (default 0.5)")
-    p.add_argument("--keep", type=float, default=BenchConfig.keep,
-                   help="random-weight models: mean kept fraction per stage (thresholds calibrated on the batch)")
-    p.add_argument("--task", help="time on this task's test images (e.g. digits-clutter) instead of Gaussian noise; "
-                                  "useful with --checkpoint, whose trained interpreters then keep realistic counts")
-    p.add_argument("--device", default=BenchConfig.device, choices=["auto", "cpu", "cuda"],
-                   help="default auto: cuda when available")
-    p.add_argument("--dtype", type=_csv(str), default=BenchConfig.dtypes, dest="dtypes",
-                   help="comma list of float32, bfloat16, float16 (default float32,bfloat16)")
-    p.add_argument("--batch-sizes", type=_csv(int), default=BenchConfig.batch_sizes,
-                   help="comma list (default 1,8,64,256; out-of-memory sizes are skipped)")
-    p.add_argument("--strategies", type=_csv(str), default=BenchConfig.strategies,
-                   help="packed-attention strategies to time (default: loop,bucket on CPU, where torch's nested SDPA "
-                        "has only a slow math path; loop,bucket,nested on CUDA)")
-    p.add_argument("--compile", action="store_true", help="torch.compile every configuration")
-    p.add_argument("--warmup", type=int, default=BenchConfig.warmup)
-    p.add_argument("--repeats", type=int, default=BenchConfig.repeats, help="timed calls; the median is reported")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--clock", default=BenchConfig.clock, choices=list(CLOCKS),
-                   help="wall: elapsed time (default); cpu: process CPU time, robust to other jobs on a shared "
-                        "machine when used with --threads 1")
-    p.add_argument("--interpreter-std", type=float, default=BenchConfig.interpreter_std,
-                   help="random-weight models: std of the re-initialised interpreter weights (score spread; "
-                        "default sqrt(3 / embed_dim))")
-    p.add_argument("--seed", type=int, default=BenchConfig.seed)
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: tiny geometry (unless --checkpoint), at most 1 warm-up and 2 timed calls")
-    p.add_argument("--json", help="write the full report as JSON to this path ('-' for stdout; the table goes to stderr)")
-    p.set_defaults(func=main)
-    return p
-
-
-def main(args: argparse.Namespace) -> int:
-    names = {f for f in BenchConfig.__dataclass_fields__}
-    cfg = BenchConfig(**{k: v for k, v in vars(args).items() if k in names})
-    report = run(cfg)
-    table = format_table(report)
-    print(table, file=sys.stderr if cfg.json == "-" else sys.stdout)
-    return 0

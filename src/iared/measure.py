@@ -6,13 +6,12 @@ evaluation, so the three report the same figures the same way.
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import Tensor
 
 from iared import flops
 from iared.pruning import IARed
+from iared.timing import median_ms, synchronize, time_interleaved  # noqa: F401  (synchronize: re-exported)
 
 
 @torch.no_grad()
@@ -59,34 +58,15 @@ def accuracy_and_compute(model: IARed, images: Tensor, labels: Tensor, *, thresh
     return result
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so wall-clock timings cover it (no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def compare_throughput(model: IARed, images: Tensor, *, threshold: float = 0.5, batch_size: int = 64,
                        repeats: int = 7) -> dict:
-    """Measured images/s of the unpruned backbone and the pruned model (packed threshold mode).
-
-    The two are timed alternately, call by call, so that a change in machine load (another
-    process, CPU frequency) hits both alike; each figure is the median of ``repeats`` calls.
-    """
+    """Measured images/s of the unpruned backbone and the pruned model (packed threshold mode),
+    timed interleaved by :func:`iared.timing.time_interleaved` (median of ``repeats``)."""
     model.eval()
     batch = images[:batch_size]
-    runs = {"full": model.backbone, "pruned": lambda x: model(x, threshold=threshold)}
-    for forward in runs.values():  # warm-up: allocator, bucket plans, lazy initialisation
-        forward(batch)
-        forward(batch)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, forward in runs.items():
-            synchronize(batch.device)
-            start = time.perf_counter()
-            forward(batch)
-            synchronize(batch.device)
-            times[name].append(time.perf_counter() - start)
-    full, pruned = (len(batch) / sorted(times[n])[len(times[n]) // 2] for n in ("full", "pruned"))
+    runs = {"full": lambda: model.backbone(batch), "pruned": lambda: model(batch, threshold=threshold)}
+    times = time_interleaved(runs, batch.device, warmup=2, repeats=repeats)
+    full, pruned = (len(batch) * 1e3 / median_ms(times[n]) for n in ("full", "pruned"))
     return {"batch_size": len(batch), "device": str(batch.device), "threads": torch.get_num_threads(),
             "throughput_full": full, "throughput_pruned": pruned, "speedup": pruned / full}

@@ -1,0 +1,61 @@
+"""``iared compare``: every token reducer across its knob on the same backbone, images and clock
+(:mod:`iared.compare`); options map one to one onto :class:`iared.compare.CompareConfig`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from iared.compare import CompareConfig
+
+
+def _csv(cast):
+    return lambda s: tuple(cast(x) for x in s.split(",") if x)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from iared import compare
+
+    d = CompareConfig()
+    p = subparsers.add_parser("compare", help="IA-RED², ToMe, EViT, DynamicViT, ATS and the floors on one backbone",
+                              description=compare.__doc__.split("\n\n")[0])
+    p.add_argument("--task", default=d.task, help="digits-clutter, digits-natural or an image folder (default %(default)s)")
+    p.add_argument("--backbone", metavar="FILE", help="backbone weights (default: the task's shipped backbone)")
+    p.add_argument("--model", metavar="NAME", help="backbone name, to build --backbone's weights with")
+    p.add_argument("--methods", type=_csv(str), default=d.methods,
+                   help=f"comma list (default {','.join(d.methods)})")
+    p.add_argument("--train-steps", type=int, default=d.train_steps,
+                   help="optimiser steps per IA-RED² stage; DynamicViT gets as many in total (default %(default)s)")
+    p.add_argument("--train-batch", type=int, default=d.train_batch)
+    p.add_argument("--iared-checkpoint", metavar="FILE",
+                   help="interpreters already trained on this same backbone (skips their training)")
+    p.add_argument("--test-samples", type=int, default=d.test_samples)
+    p.add_argument("--batch-sizes", type=_csv(int), default=d.batch_sizes,
+                   help="timed batch sizes, the first one ranks the summary (default 64,1)")
+    p.add_argument("--repeats", type=int, default=d.repeats, help="interleaved timed calls; the median is reported")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", default=d.out, help="folder for compare.json, compare.md, compare.png and training runs")
+    p.add_argument("--json", metavar="FILE", help="also write the JSON report here ('-': stdout)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 64 images, 4 training steps, 1 knob per method")
+    p.set_defaults(func=main)
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    import json
+
+    from iared.compare import format_markdown, run_compare
+    from iared.files import check_output_dir, check_output_file, write_json
+
+    check_output_dir(args.out, "--out folder")
+    if args.json and args.json != "-":
+        check_output_file(args.json, "--json")
+    names = set(CompareConfig.__dataclass_fields__)
+    cfg = CompareConfig(**{k: v for k, v in vars(args).items() if k in names})
+    result = run_compare(cfg)
+    if args.json == "-":
+        print(json.dumps(result, indent=2))
+    elif args.json:
+        write_json(args.json, result)
+    print(format_markdown(result), file=sys.stderr if args.json == "-" else sys.stdout)
+    return 0

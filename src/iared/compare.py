@@ -1,0 +1,371 @@
+"""``iared compare``: every token reducer on the same backbone, the same images and the same clock.
+
+For each method (IA-RED² and the peers of :mod:`iared.reducers.registry`) and each value of its
+knob, on the test images of a task:
+
+- top-1, mean GFLOPs per image and the kept fraction of patch tokens after each stage;
+- measured images/s at batch 64 and at batch 1, every candidate and the unpruned backbone timed
+  interleaved in one run (:func:`iared.timing.time_interleaved`, median of repeats);
+- the floors (random dropping, pixel saliency) also at exactly IA-RED²'s mean kept fraction per
+  stage, so a learned method always stands next to what no learning gives at the same budget.
+
+Methods that learn (IA-RED²'s interpreters, DynamicViT's predictors) are trained here on the
+same training images with the same number of optimiser steps, on the same frozen backbone; the
+result says which were trained and for how long. Training is resumable (``out/iared`` holds the
+interpreter trainer's checkpoints).
+
+Outputs: ``compare.json`` (figures, machine, the ``best_speedup_at_loss`` summary), ``compare.md``
+(a Markdown table) and ``compare.png`` (accuracy against measured throughput, Pareto front marked).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from iared.files import save_figure, write_json, write_text
+from iared.stages import ReducedModel, ReducedOutput
+from iared.timing import machine_info, median_ms, time_interleaved
+
+LOSS_LEVELS = (0.5, 1.0)  # points of top-1 lost, for the best_speedup_at_loss summary
+FLOOR_METHODS = ("random", "pixel")
+
+
+@dataclass
+class CompareConfig:
+    """Everything ``iared compare`` does; the command line maps onto it one to one."""
+
+    task: str = "digits-clutter"
+    backbone: str | None = None  # weights file; None: the task's shipped backbone
+    model: str | None = None  # backbone name (with or without a weights file)
+    methods: tuple[str, ...] = ("iared", "dynamicvit", "tome", "evit", "ats", "random", "pixel")
+    train_steps: int = 300  # optimiser steps per IA-RED² stage; DynamicViT gets as many in total
+    train_batch: int = 64
+    iared_checkpoint: str | None = None  # trained interpreters on this same backbone: skip training them
+    test_samples: int = 1000
+    batch_sizes: tuple[int, ...] = (64, 1)
+    repeats: int = 5
+    seed: int = 0
+    out: str = "compare-out"
+    quick: bool = False  # CI smoke run: few images, few steps, one knob value per method, 1 repeat
+
+    def __post_init__(self):
+        self.methods = tuple(self.methods)
+        self.batch_sizes = tuple(int(b) for b in self.batch_sizes)
+        if self.quick:
+            self.test_samples = min(self.test_samples, 64)
+            self.train_steps = min(self.train_steps, 4)
+            self.train_batch = min(self.train_batch, 16)
+            self.batch_sizes = tuple(min(b, 8) for b in self.batch_sizes)
+            self.repeats = 1
+
+
+@dataclass
+class Candidate:
+    """One method at one knob value: how to run it, and what it measured."""
+
+    method: str
+    knob: object
+    run: Callable[[Tensor], ReducedOutput] = field(repr=False)
+    note: str = ""
+    top1: float | None = None
+    gflops: float | None = None
+    kept: list[float] = field(default_factory=list)
+    images_per_s: dict[str, float] = field(default_factory=dict)
+    speedup: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}({_fmt_knob(self.knob)}){' ' + self.note if self.note else ''}"
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "knob": self.knob, "note": self.note, "top1": self.top1,
+                "gflops": self.gflops, "kept_fraction": self.kept, "images_per_s": self.images_per_s,
+                "speedup": self.speedup}
+
+
+def _fmt_knob(knob) -> str:
+    if isinstance(knob, (list, tuple)):
+        return "/".join(f"{k:.2f}" for k in knob)
+    return f"{knob:g}" if isinstance(knob, float) else str(knob)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- measuring --------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def evaluate(run: Callable[[Tensor], ReducedOutput], images: Tensor, labels: Tensor,
+             batch_size: int = 128) -> tuple[float, float, list[float]]:
+    """Top-1, mean GFLOPs per image and mean kept fraction per stage of ``run`` on the images."""
+    correct, macs, kept = 0, [], []
+    for start in range(0, len(images), batch_size):
+        out = run(images[start: start + batch_size])
+        correct += int((out.logits.argmax(-1) == labels[start: start + batch_size]).sum())
+        macs.append(out.macs.double().cpu().reshape(-1).expand(out.logits.shape[0]))
+        if out.keep:
+            kept.append(out.kept_fraction().cpu())
+    mean_kept = [round(float(v), 4) for v in torch.cat(kept).mean(0)] if kept else []
+    return correct / len(images), float(torch.cat(macs).mean()) / 1e9, mean_kept
+
+
+@torch.inference_mode()
+def time_candidates(candidates: Sequence[Candidate], unpruned: Callable[[Tensor], object], images: Tensor,
+                    batch_sizes: Sequence[int], repeats: int, progress: Callable[[str], None] = _log) -> dict:
+    """images/s of every candidate and of the unpruned model, interleaved per batch size."""
+    result = {}
+    for batch in batch_sizes:
+        x = images[:batch]
+        if len(x) < batch:  # fewer test images than the batch: repeat them
+            x = x.repeat((batch + len(x) - 1) // len(x), 1, 1, 1)[:batch]
+        fns = {"unpruned": (lambda x=x: unpruned(x))}
+        for i, c in enumerate(candidates):
+            fns[str(i)] = (lambda c=c, x=x: c.run(x))
+        progress(f"timing {len(fns)} models at batch {batch}, {repeats} interleaved repeats")
+        times = time_interleaved(fns, x.device, warmup=2, repeats=repeats, min_ms=20.0 if batch == 1 else 0.0)
+        base = batch * 1e3 / median_ms(times["unpruned"])
+        result[str(batch)] = base
+        for i, c in enumerate(candidates):
+            ips = batch * 1e3 / median_ms(times[str(i)])
+            c.images_per_s[str(batch)] = ips
+            c.speedup[str(batch)] = ips / base
+    return result
+
+
+def best_speedup_at_loss(candidates: Sequence[Candidate], full_top1: float, batch: str,
+                         levels: Sequence[float] = LOSS_LEVELS) -> dict:
+    """For each loss level (points of top-1), the best measured speed-up of each method within it."""
+    out = {}
+    for level in levels:
+        best: dict[str, float] = {}
+        for c in candidates:
+            if c.top1 is None or batch not in c.speedup:
+                continue
+            if (full_top1 - c.top1) * 100 <= level + 1e-9:
+                best[c.method] = max(best.get(c.method, 0.0), round(c.speedup[batch], 4))
+        out[str(float(level))] = dict(sorted(best.items(), key=lambda kv: -kv[1]))
+    return out
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points (throughput, accuracy) that no other point beats on both axes."""
+    front = []
+    for i, (t, a) in enumerate(points):
+        dominated = any((t2 >= t and a2 >= a) and (t2 > t or a2 > a) for j, (t2, a2) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+# -- building the candidates -------------------------------------------------------------------------
+
+
+def _floor_ratios(kept: Sequence[float]) -> list[float]:
+    """Per-stage keep ratios (of the tokens alive before each stage) from cumulative kept fractions."""
+    ratios, before = [], 1.0
+    for k in kept:
+        ratios.append(min(1.0, max(k / before, 1e-3)) if before > 0 else 1.0)
+        before = k
+    return ratios
+
+
+def build_candidates(cfg: CompareConfig, backbone, train_set, progress: Callable[[str], None] = _log
+                     ) -> tuple[list[Candidate], dict, ReducedModel | None]:
+    """Every (method, knob) to measure, training the methods that learn. Returns the candidates,
+    what was trained (method -> steps, batch, seconds) and the IA-RED² model (None if not compared)."""
+    from iared.reducers import registry
+
+    unknown = [m for m in cfg.methods if m not in registry.METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(registry.METHODS)}")
+    candidates: list[Candidate] = []
+    trained: dict[str, dict] = {}
+    iared_model = None
+    for method in cfg.methods:
+        knobs = registry.default_knobs(method, quick=cfg.quick)
+        if method == "iared":
+            iared_model, trained[method] = _iared(cfg, backbone, train_set, progress)
+            for t in knobs:
+                candidates.append(Candidate(method, t, _runner(iared_model, mode="threshold", threshold=t)))
+        elif method == "dynamicvit":
+            for ratio in knobs:
+                model, info = _dynamicvit(cfg, backbone, train_set, ratio, progress)
+                trained.setdefault(method, {"runs": []})["runs"].append(info)
+                candidates.append(Candidate(method, ratio, registry.runner(method, model, ratio)))
+        else:
+            for knob in knobs:
+                model = registry.build_reduced(method, backbone, knob)
+                candidates.append(Candidate(method, knob, registry.runner(method, model, knob)))
+    return candidates, trained, iared_model
+
+
+def _runner(model: ReducedModel, **kw) -> Callable[[Tensor], ReducedOutput]:
+    model.eval()
+    return lambda x: model(x, **kw)
+
+
+def _iared(cfg: CompareConfig, backbone, train_set, progress):
+    """IA-RED²'s interpreters on this backbone: loaded (``iared_checkpoint``) or trained here."""
+    import time
+
+    from iared.pruning import load_pruned
+
+    if cfg.iared_checkpoint:
+        model = load_pruned(cfg.iared_checkpoint)
+        diff = max(float((a - b).abs().max()) for a, b in
+                   zip(model.backbone.state_dict().values(), backbone.state_dict().values()))
+        if diff > 1e-6:
+            raise ValueError(f"--iared-checkpoint {cfg.iared_checkpoint}: its backbone differs from the compared "
+                             f"one (max weight difference {diff:.2e}); every method must run on the same backbone")
+        return model.eval(), {"loaded": str(cfg.iared_checkpoint)}
+    from iared.train.interpreters import InterpreterTrainConfig, train_on_backbone
+
+    tcfg = InterpreterTrainConfig(task=cfg.task, out=str(Path(cfg.out) / "iared"), steps_per_stage=cfg.train_steps,
+                                  batch_size=cfg.train_batch, seed=cfg.seed, eval_samples=min(200, cfg.test_samples),
+                                  eval_every=max(cfg.train_steps, 1))
+    progress(f"training IA-RED² interpreters: {cfg.train_steps} steps per stage, batch {cfg.train_batch}")
+    t0 = time.perf_counter()
+    model = train_on_backbone(backbone, train_set, tcfg, resume=True)
+    info = {"steps": cfg.train_steps * model.num_stages, "steps_per_stage": cfg.train_steps,
+            "batch": cfg.train_batch, "seconds": round(time.perf_counter() - t0, 1), "backbone": "frozen"}
+    return model.eval(), info
+
+
+def _dynamicvit(cfg: CompareConfig, backbone, train_set, ratio, progress):
+    import copy
+    import time
+
+    from iared.train.dynamicvit import train_dynamicvit
+
+    steps = cfg.train_steps * 3  # as many optimiser steps as IA-RED²'s three stages together
+    progress(f"training DynamicViT (keep {ratio}): {steps} steps, batch {cfg.train_batch}")
+    t0 = time.perf_counter()
+    model = train_dynamicvit(copy.deepcopy(backbone), train_set, keep_ratio=ratio, steps=steps,
+                             batch_size=cfg.train_batch, seed=cfg.seed, progress=True)
+    info = {"keep_ratio": ratio, "steps": steps, "batch": cfg.train_batch,
+            "seconds": round(time.perf_counter() - t0, 1), "backbone": "frozen"}
+    return model.eval(), info
+
+
+# -- the whole comparison ---------------------------------------------------------------------------
+
+
+def run_compare(cfg: CompareConfig, progress: Callable[[str], None] = _log) -> dict:
+    """Run the comparison and write ``compare.json``, ``compare.md`` and ``compare.png`` under ``cfg.out``."""
+    from iared.loading import load_backbone, task_dataset
+    from iared.reducers import registry
+    from iared.train.interpreters import stack_batch
+
+    torch.manual_seed(cfg.seed)
+    out_dir = Path(cfg.out)
+    default = "digits_natural_vit" if cfg.task == "digits-natural" else "digits_vit"
+    backbone = load_backbone(cfg.backbone, cfg.model, pretrained=cfg.backbone is None, default=default).eval()
+    backbone.requires_grad_(False)
+    test_set = task_dataset(cfg.task, "test", backbone.cfg)
+    train_set = task_dataset(cfg.task, "train", backbone.cfg)
+    images, labels = stack_batch(test_set, torch.arange(min(cfg.test_samples, len(test_set))))
+
+    candidates, trained, iared_model = build_candidates(cfg, backbone, train_set, progress)
+
+    # The floors at exactly IA-RED²'s budget: its mean kept fraction per stage at the trained threshold.
+    full = ReducedModel(backbone, [None], [0]).eval()  # the stage loop with nothing to reduce
+    full_top1, full_gflops, _ = evaluate(full, images, labels)
+    if iared_model is not None:
+        t = iared_model.inference.threshold
+        _, _, iared_kept = evaluate(_runner(iared_model, mode="threshold", threshold=t), images, labels)
+        ratios = _floor_ratios(iared_kept)
+        for method in [m for m in FLOOR_METHODS if m in cfg.methods]:
+            model = registry.build_reduced(method, backbone, ratios)
+            candidates.append(Candidate(method, ratios, registry.runner(method, model, ratios),
+                                        note="at IA-RED²'s kept fraction"))
+
+    for c in candidates:
+        progress(f"evaluating {c.label} on {len(images)} test images")
+        c.top1, c.gflops, c.kept = evaluate(c.run, images, labels)
+    baseline_ips = time_candidates(candidates, backbone, images, cfg.batch_sizes, cfg.repeats, progress)
+
+    result = {
+        "task": cfg.task,
+        "backbone": cfg.backbone or f"{default} (shipped)",
+        "test_images": len(images),
+        "config": dataclasses.asdict(cfg),
+        "machine": machine_info(images.device),
+        "unpruned": {"top1": full_top1, "gflops": full_gflops, "images_per_s": baseline_ips},
+        "trained": trained,
+        "candidates": [c.to_dict() for c in candidates],
+        "best_speedup_at_loss": best_speedup_at_loss(candidates, full_top1, str(cfg.batch_sizes[0])),
+    }
+    if len(cfg.batch_sizes) > 1:
+        result["best_speedup_at_loss_by_batch"] = {
+            str(b): best_speedup_at_loss(candidates, full_top1, str(b)) for b in cfg.batch_sizes}
+    write_json(out_dir / "compare.json", result)
+    write_text(out_dir / "compare.md", format_markdown(result))
+    plot(result, out_dir / "compare.png")
+    return result
+
+
+def format_markdown(result: dict) -> str:
+    """The comparison as a Markdown table (one row per method and knob), unpruned first."""
+    batches = list(result["unpruned"]["images_per_s"])
+    head = ["method", "knob", "top-1 %", "GFLOPs", "kept / stage"]
+    head += [f"img/s b{b}" for b in batches] + [f"speed-up b{b}" for b in batches]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    u = result["unpruned"]
+    lines.append("| unpruned | - | " + f"{100 * u['top1']:.2f} | {u['gflops']:.4f} | - | "
+                 + " | ".join(f"{u['images_per_s'][b]:.0f}" for b in batches) + " | "
+                 + " | ".join("1.00x" for _ in batches) + " |")
+    for c in result["candidates"]:
+        knob = _fmt_knob(c["knob"]) + (f" ({c['note']})" if c["note"] else "")
+        kept = "/".join(f"{k:.2f}" for k in c["kept_fraction"]) or "-"
+        lines.append(f"| {c['method']} | {knob} | {100 * c['top1']:.2f} | {c['gflops']:.4f} | {kept} | "
+                     + " | ".join(f"{c['images_per_s'][b]:.0f}" for b in batches) + " | "
+                     + " | ".join(f"{c['speedup'][b]:.2f}x" for b in batches) + " |")
+    lines.append("")
+    for level, best in result["best_speedup_at_loss"].items():
+        ranked = ", ".join(f"{m} {s:.2f}x" for m, s in best.items()) or "none"
+        lines.append(f"- best measured speed-up at batch {batches[0]} within {level} pt of the unpruned top-1: "
+                     f"{ranked}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path) -> None:
+    """Accuracy against measured throughput at the first batch size; the Pareto front marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batch = list(result["unpruned"]["images_per_s"])[0]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    points, names = [], []
+    u = result["unpruned"]
+    points.append((u["images_per_s"][batch], 100 * u["top1"]))
+    names.append("unpruned")
+    for c in result["candidates"]:
+        points.append((c["images_per_s"][batch], 100 * c["top1"]))
+        names.append(c["method"] + ("*" if c["note"] else ""))
+    markers = "osD^vP*Xhd<>"
+    for k, name in enumerate(dict.fromkeys(names)):
+        xs = [p[0] for p, n in zip(points, names) if n == name]
+        ys = [p[1] for p, n in zip(points, names) if n == name]
+        ax.plot(xs, ys, markers[k % len(markers)], label=name, alpha=0.85)
+    front = pareto_front(points)
+    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "k--", lw=1, label="Pareto front")
+    ax.set_xlabel(f"measured images/s at batch {batch}")
+    ax.set_ylabel("top-1 %")
+    ax.set_title(f"{result['task']}: accuracy against measured throughput (* = at IA-RED²'s kept fraction)",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,124 @@
+"""The stage loop (iared.stages) and the protocol pieces it rests on: records, budget selection,
+checkpoint settings, compute accounting."""
+
+import pytest
+import torch
+
+from iared.compare import _floor_ratios, best_speedup_at_loss, pareto_front, Candidate
+from iared.models.vit import BlockRecord, VisionTransformer, ViTConfig
+from iared.pruning import IARed, InferenceSettings, load_pruned, save_pruned
+from iared.reducers.base import Reducer, StageSettings
+from iared.reducers.policy import budget_count, budget_counts, keep_from_scores
+from iared.stages import ReducedModel
+from iared.tokens import Decision, DenseTokens
+
+
+def tiny_backbone(seed=0, depth=3):
+    torch.manual_seed(seed)
+    return VisionTransformer(ViTConfig(img_size=32, patch_size=8, in_chans=3, num_classes=7, embed_dim=48,
+                                       depth=depth, num_heads=3)).eval()
+
+
+def test_loop_without_reducers_is_the_backbone():
+    backbone = tiny_backbone()
+    x = torch.randn(4, 3, 32, 32)
+    out = ReducedModel(backbone, [None, None], [0, 2])(x)
+    assert torch.allclose(out.logits, backbone(x), atol=1e-6)
+    assert torch.allclose(out.macs.float(), torch.full((4,), ReducedModel(backbone, [None], [0]).full_macs()).float())
+    assert all(k.all() for k in out.keep) and out.scores == [None, None]
+
+
+class RecordSpy(Reducer):
+    """Keeps everything, remembers the record it was given."""
+
+    needs_record = True
+    uses_policy = False
+
+    def forward(self, x):
+        self.seen = x.record
+        return Decision()
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_record_class_attention_matches_explicit_attention(layout):
+    backbone = tiny_backbone()
+    x = torch.randn(3, 3, 32, 32)
+    weights = []
+    backbone(x, attention_out=weights)
+    spy = RecordSpy()
+    model = ReducedModel(backbone, [None, spy], [0, 2]).eval()
+    model(x, layout=layout)
+    expected = weights[1][:, :, 0, :].mean(1)  # block 1 (last before stage 2): class row, mean over heads
+    assert torch.allclose(spy.seen.cls_attention, expected, atol=1e-5)
+    assert spy.seen.keys.shape == (3, 17, 48)
+
+
+def test_record_on_packed_tokens_matches_each_image_alone():
+    backbone = tiny_backbone()
+    x = torch.randn(3, 3, 32, 32)
+    tokens = backbone.embed(x)
+    keep = torch.rand(3, 17) > 0.4
+    packed = tokens.select(keep)
+    rec = BlockRecord()
+    backbone.blocks[0](packed, record=rec)
+    for b in range(3):
+        alone = DenseTokens.from_embeddings(tokens.data[b:b + 1][:, (keep[b] | (torch.arange(17) == 0))], 1)
+        rec1 = BlockRecord()
+        backbone.blocks[0](alone, record=rec1)
+        rows = packed.image == b
+        assert torch.allclose(rec.cls_attention[rows], rec1.cls_attention[0], atol=1e-6)
+        assert abs(float(rec.cls_attention[rows].sum()) - 1) < 1e-5
+
+
+def test_budget_policy_counts_and_static_selection():
+    assert budget_count(16, 0.7) == 11 and budget_count(16, 0.01) == 1 and budget_count(0, 0.5) == 0
+    assert budget_counts(16, [0.5, 0.5, 0.5]) == [8, 4, 2]
+    tokens = DenseTokens.from_embeddings(torch.randn(2, 6, 4), 1)
+    scores = torch.tensor([[1.0, 0.1, 0.9, 0.3, 0.8, 0.2], [1.0, 0.7, 0.1, 0.6, 0.2, 0.9]])
+    d = keep_from_scores(tokens, scores, StageSettings("budget", keep_ratio=0.6))
+    assert d.kept_count == 4  # 3 of 5 patches + the class token
+    kept = tokens.apply(d)
+    assert kept.index.tolist() == [[0, 2, 3, 4], [0, 1, 3, 5]]  # original order kept
+    assert torch.equal(kept.data, tokens.select(d.keep).data)
+
+
+def test_budget_mode_via_loop_equals_export_module():
+    from iared.export import BudgetModel
+
+    model = IARed(tiny_backbone(depth=3), num_stages=3, interpreter_heads=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        a = model(x, "budget", keep_ratio=0.5)
+        b = BudgetModel(model, 0.5)(x)
+    assert torch.equal(a.logits, b)
+    assert [int(k[:, 1:].sum(1)[0]) for k in a.keep] == [8, 4, 2]
+
+
+def test_pruned_checkpoint_records_inference_settings(tmp_path):
+    model = IARed(tiny_backbone(), num_stages=3, interpreter_heads=3)
+    model.inference = InferenceSettings(threshold=[0.4, 0.5, 0.6], keep_ratio=0.7)
+    save_pruned(model, tmp_path / "p.pt")
+    loaded = load_pruned(tmp_path / "p.pt")
+    assert loaded.inference == InferenceSettings(threshold=[0.4, 0.5, 0.6], keep_ratio=0.7)
+    obj = torch.load(tmp_path / "p.pt", weights_only=True)
+    assert obj["config"]["reducer"]["method"] == "iared"
+
+
+def test_shipped_checkpoint_of_the_first_format_still_loads():
+    from importlib import resources
+
+    path = resources.files("iared") / "assets" / "digits_pruned.pt"
+    model = load_pruned(path)
+    assert model.inference.threshold == 0.5
+    assert model.interpreters[0].qk.weight.abs().sum() > 0  # weights really came from the file
+
+
+def test_compare_summaries():
+    assert _floor_ratios([0.5, 0.25, 0.2]) == [0.5, 0.5, 0.8]
+    pts = [(100, 97.0), (200, 96.5), (150, 96.0), (300, 90.0)]
+    assert pareto_front(pts) == [0, 1, 3]
+    run = lambda x: None  # noqa: E731
+    cands = [Candidate("a", 1, run, top1=0.968, speedup={"64": 2.0}), Candidate("a", 2, run, top1=0.95,
+             speedup={"64": 3.0}), Candidate("b", 1, run, top1=0.962, speedup={"64": 2.5})]
+    best = best_speedup_at_loss(cands, 0.97, "64")
+    assert best["0.5"] == {"a": 2.0} and best["1.0"] == {"b": 2.5, "a": 2.0}
