@@ -93,11 +93,16 @@ def test_eval_checkpoint_json(files, backbone, capsys):
     assert code == 0 and "top-1" in out and "n=40" in out
 
 
-def test_eval_official_layout_needs_model_name(files, backbone, capsys, tmp_path):
+def test_eval_official_layout_infers_the_geometry_or_takes_a_model_name(files, backbone, capsys, tmp_path):
     plain = tmp_path / "plain.pth"
     torch.save({"model": backbone.state_dict()}, plain)
+    # no config inside: width, depth, patch, image size, channels, classes come from the weights
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", plain, "--limit", 8, "--json")
+    assert code == 0 and one_json(out)["n"] == 8, err
+    torch.save({"model": {"not_a_vit.weight": torch.zeros(2)}}, plain)
     code, _, err = run_cli(capsys, "eval", "--checkpoint", plain, "--limit", 8)
-    assert_one_line_error(code, err, plain, "no model config")
+    assert_one_line_error(code, err, plain, "not a ViT / DeiT state dict", "--model")
+    torch.save({"model": backbone.state_dict()}, plain)
     code, out, _ = run_cli(capsys, "eval", "--checkpoint", plain, "--model", "digits_vit", "--model-override",
                            "depth=2", "--model-override", "embed_dim=32", "--model-override", "num_heads=2",
                            "--limit", 8, "--json")
@@ -203,11 +208,18 @@ def test_bad_checkpoint_through_the_real_entry_point(tmp_path):
     assert len(lines) == 1 and str(path) in lines[0] and lines[0].startswith("iared eval: error: bad checkpoint")
 
 
-def test_eval_unknown_model_and_nothing_to_evaluate(capsys):
+def test_eval_unknown_model_and_nothing_to_evaluate(capsys, tmp_path):
     code, _, err = run_cli(capsys, "eval", "--model", "deit_gigantic", "--pretrained")
     assert_one_line_error(code, err, "unknown model 'deit_gigantic'")
-    code, _, err = run_cli(capsys, "eval")
+    code, _, err = run_cli(capsys, "eval", "--task", tmp_path)  # a folder has no shipped backbone
     assert_one_line_error(code, err, "nothing to evaluate")
+
+
+def test_eval_digits_without_checkpoint_uses_the_shipped_backbone(capsys):
+    code, out, err = run_cli(capsys, "eval", "--task", "digits-clutter", "--limit", 16, "--json")
+    assert code == 0, err
+    result = one_json(out)
+    assert result["checkpoint"] == "digits_vit:shipped" and result["n"] == 16
 
 
 def _folders(tmp_path):

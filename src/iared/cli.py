@@ -1,9 +1,10 @@
-"""The ``iared`` command line: a thin layer over the library, one subcommand per module.
+"""The ``iared`` command line: a thin layer over the library, one module per command.
 
-Each module that owns a command exposes ``add_parser(subparsers)``, which registers its
-arguments and sets ``func``; this file only wires them together. Errors from bad input
-(``ValueError``, ``FileNotFoundError``, checkpoint errors) end the program with one line
-naming the input, not a traceback.
+Each command lives in :mod:`iared.commands` (``iared.commands.<name>``) and exposes
+``add_parser(subparsers)``, which registers its options and sets ``func``; this file only wires
+them together. To add a command, add its module to ``COMMANDS``. Errors from bad input
+(``ValueError``, missing files, checkpoint and output-path errors) end the program with one line
+naming the input, exit status 2; a training run stopped by NaN / inf ends with one line, status 1.
 """
 
 from __future__ import annotations
@@ -14,42 +15,45 @@ import sys
 
 # command name -> module that registers it (imported lazily so `iared --help` stays fast)
 COMMANDS = {
-    "train": "iared.train.backbone",
-    "eval": "iared.evaluate",
-    "train-interpreters": "iared.train.interpreters",
-    "demo": "iared.demo",
-    "bench": "iared.bench",
-    "export": "iared.export",
-    "explain": "iared.explain.cli",
-    "explain-eval": "iared.explain.cli",
+    "train": "iared.commands.train",
+    "eval": "iared.commands.eval",
+    "train-interpreters": "iared.commands.train_interpreters",
+    "demo": "iared.commands.demo",
+    "bench": "iared.commands.bench",
+    "export": "iared.commands.export",
+    "explain": "iared.commands.explain",
+    "explain-eval": "iared.commands.explain_eval",
+    "make-dataset": "iared.commands.make_dataset",
+    "compare": "iared.commands.compare",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iared", description="Faster, explainable vision transformers (IA-RED²).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    registered = set()
-    for name, module_name in COMMANDS.items():
+    for module_name in COMMANDS.values():
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
             if e.name and e.name.startswith("iared"):
                 continue  # a command whose module is not part of this build
             raise
-        register = getattr(module, f"add_{name.replace('-', '_')}_parser", None) or module.add_parser
-        if (module_name, register) in registered:
-            continue
-        register(sub)
-        registered.add((module_name, register))
+        module.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from iared.export import ExportError
+    from iared.train.common import NonFiniteError
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+    except (NonFiniteError, ExportError) as e:  # the run failed, not the input
         print(f"iared {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        print(f"iared {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"iared {args.command}: interrupted", file=sys.stderr)

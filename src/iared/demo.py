@@ -8,17 +8,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from iared.files import check_output_dir, save_figure, write_json
 from iared.measure import accuracy_and_compute, compare_throughput
 from iared.pruning import IARed
 from iared.train.interpreters import InterpreterTrainConfig, build_model, load_split, train_from_config
@@ -81,21 +79,10 @@ def save_pictures(model: IARed, images: Tensor, labels: Tensor, out_dir: Path, t
             ax.set_yticks([])
         fig.tight_layout()
         path = out_dir / f"test_{i:02d}.png"
-        _save_figure_atomic(fig, path)
+        save_figure(fig, path, dpi=90)
         plt.close(fig)
         paths.append(path.name)
     return paths
-
-
-def _save_figure_atomic(fig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=90)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def format_table(results: dict) -> str:
@@ -118,7 +105,7 @@ def format_table(results: dict) -> str:
 def run_demo(out: Path, cfg: InterpreterTrainConfig, test_samples: int = 2000, progress: bool = True) -> dict:
     from iared.data import DigitsClutter
 
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out, "--out folder")
     started = time.perf_counter()
     cfg.out = str(out / "interpreters")
     model, history = train_from_config(cfg, progress=progress)
@@ -139,36 +126,5 @@ def run_demo(out: Path, cfg: InterpreterTrainConfig, test_samples: int = 2000, p
                  "cpu_count": os.cpu_count(), "torch": torch.__version__},
         checkpoint=str(Path(cfg.out) / "pruned.pt"), history=history,
     )
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out / "results.json")
+    write_json(out / "results.json", results)
     return results
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="train interpreters on the embedded task, evaluate, draw pictures",
-                              description=__doc__.split("\n\n")[0])
-    d = InterpreterTrainConfig()
-    p.add_argument("--out", default="demo-out", help="output folder (results.json, PNGs, checkpoint)")
-    p.add_argument("--steps-per-stage", type=int, default=d.steps_per_stage)
-    p.add_argument("--test-samples", type=int, default=2000, help="test images evaluated (and timed: the first 64)")
-    p.add_argument("--eval-samples", type=int, default=d.eval_samples, help="validation images per progress check")
-    p.add_argument("--backbone", default=None, help="backbone checkpoint (default: the one shipped with iared)")
-    p.add_argument("--threshold", type=float, default=d.threshold)
-    p.add_argument("--finetune-steps", type=int, default=DEMO_FINETUNE_STEPS,
-                   help="fine-tune the backbone under the learned policy, distilling from the unpruned one")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_run)
-
-
-def _run(args) -> int:
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    cfg = InterpreterTrainConfig(steps_per_stage=args.steps_per_stage, threshold=args.threshold, seed=args.seed,
-                                 eval_samples=args.eval_samples, backbone=args.backbone,
-                                 finetune_steps=args.finetune_steps)
-    results = run_demo(Path(args.out), cfg, test_samples=args.test_samples, progress=not args.quiet)
-    print(format_table(results))
-    print(f"wrote {Path(args.out) / 'results.json'} and {len(results['pictures'])} pictures "
-          f"({results['total_seconds']:.0f} s)", file=sys.stderr)
-    return 0

@@ -13,8 +13,10 @@ in Python between compiled regions).
 
 from __future__ import annotations
 
-import argparse
-import sys
+import contextlib
+import io
+import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -57,29 +59,128 @@ class BudgetModel(nn.Module):
         return model.backbone.head_from_tokens(tokens)
 
 
+class ExportError(RuntimeError):
+    """An export that failed; the message is one line naming the stage (``export``, ``opset``, ``check``)."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporters narrate every pass on stdout, warn through ``warnings`` and log tracebacks
+    of conversions they then work around (or that :func:`export_budget_onnx` redoes): none of it
+    is the user's business when the export succeeds, and a failure is reported in one line."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._export", "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    sink = io.StringIO()
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.CRITICAL)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _set_opset(path: str, opset: int) -> None:
+    """Rewrite the ONNX file at ``path`` to the default-domain ``opset`` if the exporter chose
+    another (the dynamo exporter writes 18 at least and its own down-conversion fails on the
+    unoptimised graph; the optimised graph it saves converts cleanly)."""
+    import onnx
+    from onnx import version_converter
+
+    proto = onnx.load(path)
+    current = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=None)
+    if current == opset:
+        return
+    try:
+        converted = version_converter.convert_version(proto, opset)
+        if opset < 18:
+            _drop_opset18_reduce_attribute(converted)
+        onnx.checker.check_model(converted)
+    except Exception as e:  # noqa: BLE001 -- onnx raises RuntimeError / ValidationError / C++ assertion text
+        raise ExportError(f"stage opset: converting the exported graph from opset {current} to {opset} failed "
+                          f"({_first_line(e)}); try --opset {current}") from None
+    onnx.save(converted, path)
+
+
+# Reductions that took ``axes`` as an input and gained ``noop_with_empty_axes`` in opset 18.
+_REDUCE_18 = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
+              "ReduceLogSumExp", "ReduceSumSquare"}
+
+
+def _drop_opset18_reduce_attribute(proto) -> None:
+    """onnx's 18 -> 17 adapter moves ``axes`` back to an attribute but leaves
+    ``noop_with_empty_axes`` behind, which opset 17 does not know. With axes given, its default
+    0 is opset 17's behaviour, so the attribute can go; a 1 cannot be expressed and is refused."""
+    for node in proto.graph.node:
+        if node.op_type not in _REDUCE_18 or node.domain not in ("", "ai.onnx"):
+            continue
+        for attr in list(node.attribute):
+            if attr.name == "noop_with_empty_axes":
+                if attr.i != 0:
+                    raise ValueError(f"{node.op_type} node {node.name!r} uses noop_with_empty_axes=1 (opset 18 only)")
+                node.attribute.remove(attr)
+
+
 def export_budget_onnx(model: IARed, path: str | Path, keep_ratio: float | Sequence[float], *, batch: int = 1,
                        opset: int = 17, dynamo: bool | None = None) -> Path:
-    """Write budget mode to ONNX (dynamic batch axis). ``dynamo=None`` tries the dynamo exporter
-    and falls back to the TorchScript one; returns ``path``."""
+    """Write budget mode to ONNX (dynamic batch axis) at default-domain opset ``opset`` exactly,
+    atomically (:func:`iared.files.write_atomic`). ``dynamo=None`` tries the dynamo exporter and
+    falls back to the TorchScript one. Exporter chatter is silenced; a failure is one
+    :class:`ExportError` line naming the stage. Returns ``path``."""
+    from iared.files import write_atomic
+
     path = Path(path)
     module = BudgetModel(model, keep_ratio).eval()
     cfg = model.backbone.cfg
     example = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size)
-    errors = []
-    for use_dynamo in ([dynamo] if dynamo is not None else [True, False]):
-        try:
-            kwargs = dict(input_names=["images"], output_names=["logits"], opset_version=opset, dynamo=use_dynamo)
-            if use_dynamo:
-                kwargs["dynamic_shapes"] = {"images": {0: torch.export.Dim("batch", min=1, max=4096)}}
-                kwargs["external_data"] = False
-            else:
-                kwargs["dynamic_axes"] = {"images": {0: "batch"}, "logits": {0: "batch"}}
-            with torch.no_grad():
-                torch.onnx.export(module, (example,), str(path), **kwargs)
-            return path
-        except Exception as e:  # noqa: BLE001 -- try the other exporter, then report both
-            errors.append(f"dynamo={use_dynamo}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    raise RuntimeError(f"ONNX export of budget mode to {path} failed: " + "; ".join(errors))
+
+    def write(tmp: str) -> None:
+        errors = []
+        for use_dynamo in ([dynamo] if dynamo is not None else [True, False]):
+            try:
+                kwargs = dict(input_names=["images"], output_names=["logits"], opset_version=opset,
+                              dynamo=use_dynamo)
+                if use_dynamo:
+                    kwargs["dynamic_shapes"] = {"images": {0: torch.export.Dim("batch", min=1, max=4096)}}
+                    kwargs["external_data"] = False
+                else:
+                    kwargs["dynamic_axes"] = {"images": {0: "batch"}, "logits": {0: "batch"}}
+                with torch.no_grad(), _quiet_exporter():
+                    torch.onnx.export(module, (example,), tmp, **kwargs)
+                break
+            except Exception as e:  # noqa: BLE001 -- try the other exporter, then report both
+                errors.append(f"dynamo={use_dynamo}: {_first_line(e)}")
+        else:
+            raise ExportError(f"stage export: budget mode could not be traced to ONNX ({'; '.join(errors)})")
+        with _quiet_exporter():
+            _set_opset(tmp, opset)
+
+    return write_atomic(path, write, to_path=True)
+
+
+def check_onnx(model: IARed, path: str | Path, keep_ratio: float | Sequence[float], samples: int = 2) -> float:
+    """Max abs difference between onnxruntime's logits for ``path`` and PyTorch's budget mode on
+    ``samples`` random images; an onnxruntime failure is an :class:`ExportError` (stage check)."""
+    cfg = model.backbone.cfg
+    images = torch.randn(samples, cfg.in_chans, cfg.img_size, cfg.img_size)
+    with torch.no_grad():
+        ref = model(images, "budget", keep_ratio=keep_ratio).logits
+    try:
+        with _quiet_exporter():
+            got = run_onnx(path, images)
+    except ImportError as e:
+        raise ExportError(f"stage check: onnxruntime is not installed ({_first_line(e)}); "
+                          "pip install -e '.[export]'") from None
+    except Exception as e:  # noqa: BLE001 -- onnxruntime raises its own exception types
+        raise ExportError(f"stage check: onnxruntime could not run {path} ({_first_line(e)})") from None
+    return float((got - ref).abs().max())
 
 
 def run_onnx(path: str | Path, images: Tensor) -> Tensor:
@@ -104,38 +205,3 @@ def compile_threshold(model: IARed, threshold: float | Sequence[float], *, atten
         return compiled(images, "threshold", threshold=threshold, attention=attention, layout=layout).logits
 
     return run
-
-
-# -- command line ----------------------------------------------------------------------------------
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("export", help="export a pruned checkpoint's budget mode to ONNX",
-                              description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", help="pruned IA-RED² checkpoint (iared.pruning.save_pruned)")
-    p.add_argument("output", help="the .onnx file to write")
-    p.add_argument("--keep", type=float, required=True, help="fraction of alive patch tokens kept per stage")
-    p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--check", action="store_true", help="run onnxruntime and compare with PyTorch")
-    p.set_defaults(func=main)
-    return p
-
-
-def main(args: argparse.Namespace) -> int:
-    from iared.pruning import load_pruned
-
-    if args.opset < 17:
-        raise ValueError(f"--opset {args.opset}: need 17 or newer")
-    model = load_pruned(args.checkpoint)
-    path = export_budget_onnx(model, args.output, args.keep, opset=args.opset)
-    print(f"wrote {path}", file=sys.stderr)
-    if args.check:
-        cfg = model.backbone.cfg
-        images = torch.randn(2, cfg.in_chans, cfg.img_size, cfg.img_size)
-        with torch.no_grad():
-            ref = model(images, "budget", keep_ratio=args.keep).logits
-        diff = float((run_onnx(path, images) - ref).abs().max())
-        print(f"onnxruntime vs torch: max abs diff {diff:.2e}", file=sys.stderr)
-        if diff > 1e-4:
-            return 1
-    return 0

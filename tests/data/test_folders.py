@@ -60,7 +60,16 @@ def test_real_folder_dataset_and_build_dataset():
     assert len(ds) >= len(ds.classes)  # upper-case .JPEG files are found
     assert ds.classes == sorted(ds.classes) and ds.targets == sorted(ds.targets)
     x, y = ds[0]
-    assert x.shape == (3, 224, 224) and y == 0
+    assert x.shape == (3, 224, 224)
+    # wnid folders keep the standard ImageNet-1k labels: each file name carries its class's description
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    assert ds.num_classes == 1000 and y == info.label_names().index(ds.classes[0])
+    for path, target in ds.samples:
+        assert info.index_to_label_name(target) == path.parent.name
+        name = path.stem.split("_", 1)[1].replace("_", " ").lower()
+        assert name in info.index_to_description(target).lower(), (path, info.index_to_description(target))
     built = build_dataset(str(SAMPLE), "val")  # no val/ subfolder -> the root itself
     assert built.root == SAMPLE and len(built) == len(ds)
     assert built[1][0].shape == (3, 224, 224)
@@ -135,10 +144,14 @@ def test_image_folder_layout_and_extensions(tmp_path):
     (root / "cat" / "._a.jpg").write_bytes(b"\x00\x05")  # macOS resource fork
     _jpeg(root / ".ipynb_checkpoints" / "x.jpg")
     (root / "empty_class").mkdir()
+    with pytest.raises(ValueError, match="class folder.s. without images: empty_class") as info:
+        ImageFolderDataset(root)  # an empty class would silently become a class no image teaches
+    assert str(root) in str(info.value) and "\n" not in str(info.value)
+    (root / "empty_class").rmdir()
 
     ds = ImageFolderDataset(root)
-    assert ds.classes == ["cat", "dog", "empty_class"]
-    assert ds.class_to_idx == {"cat": 0, "dog": 1, "empty_class": 2}
+    assert ds.classes == ["cat", "dog"]
+    assert ds.class_to_idx == {"cat": 0, "dog": 1}
     assert [(p.relative_to(root).as_posix(), t) for p, t in ds.samples] == [
         ("cat/a.Jpg", 0),
         ("cat/z.png", 0),
@@ -148,8 +161,10 @@ def test_image_folder_layout_and_extensions(tmp_path):
     img, target = ds[3]
     assert isinstance(img, Image.Image) and img.mode == "RGB" and target == 1
 
-    ds = ImageFolderDataset(root, transform=eval_transform(32), extensions=(".PNG",))
-    assert len(ds) == 1
+    with pytest.raises(ValueError, match="without images: dog"):  # dog holds no .png
+        ImageFolderDataset(root, transform=eval_transform(32), extensions=(".PNG",))
+    ds = ImageFolderDataset(root, transform=eval_transform(32), extensions=(".PNG", "jpeg"))
+    assert len(ds) == 3
     x, y = ds[0]
     assert x.shape == (3, 32, 32) and y == 0
 

@@ -3,11 +3,17 @@
 Layout expected by :class:`ImageFolderDataset`: ``root/<class>/<image>`` (images may sit in nested
 folders below the class folder). Every image goes through :func:`load_image`, which always returns
 RGB and turns a broken file into a one-line :class:`BadImageError` naming the file.
+
+ImageNet folders (every class folder a WordNet id such as ``n01440764``) are labelled with the
+standard ImageNet-1k indices (timm's synset list), not renumbered: a folder holding 60 of the
+classes still gives each image the label a 1000-class head predicts for it.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -23,6 +29,7 @@ __all__ = [
     "eval_transform",
     "list_images",
     "load_image",
+    "imagenet_class_indices",
     "train_transform",
 ]
 
@@ -93,11 +100,19 @@ def load_image(path) -> Image.Image:
         with Image.open(path) as img:
             # Decoding happens lazily: load() inside the try is what surfaces truncated data.
             img.load()
+            if img.mode == "F" and not np.isfinite(np.asarray(img)).all():
+                # float TIFFs may hold NaN / inf; casting them to 0..255 would invent pixel values
+                raise BadImageError(path, "non-finite pixel values (NaN or inf) in a floating-point image")
             try:
                 img = ImageOps.exif_transpose(img)
             except Exception:  # noqa: BLE001  a malformed EXIF block must not cost otherwise good pixels
                 img = img.copy()
-            return _to_rgb(img)
+            source_mode = img.mode
+            rgb = _to_rgb(img)
+            rgb.info["source_mode"] = source_mode  # so a dataset can say once that it adapted channels
+            return rgb
+    except BadImageError:
+        raise
     except Image.UnidentifiedImageError:
         raise BadImageError(path, "not a recognised image file") from None
     except Image.DecompressionBombError as exc:
@@ -153,19 +168,48 @@ def list_images(path, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> list[Path
     return images
 
 
+_WNID = re.compile(r"n\d{8}")
+_said: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    """Tell the user, once per process, about an adaptation made to their data."""
+    if message not in _said:
+        _said.add(message)
+        print(f"iared: {message}", file=sys.stderr)
+
+
+def imagenet_class_indices(classes: list[str]) -> dict[str, int] | None:
+    """Standard ImageNet-1k index of each class folder when every name is a known WordNet id
+    (``n01440764`` -> 0), else None."""
+    if not classes or not all(_WNID.fullmatch(c) for c in classes):
+        return None
+    from timm.data import ImageNetInfo
+
+    index = {name: i for i, name in enumerate(ImageNetInfo().label_names())}
+    if not all(c in index for c in classes):
+        return None
+    return {c: index[c] for c in classes}
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """Images in ``root/<class>/<image>``; class indices follow the sorted class folder names.
+    """Images in ``root/<class>/<image>``; class indices follow the sorted class folder names, or
+    the standard ImageNet-1k indices when every class folder is a WordNet id (module docstring).
 
     Args:
-        root: dataset folder. Every non-hidden subfolder is a class (kept even if empty, so the class
-            indices of a train and a val folder agree); images are found recursively below it.
-        transform: applied to the RGB ``PIL.Image`` (e.g. :func:`eval_transform`). With ``None`` the
+        root: dataset folder. Every non-hidden subfolder is a class and must hold at least one
+            image: an empty class folder is an error (it would silently become a class that no
+            image teaches).
+        transform: applied to the ``PIL.Image`` (e.g. :func:`eval_transform`). With ``None`` the
             item's first element is the PIL image itself.
         extensions: accepted file suffixes, matched case-insensitively (ImageNet files end in .JPEG).
+        in_chans: the model's input channels. 3: RGB (grayscale files are replicated, as every
+            ImageNet loader does); 1: images are converted to grayscale (``L``). Either adaptation
+            is announced once on stderr; any other count is refused here, before training starts.
 
-    Items are ``(image, target)``: ``image`` is usually a float tensor ``(3, H, W)``, ``target`` an int.
-    Attributes ``classes``, ``class_to_idx``, ``samples`` (list of ``(Path, int)``) and ``targets``
-    mirror torchvision's ``ImageFolder``.
+    Items are ``(image, target)``: ``image`` is usually a float tensor ``(in_chans, H, W)``, ``target``
+    an int. Attributes ``classes``, ``class_to_idx``, ``samples`` (list of ``(Path, int)``) and
+    ``targets`` mirror torchvision's ``ImageFolder``; ``num_classes`` is 1000 for ImageNet folders.
     """
 
     def __init__(
@@ -173,26 +217,43 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         root,
         transform: Callable | None = None,
         extensions: Iterable[str] = IMAGE_EXTENSIONS,
+        in_chans: int = 3,
     ):
         root = Path(root).expanduser()
         if not root.is_dir():
             raise FileNotFoundError(f"image folder not found: {root}")
+        if in_chans not in (1, 3):
+            raise ValueError(f"image folder {root}: the model takes {in_chans}-channel images; folders of "
+                             "photographs can feed 1 (grayscale) or 3 (RGB) channels only")
         exts = _normalise_extensions(extensions)
         classes = sorted(e.name for e in root.iterdir() if e.is_dir() and not e.name.startswith("."))
-        samples = [(p, idx) for idx, c in enumerate(classes) for p in _walk_images(root / c, exts)]
-        if not samples:
+        files = {c: _walk_images(root / c, exts) for c in classes}
+        if not any(files.values()):
             raise ValueError(f"no images found in {root} (expected {root}/<class>/<image>.jpg)")
+        empty = [c for c in classes if not files[c]]
+        if empty:
+            shown = ", ".join(empty[:5]) + (f" ... ({len(empty)} in all)" if len(empty) > 5 else "")
+            raise ValueError(f"image folder {root}: class folder(s) without images: {shown}; remove them or add "
+                             f"images (expected extensions: {', '.join(exts)})")
+        imagenet = imagenet_class_indices(classes)
+        class_to_idx = imagenet or {c: i for i, c in enumerate(classes)}
         self.root = root
         self.transform = transform
         self.extensions = exts
+        self.in_chans = in_chans
         self.classes = classes
-        self.class_to_idx = {c: i for i, c in enumerate(classes)}
-        self.samples = samples
-        self.targets = [t for _, t in samples]
+        self.class_to_idx = class_to_idx
+        self.imagenet = imagenet is not None
+        self.samples = [(p, class_to_idx[c]) for c in classes for p in files[c]]
+        self.targets = [t for _, t in self.samples]
+        if self.imagenet:
+            _say_once(f"{root}: class folders are ImageNet WordNet ids; labels are the standard 1000-class indices")
+        if in_chans == 1:
+            _say_once(f"{root}: images converted to grayscale for the model's 1 input channel")
 
     @property
     def num_classes(self) -> int:
-        return len(self.classes)
+        return 1000 if self.imagenet else len(self.classes)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -203,6 +264,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, i) -> tuple[torch.Tensor, int]:
         path, target = self.samples[i]
         img = load_image(path)
+        if self.in_chans == 1:
+            img = img.convert("L")
+        elif str(img.info.get("source_mode")).startswith(("L", "1", "I", "F")):
+            _say_once(f"{self.root}: grayscale images replicated to the model's 3 input channels")
         if self.transform is not None:
             img = self.transform(img)
         return img, target

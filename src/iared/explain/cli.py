@@ -1,4 +1,6 @@
-"""``iared explain`` (heatmap panels for images) and ``iared explain-eval`` (methods x metrics).
+"""The library behind ``iared explain`` (heatmap panels for images) and ``iared explain-eval``
+(methods x metrics); the commands themselves are :mod:`iared.commands.explain` and
+:mod:`iared.commands.explain_eval`.
 
     iared explain IMAGE_OR_DIR [--checkpoint PRUNED.pt] --out DIR [--methods ...] [--threshold 0.5]
     iared explain-eval [--checkpoint PRUNED.pt] [--images DIR --masks DIR] [--limit N]
@@ -19,18 +21,12 @@ evaluation) and must have the same size as each other.
 Input is checked before anything is written: a missing folder, an unreadable image or mask, an
 image/mask size mismatch end the command with one line naming the files, and no output. Grayscale
 images are converted for RGB models and RGB images to grayscale for one-channel models. PNGs and
-JSON are written atomically (temporary file, then rename).
+JSON are written through :func:`iared.files.write_atomic`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import os
 import platform
-import sys
-import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -39,14 +35,14 @@ import torch
 
 from iared.explain.evaluate import build_methods, evaluate_explanations, format_table
 from iared.explain.methods import default_methods
-from iared.explain.metrics import BASELINES
 from iared.pruning import IARed
 
 __all__ = [
     "DEFAULT_CHECKPOINT",
-    "add_explain_eval_parser",
-    "add_explain_parser",
     "default_checkpoint_path",
+    "evaluate_methods",
+    "explain_files",
+    "explain_inputs",
     "load_explain_model",
     "load_mask",
     "load_model_input",
@@ -67,17 +63,14 @@ def default_checkpoint_path() -> Path:
     return Path(str(resources.files("iared") / "assets" / DEFAULT_CHECKPOINT))
 
 
-def load_explain_model(checkpoint=None, device: str = "cpu") -> IARed:
-    """A pruned model from ``checkpoint``, or the shipped one when None (FileNotFoundError if absent)."""
-    from iared.pruning import load_pruned
+def load_explain_model(checkpoint=None, device: str = "cpu", model: str | None = None,
+                       pretrained: bool = False) -> IARed:
+    """A pruned model from ``checkpoint``; a backbone (``--model NAME`` / weights without
+    interpreters) with fresh interpreters (:func:`iared.loading.load_iared`); or the shipped pruned
+    model when nothing is given (FileNotFoundError naming it if absent)."""
+    from iared.loading import load_iared
 
-    if checkpoint is None:
-        checkpoint = default_checkpoint_path()
-        if not checkpoint.is_file():
-            raise FileNotFoundError(f"no --checkpoint given and no shipped pruned model at {checkpoint}; "
-                                    "pass --checkpoint PRUNED.pt (a file from iared.pruning.save_pruned, "
-                                    "e.g. written by `iared train-interpreters`)")
-    return load_pruned(checkpoint).to(device).eval()
+    return load_iared(checkpoint, model, pretrained, default=default_checkpoint_path()).to(device).eval()
 
 
 def _image_transform(model: IARed, squash: bool):
@@ -186,30 +179,6 @@ def check_pairs(pairs: list[tuple[Path, Path]]) -> None:
         raise ValueError(f"{len(problems)} bad image/mask file(s): {_show_names(problems, 5)}")
 
 
-def _json_safe(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def _write_json(obj, path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_json_safe(obj), f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _methods_for(model: IARed, names, threshold: float):
     return build_methods(names if names else default_methods(model), threshold)
 
@@ -230,61 +199,52 @@ def _panel_names(files: list[Path], source: Path) -> list[str]:
     return [f"{stem}_{ext}.png" if counts[stem] > 1 else f"{stem}.png" for stem, ext in stems]
 
 
-def run_explain(args) -> int:
-    from iared.data import BadImageError, list_images
-    from iared.explain.render import display_image, render_panel
+def explain_inputs(source, out_dir) -> list[Path]:
+    """The image files to explain: ``source`` itself or every image below it, less anything inside
+    ``out_dir`` (never explain our own panels from an earlier run into the same folder)."""
+    from iared.data import list_images
 
-    if args.methods:
-        build_methods(args.methods, args.threshold)  # unknown names fail before the model loads
-    source = Path(args.input).expanduser()
+    source = Path(source).expanduser()
     files = list_images(source)
-    out_dir = Path(args.out).expanduser()
-    if source.is_dir():  # never explain our own panels from an earlier run into the same folder
-        out_resolved = out_dir.resolve()
+    if source.is_dir():
+        out_resolved = Path(out_dir).expanduser().resolve()
         files = [f for f in files if out_resolved not in f.resolve().parents]
         if not files:
             raise ValueError(f"no images found in {source} outside the output folder {out_dir}")
-    model = load_explain_model(args.checkpoint, args.device)
-    methods = _methods_for(model, args.methods, args.threshold)
-    cfg = model.backbone.cfg
+    return files
 
+
+def explain_files(model: IARed, files: list[Path], source, out_dir, method_names=None, threshold: float = 0.5,
+                  device: str = "cpu") -> list[Path]:
+    """One PNG panel per file in ``out_dir`` (names: :func:`_panel_names`); every file is decoded
+    first, so an unreadable one stops the run (one ValueError listing them) before any output."""
+    from iared.data import BadImageError
+    from iared.explain.render import display_image, render_panel
+
+    source, out_dir = Path(source).expanduser(), Path(out_dir).expanduser()
+    methods = _methods_for(model, method_names, threshold)
+    cfg = model.backbone.cfg
     inputs, bad = [], []
-    for path in files:  # read everything first: a bad file stops the run before any output
+    for path in files:
         try:
             inputs.append(load_model_input(path, model))
         except BadImageError as e:
             bad.append(f"{path} ({e.problem})")
     if bad:
         raise ValueError(f"{len(bad)} unreadable image(s), nothing written: {_show_names(bad, 5)}")
-
+    written = []
     for path, name, image in zip(files, _panel_names(files, source), inputs):
-        x = image[None].to(args.device)
+        x = image[None].to(device)
         with torch.no_grad():
-            out = model(x, threshold=args.threshold)
+            out = model(x, threshold=threshold)
             target = model.backbone(x).argmax(-1)
         heatmaps = {method_name: method(model, x, target)[0] for method_name, method in methods.items()}
         title = (f"{path.name}   backbone: class {int(target)}   pruned: class {int(out.logits.argmax())}, "
                  f"{float(out.gflops[0]):.3g} GFLOPs")
-        written = render_panel(out_dir / name, display_image(x[0], cfg.mean, cfg.std),
-                               [k[0, cfg.num_prefix_tokens:] for k in out.keep], heatmaps,
-                               patch_size=cfg.patch_size, title=title)
-        print(written)
-    return 0
-
-
-def add_explain_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("explain", help="heatmap panels (interpreter + baselines) for images",
-                              description="For each image, a PNG: the image, the patches kept after each "
-                                          "stage, and every method's heatmap.")
-    p.add_argument("input", metavar="IMAGE_OR_DIR", help="an image file or a folder (searched recursively)")
-    p.add_argument("--checkpoint", help="pruned model (iared.pruning.save_pruned); default: the shipped one")
-    p.add_argument("--out", required=True, help="folder for the PNG panels")
-    p.add_argument("--methods", nargs="+", metavar="METHOD",
-                   help="methods as name or name:int (default: all; the interpreter combined and per stage)")
-    p.add_argument("--threshold", type=float, default=0.5, help="interpreter keep threshold (default 0.5)")
-    p.add_argument("--device", default="cpu")
-    p.set_defaults(func=run_explain)
-    return p
+        written.append(render_panel(out_dir / name, display_image(x[0], cfg.mean, cfg.std),
+                                    [k[0, cfg.num_prefix_tokens:] for k in out.keep], heatmaps,
+                                    patch_size=cfg.patch_size, title=title))
+    return written
 
 
 # -- iared explain-eval -----------------------------------------------------------------------
@@ -313,79 +273,28 @@ def _folder_batches(pairs, model: IARed, batch_size: int):
                torch.stack([load_mask(m, size) for _, m in chunk]))
 
 
-def run_explain_eval(args) -> int:
-    from tqdm.auto import tqdm
-
-    if (args.images is None) != (args.masks is None):
-        raise ValueError("--images and --masks go together: give both folders or neither")
-    for flag, value in (("--limit", args.limit), ("--steps", args.steps), ("--batch-size", args.batch_size)):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} must be a positive integer, got {value}")
-    if args.methods:
-        build_methods(args.methods, args.threshold)
-    if args.images is not None:
-        pairs = pair_folders(args.images, args.masks)[: args.limit]
-    model = load_explain_model(args.checkpoint, args.device)
-    methods = _methods_for(model, args.methods, args.threshold)
-    if args.images is not None:
+def evaluate_methods(model: IARed, *, images=None, masks=None, limit: int | None = None, batch_size: int = 50,
+                     seed: int = 0, method_names=None, steps: int = 16, baseline="rise", tolerance: float = 0.0,
+                     threshold: float = 0.5, device: str = "cpu", progress=None, pairs=None) -> dict:
+    """Every method x every metric on the digits-clutter test split (first ``limit``, default
+    500) or on the ``images`` / ``masks`` folder pair (``pairs``: already paired files).
+    Returns :func:`iared.explain.evaluate.evaluate_explanations`' dict plus ``data`` and
+    ``environment``; degenerate masks give NaN metrics and an ``UndefinedMetricWarning``."""
+    methods = _methods_for(model, method_names, threshold)
+    if images is not None:
+        pairs = pairs if pairs is not None else pair_folders(images, masks)[:limit]
         check_pairs(pairs)
-        batches, total = _folder_batches(pairs, model, args.batch_size), len(pairs)
-        data = f"{args.images} + {args.masks}"
+        batches = _folder_batches(pairs, model, batch_size)
+        data = f"{images} + {masks}"
     else:
         cfg = model.backbone.cfg
         if cfg.in_chans != 1 or cfg.img_size != 64:
             raise ValueError(f"the embedded digits-clutter task needs a 64x64 one-channel model, this one takes "
                              f"{cfg.img_size}x{cfg.img_size}x{cfg.in_chans}; pass --images and --masks")
-        total = args.limit or DIGITS_DEFAULT_LIMIT
-        batches = _digits_batches(total, args.batch_size, args.seed, model)
+        batches = _digits_batches(limit or DIGITS_DEFAULT_LIMIT, batch_size, seed, model)
         data = "digits-clutter test"
-    plot = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
-    with tqdm(total=total, desc="explain-eval", unit="img", file=sys.stderr, disable=args.quiet) as bar:
-        results = evaluate_explanations(model, batches, methods, steps=args.steps, baseline=args.baseline,
-                                        tolerance=args.tolerance, threshold=args.threshold,
-                                        device=args.device, progress=bar)
-    results = {"data": data, "checkpoint": str(args.checkpoint or default_checkpoint_path()), **results,
-               "target": "backbone prediction",
-               "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                               "machine": platform.machine(), "device": str(args.device)}}
-    print(format_table(results))
-    agreement = results["agreement"]
-    print(f"n={results['n']}  pruned model agrees with backbone on {agreement:.1%}; "
-          f"deletion/insertion: {args.steps} steps, baseline {args.baseline}")
-    if plot:
-        from iared.explain.render import bar_chart
-
-        bar_chart(results, plot)
-        print(f"wrote {plot}")
-    if args.json:
-        _write_json(results, args.json)
-        print(f"wrote {args.json}")
-    return 0
-
-
-def add_explain_eval_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("explain-eval", help="score explanation methods against ground-truth masks",
-                              description="Pixel accuracy, mIoU, mAP (ImageNet-segmentation protocol), "
-                                          "pointing game, deletion and insertion AUC (RISE) for every method.")
-    p.add_argument("--checkpoint", help="pruned model (iared.pruning.save_pruned); default: the shipped one")
-    p.add_argument("--images", help="folder of images (default: the digits-clutter test split)")
-    p.add_argument("--masks", help="folder of binary masks paired with --images by file stem")
-    p.add_argument("--limit", type=int, metavar="N",
-                   help=f"evaluate the first N samples (default: {DIGITS_DEFAULT_LIMIT} on digits, all pairs "
-                        "in folders)")
-    p.add_argument("--methods", nargs="+", metavar="METHOD",
-                   help="methods as name or name:int (default: all; the interpreter combined and per stage)")
-    p.add_argument("--json", help="write all figures here (and the bar chart beside it, .png)")
-    p.add_argument("--plot", help="write the bar chart PNG here (default: beside --json)")
-    p.add_argument("--steps", type=int, default=16, help="deletion/insertion steps (default 16)")
-    p.add_argument("--baseline", choices=BASELINES, default="rise",
-                   help="what deleted / not yet inserted pixels become (default rise: zero for deletion, "
-                        "blurred image for insertion)")
-    p.add_argument("--tolerance", type=float, default=0.0, help="pointing-game tolerance in pixels")
-    p.add_argument("--threshold", type=float, default=0.5, help="interpreter keep threshold")
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0, help="digits test-split sample seed")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_explain_eval)
-    return p
+    results = evaluate_explanations(model, batches, methods, steps=steps, baseline=baseline, tolerance=tolerance,
+                                    threshold=threshold, device=device, progress=progress)
+    return {"data": data, **results, "target": "backbone prediction",
+            "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                            "machine": platform.machine(), "device": str(device)}}

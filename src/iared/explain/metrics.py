@@ -16,6 +16,13 @@ Segmentation, the ImageNet-Segmentation protocol of Chefer et al. (``imagenet_se
   label = not mask). ``ap_foreground`` (mean over images of the AP of the map against the mask
   alone, images without foreground skipped) is reported beside it.
 
+Degenerate masks: an image whose mask is all background or all object has no boundary for a map
+to find. Its AP would score only one channel (an all-zero mask gives any map an mAP near 1), so
+such images are left out of ``map`` / ``ap_foreground`` (and of the pointing game, which needs
+an object); when every mask of the set is all-zero (or all-one), ``miou``, the per-class IoUs,
+``map``, ``ap_foreground`` and ``pointing`` are undefined: NaN here, ``null`` in JSON, with an
+:class:`UndefinedMetricWarning` saying why.
+
 Pointing game (Zhang et al., 2016): a hit when the heatmap's maximum (first in raster order on
 ties) lies within ``tolerance`` pixels (Euclidean) of a mask pixel; images without any mask
 pixel are left out of the hit rate.
@@ -32,6 +39,7 @@ are taken in the classifier's input space (for a normalised input: the dataset m
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -42,6 +50,7 @@ from torch import Tensor
 __all__ = [
     "BASELINES",
     "SegmentationMeter",
+    "UndefinedMetricWarning",
     "auc",
     "average_precision",
     "binarize",
@@ -55,6 +64,11 @@ __all__ = [
 
 
 # -- segmentation -----------------------------------------------------------------------------
+
+
+class UndefinedMetricWarning(UserWarning):
+    """A metric that the masks cannot define (all background / all object); reported as NaN."""
+
 
 
 def binarize(heatmaps: Tensor) -> Tensor:
@@ -134,9 +148,16 @@ class SegmentationMeter:
         self.ap: list[Tensor] = []
         self.ap_fg: list[Tensor] = []
         self.hits: list[Tensor] = []
+        self.foreground = 0  # object pixels over the set
+        self.degenerate = 0  # images whose mask is all background or all object
 
     def update(self, heatmaps: Tensor, masks: Tensor) -> dict[str, Tensor]:
         stats = segmentation_stats(heatmaps, masks)
+        fg = masks.flatten(1).sum(1).cpu()
+        degenerate = (fg == 0) | (fg == masks[0].numel())
+        stats["ap"] = stats["ap"].masked_fill(degenerate, float("nan"))  # scores one channel only
+        self.foreground += int(fg.sum())
+        self.degenerate += int(degenerate.sum())
         self.correct += int(stats["correct"].sum())
         self.pixels += int(stats["pixels"].sum())
         self.intersection += stats["intersection"].sum(0).double()
@@ -156,7 +177,7 @@ class SegmentationMeter:
             values = values[~values.double().isnan()].double()
             return float(values.mean()) if len(values) else float("nan")
 
-        return {
+        result = {
             "pixel_accuracy": self.correct / max(self.pixels, 1),
             "miou": float(iou.mean()),
             "iou_background": float(iou[0]),
@@ -166,6 +187,16 @@ class SegmentationMeter:
             "pointing": mean([h.double() for h in self.hits]),
             "n": int(sum(len(a) for a in self.ap)),
         }
+        if self.pixels and self.foreground in (0, self.pixels):
+            what = "background" if self.foreground == 0 else "object"
+            warnings.warn(f"every mask is all {what}: mIoU, IoU, mAP and pointing are undefined (reported as NaN)",
+                          UndefinedMetricWarning, stacklevel=2)
+            for key in ("miou", "iou_background", "iou_foreground", "map", "ap_foreground", "pointing"):
+                result[key] = float("nan")
+        elif self.degenerate:
+            warnings.warn(f"{self.degenerate} of {result['n']} masks are all background or all object: left out of "
+                          "mAP and the pointing game", UndefinedMetricWarning, stacklevel=2)
+        return result
 
 
 def pointing_game(heatmaps: Tensor, masks: Tensor, tolerance: float = 0.0) -> Tensor:

@@ -7,8 +7,6 @@ so an interrupted run never leaves half a PNG.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,18 +18,10 @@ __all__ = ["bar_chart", "display_image", "render_panel", "save_figure"]
 
 
 def save_figure(fig, path, dpi: int = 100) -> Path:
-    """Write ``fig`` to ``path`` (format from the suffix, default png) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``fig`` to ``path`` (format from the suffix, default png) through the one atomic writer."""
+    from iared.files import save_figure as write_figure
+
+    return write_figure(fig, path, dpi=dpi, bbox_inches="tight")
 
 
 def display_image(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

@@ -28,12 +28,8 @@ tolerate dropped tokens, see the README).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import time
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,16 +38,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from iared.files import check_output_dir, check_output_file, write_json
 from iared.train.common import (
     Checkpointer,
     JsonlLogger,
     StepBatchSampler,
+    StepGuard,
     all_reduce_sums,
     cleanup,
     init_distributed,
     is_main,
     param_groups,
-    parse_overrides,
+    load_training_state,
     progress,
     restore_rng,
     save_atomic,
@@ -62,7 +60,7 @@ from iared.train.common import (
     warmup_cosine,
 )
 
-__all__ = ["BackboneTrainConfig", "add_parser", "config_from_args", "export_weights", "train"]
+__all__ = ["HELP", "BackboneTrainConfig", "classification_loss", "export_weights", "resolve_config", "train"]
 
 
 @dataclass
@@ -97,11 +95,12 @@ class BackboneTrainConfig:
     stop_at: int | None = None  # stop after this step and save, as if preempted
     export: str | None = None  # float16 safetensors of the final weights
     progress: bool = True
+    max_bad_steps: int = 0  # steps with a non-finite loss / gradient skipped before the run stops
 
 
 # Fields that may differ between a run and its resumption without changing the result.
 OPERATIONAL = {"eval_every", "save_every", "log_every", "out", "workers", "device", "threads", "resume", "stop_at",
-               "export", "progress", "checkpoint"}
+               "export", "progress", "checkpoint", "max_bad_steps"}
 
 HELP = {
     "model": "backbone name (see iared.models.list_models)",
@@ -132,6 +131,8 @@ HELP = {
     "stop_at": "stop after this step (saving a checkpoint), as if the job were preempted",
     "export": "also write the final weights as float16 safetensors to PATH",
     "progress": "show a progress bar",
+    "max_bad_steps": "skip up to N steps whose loss or gradient is NaN / inf (0: the first one stops the run, "
+                     "keeping the last good checkpoint)",
 }
 
 
@@ -139,7 +140,8 @@ HELP = {
 
 
 def train(cfg: BackboneTrainConfig) -> dict[str, Any]:
-    """Run (or resume) a training run; returns the final metrics and paths (on every rank)."""
+    """Run (or resume) a training run; returns ``{"step", "checkpoint", "seconds"}`` and, when the run
+    reached ``cfg.steps``, ``"val"`` / ``"test"`` metrics (and ``"export"``), on every rank."""
     rank, world, device = init_distributed(cfg.device)
     try:
         return _train(cfg, rank, world, device)
@@ -148,19 +150,19 @@ def train(cfg: BackboneTrainConfig) -> dict[str, Any]:
 
 
 def _build_data(cfg: BackboneTrainConfig, model_cfg, rank: int, world: int):
-    from iared.data import TASKS, build_dataset, eval_transform, train_transform
+    from iared.data import TASKS
+    from iared.loading import task_dataset
 
     if cfg.task in TASKS:
         kw = {"length": cfg.train_size} if cfg.train_size else {}
-        train_set = build_dataset(cfg.task, "train", seed=cfg.seed, **kw)
+        train_set = task_dataset(cfg.task, "train", model_cfg, seed=cfg.seed, **kw)
         # val/test always use the canonical samples (seed 0) so numbers compare across runs
-        val_set = build_dataset(cfg.task, "val", **({"length": cfg.val_size} if cfg.val_size else {}))
-        test_set = build_dataset(cfg.task, "test")
-    else:
-        size, mean, std = model_cfg.img_size, model_cfg.mean, model_cfg.std
-        train_set = build_dataset(cfg.task, "train", transform=train_transform(size, mean=mean, std=std))
-        val_set = build_dataset(cfg.task, "val", transform=eval_transform(size, mean=mean, std=std))
-        test_set = build_dataset(cfg.task, "test", transform=eval_transform(size, mean=mean, std=std))
+        val_set = task_dataset(cfg.task, "val", model_cfg, **({"length": cfg.val_size} if cfg.val_size else {}))
+        test_set = task_dataset(cfg.task, "test", model_cfg)
+    else:  # folders: images adapted to the model's size, normalisation and input channels
+        train_set = task_dataset(cfg.task, "train", model_cfg, augment=True)
+        val_set = task_dataset(cfg.task, "val", model_cfg)
+        test_set = task_dataset(cfg.task, "test", model_cfg)
 
     def eval_loader(ds):  # rank r evaluates samples r, r+world, ...; results are summed over ranks
         shard = torch.utils.data.Subset(ds, range(rank, len(ds), world))
@@ -188,7 +190,11 @@ def _train(cfg: BackboneTrainConfig, rank: int, world: int, device: torch.device
         raise ValueError(f"unknown model {cfg.model!r}; known: {', '.join(sorted(MODEL_CONFIGS))}")
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {world} torchrun processes")
-    out = Path(cfg.out)
+    if cfg.max_bad_steps < 0:
+        raise ValueError(f"--max-bad-steps must be >= 0, got {cfg.max_bad_steps}")
+    out = check_output_dir(cfg.out, "--out folder")
+    if cfg.export:
+        check_output_file(cfg.export, "--export file")
     ckpt = Checkpointer(out, cfg.save_every)
     log = JsonlLogger(out / "log.jsonl")
     state = None
@@ -217,14 +223,16 @@ def _train(cfg: BackboneTrainConfig, rank: int, world: int, device: torch.device
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
+    guard = StepGuard(cfg.max_bad_steps, ckpt, device=device)
+    if state is not None:
+        guard.bad_steps = int(state.get("bad_steps", 0))
     if is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(
-            {"model": unwrap(model).cfg.to_dict(), "train": dataclasses.asdict(cfg), "world_size": world}, indent=2))
+        write_json(out / "config.json",
+                   {"model": unwrap(model).cfg.to_dict(), "train": dataclasses.asdict(cfg), "world_size": world})
         log.log(event="start", step=step, world_size=world, device=str(device), resumed=state is not None)
 
     def state_fn():
-        return training_state(model, optimizer, step, cfg, world_size=world)
+        return training_state(model, optimizer, step, cfg, world_size=world, bad_steps=guard.bad_steps)
 
     sampler = StepBatchSampler(len(train_set), cfg.batch_size, cfg.seed, cfg.steps, start_step=step,
                                rank=rank, world=world)
@@ -234,6 +242,7 @@ def _train(cfg: BackboneTrainConfig, rank: int, world: int, device: torch.device
     val_cache: list = []
     loss_acc, n_acc, t_window, start = torch.zeros((), device=device), 0, time.time(), time.time()
     bar = progress(total=stop, initial=step, desc="train", disable=not cfg.progress)
+    params = dict(model.named_parameters())
     for batch in loader:
         if step >= stop:
             break
@@ -243,17 +252,22 @@ def _train(cfg: BackboneTrainConfig, rank: int, world: int, device: torch.device
         model.train()
         keep = random_patch_keep(len(images), unwrap(model).cfg.num_patches, cfg.token_drop, device) \
             if cfg.token_drop > 0 else None
-        loss = F.cross_entropy(model(images, keep=keep), labels, label_smoothing=cfg.label_smoothing)
+        loss = classification_loss(model(images, keep=keep), labels, cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.clip_grad:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        optimizer.step()
+        good = guard.check(step + 1, loss, params, optimizer)
+        if good:
+            if cfg.clip_grad:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            optimizer.step()
         step += 1
-        loss_acc += loss.detach()
-        n_acc += 1
+        if good:
+            loss_acc += loss.detach()
+            n_acc += 1
+        else:
+            log.log(event="bad_step", step=step, loss=float(loss.detach()), bad_steps=guard.bad_steps)
         bar.update(1)
-        if step % cfg.log_every == 0 or step == stop:
+        if (step % cfg.log_every == 0 or step == stop) and n_acc:
             mean_loss = all_reduce_sums({"loss": float(loss_acc) / n_acc}, device)["loss"] / world
             rate = n_acc * cfg.batch_size / max(time.time() - t_window, 1e-9)
             log.log(event="train", step=step, loss=mean_loss, lr=lr, images_per_s=round(rate, 1))
@@ -282,11 +296,12 @@ def _train(cfg: BackboneTrainConfig, rank: int, world: int, device: torch.device
     if cfg.export and is_main():
         result["export"] = str(export_weights(unwrap(model), cfg.export, cfg))
     log.log(event="done", step=step, seconds=result["seconds"])
-    if is_main():
-        print(f"step {step}: val top-1 {100 * result['val']['top1']:.2f}% loss {result['val']['loss']:.4f} | "
-              f"test top-1 {100 * result['test']['top1']:.2f}% loss {result['test']['loss']:.4f} | "
-              f"{result['seconds']:.0f} s | {ckpt.path}")
     return result
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """The training loss (a function of its own so a test can make it return NaN at step k)."""
+    return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
 
 
 def random_patch_keep(batch: int, num_patches: int, max_drop: float, device) -> torch.Tensor:
@@ -320,66 +335,19 @@ def export_weights(model: nn.Module, path: str | Path, cfg: BackboneTrainConfig 
     return save_atomic({"format": "iared-weights/1", "model": sd, "config": config}, path)
 
 
-# -- command line -------------------------------------------------------------------------------
-
-
-def _arg_type(tp):
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    base = args[0] if args and (typing.get_origin(tp) in (typing.Union, types.UnionType)) else tp
-    return base
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``iared train``: one option per :class:`BackboneTrainConfig` field. Options left
-    out keep the dataclass default (or, with ``--resume``, the saved run's value)."""
-    p = subparsers.add_parser("train", help="train a backbone classifier (digits-clutter or an image folder)",
-                              description=__doc__.split("\n\n")[0])
-    hints = typing.get_type_hints(BackboneTrainConfig)
-    for f in dataclasses.fields(BackboneTrainConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{HELP.get(f.name, '')} (default: {default})"
-        if f.name == "model_overrides":
-            p.add_argument("--model-override", dest=f.name, action="append", metavar="KEY=VALUE",
-                           default=argparse.SUPPRESS, help=help_text)
-            continue
-        if f.name == "progress":
-            p.add_argument("--no-progress", dest=f.name, action="store_false", default=argparse.SUPPRESS,
-                           help="no progress bar")
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        tp = _arg_type(hints[f.name])
-        if tp is bool:
-            p.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=help_text)
-        else:
-            p.add_argument(flag, dest=f.name, type=tp, default=argparse.SUPPRESS, help=help_text,
-                           metavar=f.name.upper())
-    p.set_defaults(func=main)
-    return p
-
-
-add_train_parser = add_parser
-
-
-def config_from_args(args: argparse.Namespace) -> BackboneTrainConfig:
-    """Dataclass defaults, or the saved config when resuming (less ``stop_at``), updated with the
-    options given."""
+def resolve_config(given: dict[str, Any]) -> BackboneTrainConfig:
+    """The run's config: dataclass defaults, or the saved run's config when resuming (less
+    ``stop_at``), updated with the options ``given`` (field name -> value)."""
     names = {f.name for f in dataclasses.fields(BackboneTrainConfig)}
-    given = {k: v for k, v in vars(args).items() if k in names}
-    if "model_overrides" in given:
-        given["model_overrides"] = parse_overrides(given["model_overrides"])
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise ValueError(f"unknown training options {unknown}")
     base = BackboneTrainConfig()
     if given.get("resume"):
         path = Path(given.get("out", base.out)) / "checkpoint.pt"
         if path.is_file():
-            from iared.train.common import load_training_state
-
             saved = load_training_state(path)["config"]["train"]
             # --stop-at describes one invocation (a simulated preemption), not the run: inheriting
             # it would make every resumption stop again at once at the same step.
             base = BackboneTrainConfig(**{k: v for k, v in saved.items() if k in names - {"stop_at"}})
     return dataclasses.replace(base, **given)
-
-
-def main(args: argparse.Namespace) -> int:
-    train(config_from_args(args))
-    return 0

@@ -42,12 +42,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from iared.checkpoint import CheckpointError, read_checkpoint, save_atomic
+from iared.checkpoint import CheckpointError, non_finite_tensors, read_checkpoint, save_atomic
+from iared.files import json_safe
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "Checkpointer",
     "JsonlLogger",
+    "NonFiniteError",
+    "StepGuard",
     "StepBatchSampler",
     "all_reduce_sums",
     "capture_rng",
@@ -286,18 +289,37 @@ class Checkpointer:
         self.directory = Path(directory)
         self.every = int(every)
         self.path = self.directory / filename
+        self.saved_step: int | None = None  # step of the last checkpoint this run wrote
 
     def maybe_save(self, step: int, state_fn: Callable[[], dict]) -> bool:
         if self.every > 0 and step % self.every == 0:
-            self.save(state_fn)
+            self.save(state_fn, step)
             return True
         return False
 
-    def save(self, state_fn: Callable[[], dict] | dict) -> Path | None:
+    def save(self, state_fn: Callable[[], dict] | dict, step: int | None = None) -> Path | None:
+        """Write the state; a state holding NaN / inf is refused (:class:`NonFiniteError`) and
+        the previous checkpoint stays: a diverged run must never destroy its last good state."""
         if not is_main():
             return None
         state = state_fn() if callable(state_fn) else state_fn
-        return save_atomic(state, self.path)
+        step = state.get("step", step) if step is None else step
+        bad = non_finite_tensors(state)
+        if bad:
+            raise NonFiniteError(f"step {step}: the training state holds non-finite values "
+                                 f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); not written, "
+                                 f"{self.describe()}")
+        path = save_atomic(state, self.path)
+        self.saved_step = step
+        return path
+
+    def describe(self) -> str:
+        """Where the last good state is, for messages."""
+        if self.saved_step is not None:
+            return f"last good checkpoint: {self.path} (step {self.saved_step})"
+        if self.path.is_file():
+            return f"last good checkpoint: {self.path} (from before this invocation)"
+        return f"no checkpoint written yet (the first goes to {self.path})"
 
     def exists(self) -> bool:
         return self.path.is_file()
@@ -319,11 +341,76 @@ def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
+# -- non-finite steps -------------------------------------------------------------------------
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced NaN / inf; the message is one line naming the step and the last good
+    checkpoint."""
+
+
+class StepGuard:
+    """The one place every training loop asks "may this step update the weights?".
+
+    Call :meth:`check` after ``loss.backward()`` and before ``optimizer.step()``. A finite loss
+    and finite gradients: True. Otherwise the step is skipped (gradients cleared, False) while
+    fewer than ``max_bad_steps`` steps have been skipped in this run, as mixed-precision loss
+    scaling does; past that, :class:`NonFiniteError` stops the run. Nothing non-finite reaches
+    the weights, so nothing non-finite reaches a checkpoint (:meth:`Checkpointer.save` refuses
+    it anyway). Under DDP every rank takes the same decision (gradients are already averaged;
+    the loss flag is summed over ranks).
+    """
+
+    def __init__(self, max_bad_steps: int = 0, checkpointer: Checkpointer | None = None, what: str = "step",
+                 device: torch.device | str = "cpu"):
+        if max_bad_steps < 0:
+            raise ValueError(f"max_bad_steps must be >= 0, got {max_bad_steps}")
+        self.max_bad_steps = int(max_bad_steps)
+        self.checkpointer = checkpointer
+        self.what = what
+        self.device = torch.device(device)
+        self.bad_steps = 0
+
+    def problem(self, loss: torch.Tensor, parameters) -> str | None:
+        """What is non-finite in this step (None: nothing)."""
+        loss_bad = float(not bool(torch.isfinite(loss.detach()).all()))
+        if all_reduce_sums({"bad": loss_bad}, self.device)["bad"] > 0:
+            return f"loss is {float(loss.detach().float().mean())}" if loss_bad else "loss is non-finite on another rank"
+        named = parameters if isinstance(parameters, dict) else {str(i): p for i, p in enumerate(parameters)}
+        bad = [n for n, p in named.items() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        if bad:
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            return f"non-finite gradient in {bad[0]}{more}"
+        return None
+
+    def check(self, step: int, loss: torch.Tensor, parameters, optimizer: torch.optim.Optimizer | None = None) -> bool:
+        """``step``: the 1-based number of the step being taken (as logs and checkpoints count).
+        ``parameters``: a dict name -> parameter (``dict(model.named_parameters())``) or a list."""
+        problem = self.problem(loss, parameters)
+        if problem is None:
+            return True
+        self.bad_steps += 1
+        kept = self.checkpointer.describe() if self.checkpointer is not None else "nothing written"
+        if self.bad_steps > self.max_bad_steps:
+            budget = f" ({self.bad_steps - 1} bad steps skipped before; --max-bad-steps {self.max_bad_steps})" \
+                if self.max_bad_steps else ""
+            raise NonFiniteError(f"{self.what} {step}: {problem}; training stopped{budget}; {kept}")
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        if is_main():
+            import sys
+
+            print(f"iared: {self.what} {step}: {problem}; step skipped ({self.bad_steps} of at most "
+                  f"{self.max_bad_steps})", file=sys.stderr)
+        return False
+
+
 # -- logging ----------------------------------------------------------------------------------
 
 
 class JsonlLogger:
-    """Appends one JSON object per line to ``path`` (rank 0 only); adds wall time ``time``."""
+    """Appends one JSON object per line to ``path`` (rank 0 only); adds wall time ``time``.
+    Strict JSON: a NaN / inf value is written as null (bare ``NaN`` is not JSON)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -335,7 +422,7 @@ class JsonlLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         record = {**record, "time": round(time.time() - self.start, 3)}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
 
 
 def progress(iterable=None, **kw):

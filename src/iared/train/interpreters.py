@@ -27,9 +27,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from iared import flops
-from iared.checkpoint import CheckpointError, read_checkpoint, save_atomic
+from iared.checkpoint import CheckpointError, read_checkpoint
+from iared.files import check_output_dir, write_json
 from iared.pruning import IARed, IARedConfig, save_pruned
 from iared.rl import Baseline, RunningMean, blockdrop_reward, policy_gradient_loss
+from iared.train.common import Checkpointer, JsonlLogger, StepGuard
 
 TRAIN_STATE_FORMAT = "iared-interp-train/1"
 
@@ -39,7 +41,9 @@ class InterpreterTrainConfig:
     """Every option of ``iared train-interpreters``; saved next to the checkpoints."""
 
     task: str = "digits-clutter"
-    backbone: str | None = None  # checkpoint of the backbone; None: the shipped digits backbone
+    backbone: str | None = None  # weights file of the backbone (any format, iared.loading); None: see model
+    model: str | None = None  # backbone name (with backbone: how to build it; alone: its pretrained weights)
+    pretrained: bool = False  # with model and no backbone file: timm's download / the shipped digits_vit
     out: str = "runs/interpreters"
     steps_per_stage: int = 500
     batch_size: int = 64
@@ -60,6 +64,7 @@ class InterpreterTrainConfig:
     distill_weight: float = 0.5  # loss = (1 - w) * CE(label) + w * KL(teacher || student)
     seed: int = 0
     device: str = "cpu"
+    max_bad_steps: int = 0  # steps with a non-finite loss / gradient skipped before the run stops
     history: list = field(default_factory=list, repr=False)
 
 
@@ -93,6 +98,9 @@ class InterpreterTrainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.history: list[dict] = []
         self.out = Path(cfg.out)
+        self.checkpointer = Checkpointer(self.out, filename="train_state.pt")
+        self.guard = StepGuard(cfg.max_bad_steps, self.checkpointer, device=self.device)
+        self.logger = JsonlLogger(self.out / "log.jsonl")
 
     # -- state ------------------------------------------------------------------------------
 
@@ -100,10 +108,11 @@ class InterpreterTrainer:
         return torch.optim.Adam(self.model.interpreters[stage].parameters(), lr=self.cfg.lr)
 
     def state_path(self) -> Path:
-        return self.out / "train_state.pt"
+        return self.checkpointer.path
 
     def save_state(self) -> None:
-        save_atomic({
+        """Write the training state (refused, keeping the previous one, if it holds NaN / inf)."""
+        self.checkpointer.save({
             "format": TRAIN_STATE_FORMAT,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer else {},
@@ -112,7 +121,7 @@ class InterpreterTrainer:
             "history": json.dumps(self.history),
             "config": {"model": self.model.backbone.cfg.to_dict(), "iared": self.model.config_dict(),
                        "train": _config_dict(self.cfg)},
-        }, self.state_path())
+        }, step=f"stage {self.stage + 1} step {self.step}")
 
     def load_state(self, path: Path) -> None:
         state = read_checkpoint(path)
@@ -150,7 +159,10 @@ class InterpreterTrainer:
         loss = policy_gradient_loss(out.log_prob, reward, baseline)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
+        self.guard.what = f"stage {stage + 1} step"
+        params = {f"interpreters.{stage}.{n}": p for n, p in model.interpreters[stage].named_parameters()}
+        if self.guard.check(self.step + 1, loss, params, self.optimizer):
+            self.optimizer.step()
         return {"reward": float(reward.mean()), "kept": float(out.kept_fraction()[:, stage].mean()),
                 "accuracy": float((out.logits.argmax(-1) == labels).float().mean()),
                 "gflops": float(out.gflops.mean())}
@@ -200,13 +212,13 @@ class InterpreterTrainer:
             entry.update(val_accuracy=ev["accuracy_pruned"], val_kept=ev["kept_fraction"],
                          val_gflops=round(ev["gflops_pruned"], 5))
         self.history.append(entry)
-        self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / "log.jsonl", "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        self.logger.log(**entry)
 
 
-def finetune_backbone(model: IARed, dataset, cfg: InterpreterTrainConfig, progress: bool = True) -> None:
-    """Fine-tune the backbone under the learned policy, distilling from the unpruned backbone."""
+def finetune_backbone(model: IARed, dataset, cfg: InterpreterTrainConfig, progress: bool = True,
+                      guard: StepGuard | None = None) -> None:
+    """Fine-tune the backbone under the learned policy, distilling from the unpruned backbone.
+    ``guard`` (default: ``cfg.max_bad_steps``, nothing written) vets every step."""
     if cfg.finetune_steps <= 0:
         return
     teacher = copy.deepcopy(model.backbone).eval().requires_grad_(False)
@@ -214,6 +226,9 @@ def finetune_backbone(model: IARed, dataset, cfg: InterpreterTrainConfig, progre
     model.interpreters.requires_grad_(False)
     optimizer = torch.optim.AdamW(model.backbone.parameters(), lr=cfg.finetune_lr, weight_decay=0.0)
     device = torch.device(cfg.device)
+    guard = guard or StepGuard(cfg.max_bad_steps, device=device)
+    guard.what = "fine-tune step"
+    params = {f"backbone.{n}": p for n, p in model.backbone.named_parameters()}
     w = cfg.distill_weight
     for step in tqdm(range(cfg.finetune_steps), desc="fine-tune", disable=not progress, file=sys.stderr):
         idx = batch_indices(len(dataset), cfg.batch_size, cfg.seed, -1, step)
@@ -225,7 +240,8 @@ def finetune_backbone(model: IARed, dataset, cfg: InterpreterTrainConfig, progre
                                                                         reduction="batchmean")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        if guard.check(step + 1, loss, params, optimizer):
+            optimizer.step()
     model.backbone.requires_grad_(False)
     model.eval()
 
@@ -240,80 +256,44 @@ def _config_dict(cfg: InterpreterTrainConfig) -> dict:
 # -- command line ----------------------------------------------------------------------------------
 
 def build_model(cfg: InterpreterTrainConfig) -> IARed:
-    from iared.models import create_model, load_model
+    """The backbone the config names (:func:`iared.loading.load_backbone`; default: the shipped
+    digits backbone) with fresh interpreters."""
+    from iared.loading import load_backbone
 
-    backbone = create_model("digits_vit", pretrained=True) if cfg.backbone is None else load_model(cfg.backbone)
+    backbone = load_backbone(cfg.backbone, cfg.model, cfg.pretrained, default="digits_vit")
     return IARed(backbone, IARedConfig(num_stages=cfg.num_stages, interpreter_heads=cfg.interpreter_heads))
 
 
-def load_split(task: str, split: str, n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """The first ``n`` samples of a split as tensors (evaluation sets)."""
-    from iared.data import build_dataset
+def load_split(task: str, split: str, n: int, seed: int = 0, model_cfg=None) -> tuple[Tensor, Tensor]:
+    """The first ``n`` samples of a split as tensors (evaluation sets), matched to ``model_cfg``
+    for image folders."""
+    from iared.loading import task_dataset
 
-    ds = build_dataset(task, split)
+    ds = task_dataset(task, split, model_cfg)
     return stack_batch(ds, torch.arange(min(n, len(ds))))
 
 
 def train_from_config(cfg: InterpreterTrainConfig, resume: bool = False, progress: bool = True) -> tuple[IARed, list]:
-    from iared.data import build_dataset
+    from iared.loading import task_dataset
 
+    out = check_output_dir(cfg.out, "--out folder")
+    if cfg.max_bad_steps < 0:
+        raise ValueError(f"--max-bad-steps must be >= 0, got {cfg.max_bad_steps}")
     if len(cfg.stage_weights) != cfg.num_stages:
         cfg.stage_weights = tuple([cfg.stage_weights[0]] * cfg.num_stages)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
-    train_set = build_dataset(cfg.task, "train")
-    val = load_split(cfg.task, "val", cfg.eval_samples)
+    # interpreters learn on the evaluation view of the images: the data of a step stays a pure
+    # function of (seed, stage, step), so --resume is exact on folders too
+    train_set = task_dataset(cfg.task, "train", model.backbone.cfg)
+    val = load_split(cfg.task, "val", cfg.eval_samples, model_cfg=model.backbone.cfg)
     trainer = InterpreterTrainer(model, train_set, cfg, val_data=val, progress=progress)
-    out = Path(cfg.out)
     if resume:
         if not trainer.state_path().is_file():
             raise FileNotFoundError(f"nothing to resume: {trainer.state_path()} does not exist")
         trainer.load_state(trainer.state_path())
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2))
+    write_json(out / "config.json", _config_dict(cfg))
     history = trainer.run()
-    finetune_backbone(model, train_set, cfg, progress=progress)
+    finetune_backbone(model, train_set, cfg, progress=progress, guard=trainer.guard)
     save_pruned(model, out / "pruned.pt", extra={"train": _config_dict(cfg)})
     return model, history
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("train-interpreters", help="train IA-RED² interpreters on a frozen backbone",
-                              description=__doc__.split("\n\n")[0])
-    d = InterpreterTrainConfig()
-    p.add_argument("--task", default=d.task, help="digits-clutter or an ImageFolder directory")
-    p.add_argument("--backbone", default=d.backbone, help="backbone checkpoint (default: shipped digits backbone)")
-    p.add_argument("--out", default=d.out)
-    p.add_argument("--steps-per-stage", type=int, default=d.steps_per_stage)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--tau", type=float, default=d.tau, help="penalty of a wrong prediction (reward -tau)")
-    p.add_argument("--stage-weights", type=float, nargs="+", default=list(d.stage_weights))
-    p.add_argument("--baseline", choices=["self-critical", "mean"], default=d.baseline)
-    p.add_argument("--exploration", type=float, default=d.exploration)
-    p.add_argument("--threshold", type=float, default=d.threshold)
-    p.add_argument("--initial-score", type=float, default=d.initial_score,
-                   help="every token's score when a stage starts training (0.5 = unbiased)")
-    p.add_argument("--num-stages", type=int, default=d.num_stages)
-    p.add_argument("--interpreter-heads", type=int, default=d.interpreter_heads)
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--eval-samples", type=int, default=d.eval_samples)
-    p.add_argument("--save-every", type=int, default=d.save_every)
-    p.add_argument("--finetune-steps", type=int, default=d.finetune_steps,
-                   help="fine-tune the backbone under the learned policy with distillation (0: off)")
-    p.add_argument("--finetune-lr", type=float, default=d.finetune_lr)
-    p.add_argument("--distill-weight", type=float, default=d.distill_weight)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
-    p.set_defaults(func=_run)
-
-
-def _run(args) -> int:
-    fields = {k: v for k, v in vars(args).items() if k in InterpreterTrainConfig.__dataclass_fields__}
-    fields["stage_weights"] = tuple(fields["stage_weights"])
-    cfg = InterpreterTrainConfig(**fields)
-    model, history = train_from_config(cfg, resume=args.resume)
-    print(json.dumps(history[-1] if history else {}, indent=None))
-    print(f"saved {Path(cfg.out) / 'pruned.pt'}", file=sys.stderr)
-    return 0

@@ -1,0 +1,64 @@
+"""``iared bench``: throughput and latency of unpruned vs threshold (packed / padded) vs budget mode
+(:mod:`iared.bench`); options map one to one onto :class:`iared.bench.BenchConfig`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from iared.bench import CLOCKS, BenchConfig, format_table, run
+
+
+def _csv(cast):
+    return lambda s: tuple(cast(x) for x in s.split(",") if x)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from iared import bench
+
+    p = subparsers.add_parser(
+        "bench", help="throughput and latency: unpruned vs threshold (packed / padded) vs budget mode",
+        description=bench.__doc__.split("\n\n")[0],
+    )
+    p.add_argument("--model", default=BenchConfig.model,
+                   help="backbone geometry with random weights (default DeiT-S; 'digits' = the embedded task's digits_vit)")
+    p.add_argument("--checkpoint", help="a pruned IA-RED² checkpoint (iared.pruning.save_pruned) to time instead")
+    p.add_argument("--threshold", type=float, help="threshold for --checkpoint (default 0.5)")
+    p.add_argument("--keep", type=float, default=BenchConfig.keep,
+                   help="random-weight models: mean kept fraction per stage (thresholds calibrated on the batch)")
+    p.add_argument("--task", help="time on this task's test images (e.g. digits-clutter) instead of Gaussian noise; "
+                                  "useful with --checkpoint, whose trained interpreters then keep realistic counts")
+    p.add_argument("--device", default=BenchConfig.device, choices=["auto", "cpu", "cuda"],
+                   help="default auto: cuda when available")
+    p.add_argument("--dtype", type=_csv(str), default=BenchConfig.dtypes, dest="dtypes",
+                   help="comma list of float32, bfloat16, float16 (default float32,bfloat16)")
+    p.add_argument("--batch-sizes", type=_csv(int), default=BenchConfig.batch_sizes,
+                   help="comma list (default 1,8,64,256; out-of-memory sizes are skipped)")
+    p.add_argument("--strategies", type=_csv(str), default=BenchConfig.strategies,
+                   help="packed-attention strategies to time (default: loop,bucket on CPU, where torch's nested SDPA "
+                        "has only a slow math path; loop,bucket,nested on CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every configuration")
+    p.add_argument("--warmup", type=int, default=BenchConfig.warmup)
+    p.add_argument("--repeats", type=int, default=BenchConfig.repeats, help="timed calls; the median is reported")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--clock", default=BenchConfig.clock, choices=list(CLOCKS),
+                   help="wall: elapsed time (default); cpu: process CPU time, robust to other jobs on a shared "
+                        "machine when used with --threads 1")
+    p.add_argument("--interpreter-std", type=float, default=BenchConfig.interpreter_std,
+                   help="random-weight models: std of the re-initialised interpreter weights (score spread; "
+                        "default sqrt(3 / embed_dim))")
+    p.add_argument("--seed", type=int, default=BenchConfig.seed)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: tiny geometry (unless --checkpoint), at most 1 warm-up and 2 timed calls")
+    p.add_argument("--json", help="write the full report as JSON to this path ('-' for stdout; the table goes to stderr)")
+    p.set_defaults(func=main)
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    names = {f for f in BenchConfig.__dataclass_fields__}
+    cfg = BenchConfig(**{k: v for k, v in vars(args).items() if k in names})
+    report = run(cfg)
+    table = format_table(report)
+    print(table, file=sys.stderr if cfg.json == "-" else sys.stdout)
+    return 0

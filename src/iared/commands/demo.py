@@ -1,0 +1,45 @@
+"""``iared demo``: the whole IA-RED² story on the embedded task (:mod:`iared.demo`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from iared.demo import DEMO_FINETUNE_STEPS, format_table, run_demo
+from iared.train.interpreters import InterpreterTrainConfig
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from iared import demo
+
+    p = subparsers.add_parser("demo", help="train interpreters on the embedded task, evaluate, draw pictures",
+                              description=demo.__doc__.split("\n\n")[0])
+    d = InterpreterTrainConfig()
+    p.add_argument("--out", default="demo-out", help="output folder (results.json, PNGs, checkpoint)")
+    p.add_argument("--steps-per-stage", type=int, default=d.steps_per_stage)
+    p.add_argument("--test-samples", type=int, default=2000, help="test images evaluated (and timed: the first 64)")
+    p.add_argument("--eval-samples", type=int, default=d.eval_samples, help="validation images per progress check")
+    p.add_argument("--backbone", default=None, help="backbone checkpoint (default: the one shipped with iared)")
+    p.add_argument("--threshold", type=float, default=d.threshold)
+    p.add_argument("--finetune-steps", type=int, default=DEMO_FINETUNE_STEPS,
+                   help="fine-tune the backbone under the learned policy, distilling from the unpruned one")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=main)
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    cfg = InterpreterTrainConfig(steps_per_stage=args.steps_per_stage, threshold=args.threshold, seed=args.seed,
+                                 eval_samples=args.eval_samples, backbone=args.backbone,
+                                 finetune_steps=args.finetune_steps)
+    results = run_demo(Path(args.out), cfg, test_samples=args.test_samples, progress=not args.quiet)
+    print(format_table(results))
+    print(f"wrote {Path(args.out) / 'results.json'} and {len(results['pictures'])} pictures "
+          f"({results['total_seconds']:.0f} s)", file=sys.stderr)
+    return 0

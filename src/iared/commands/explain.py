@@ -1,0 +1,44 @@
+"""``iared explain IMAGE_OR_DIR --out DIR``: heatmap panels (:func:`iared.explain.cli.explain_files`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from iared.files import check_output_dir
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("explain", help="heatmap panels (interpreter + baselines) for images",
+                              description="For each image, a PNG: the image, the patches kept after each "
+                                          "stage, and every method's heatmap.")
+    p.add_argument("input", metavar="IMAGE_OR_DIR", help="an image file or a folder (searched recursively)")
+    add_model_options(p)
+    p.add_argument("--out", required=True, help="folder for the PNG panels")
+    p.add_argument("--methods", nargs="+", metavar="METHOD",
+                   help="methods as name or name:int (default: all; the interpreter combined and per stage)")
+    p.add_argument("--threshold", type=float, default=0.5, help="interpreter keep threshold (default 0.5)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=main)
+    return p
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", help="pruned model (iared.pruning.save_pruned), or backbone weights (fresh "
+                                        "interpreters); default: the shipped pruned digits model")
+    p.add_argument("--model", metavar="NAME", help="backbone name: builds --checkpoint's weights (official DeiT .pth, "
+                                                   "state dicts) or, with --pretrained, timm's")
+    p.add_argument("--pretrained", action="store_true", help="with --model and no --checkpoint: timm's download")
+
+
+def main(args: argparse.Namespace) -> int:
+    from iared.explain import cli as lib
+    from iared.explain.evaluate import build_methods
+
+    out = check_output_dir(args.out, "--out folder")
+    if args.methods:
+        build_methods(args.methods, args.threshold)  # unknown names fail before the model loads
+    files = lib.explain_inputs(args.input, out)
+    model = lib.load_explain_model(args.checkpoint, args.device, args.model, args.pretrained)
+    for path in lib.explain_files(model, files, args.input, out, args.methods, args.threshold, args.device):
+        print(path)
+    return 0

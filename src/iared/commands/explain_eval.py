@@ -1,0 +1,89 @@
+"""``iared explain-eval``: every explanation method x every metric (:func:`iared.explain.cli.evaluate_methods`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from iared.commands.explain import add_model_options
+from iared.files import check_output_file, write_json
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from iared.explain.cli import DIGITS_DEFAULT_LIMIT
+    from iared.explain.metrics import BASELINES
+
+    p = subparsers.add_parser("explain-eval", help="score explanation methods against ground-truth masks",
+                              description="Pixel accuracy, mIoU, mAP (ImageNet-segmentation protocol), "
+                                          "pointing game, deletion and insertion AUC (RISE) for every method.")
+    add_model_options(p)
+    p.add_argument("--images", help="folder of images (default: the digits-clutter test split)")
+    p.add_argument("--masks", help="folder of binary masks paired with --images by file stem")
+    p.add_argument("--limit", type=int, metavar="N",
+                   help=f"evaluate the first N samples (default: {DIGITS_DEFAULT_LIMIT} on digits, all pairs "
+                        "in folders)")
+    p.add_argument("--methods", nargs="+", metavar="METHOD",
+                   help="methods as name or name:int (default: all; the interpreter combined and per stage)")
+    p.add_argument("--json", help="write all figures here (and the bar chart beside it, .png)")
+    p.add_argument("--plot", help="write the bar chart PNG here (default: beside --json)")
+    p.add_argument("--steps", type=int, default=16, help="deletion/insertion steps (default 16)")
+    p.add_argument("--baseline", choices=BASELINES, default="rise",
+                   help="what deleted / not yet inserted pixels become (default rise: zero for deletion, "
+                        "blurred image for insertion)")
+    p.add_argument("--tolerance", type=float, default=0.0, help="pointing-game tolerance in pixels")
+    p.add_argument("--threshold", type=float, default=0.5, help="interpreter keep threshold")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0, help="digits test-split sample seed")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=main)
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from iared.explain import cli as lib
+    from iared.explain.evaluate import build_methods, format_table
+    from iared.explain.metrics import UndefinedMetricWarning
+
+    if (args.images is None) != (args.masks is None):
+        raise ValueError("--images and --masks go together: give both folders or neither")
+    for flag, value in (("--limit", args.limit), ("--steps", args.steps), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
+    plot = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
+    for flag, path in (("--json file", args.json), ("--plot file", plot)):
+        if path:
+            check_output_file(path, flag)  # before the evaluation, not after it
+    if args.methods:
+        build_methods(args.methods, args.threshold)
+    pairs = lib.pair_folders(args.images, args.masks)[: args.limit] if args.images is not None else None
+    model = lib.load_explain_model(args.checkpoint, args.device, args.model, args.pretrained)
+    total = len(pairs) if pairs is not None else (args.limit or lib.DIGITS_DEFAULT_LIMIT)
+    with tqdm(total=total, desc="explain-eval", unit="img", file=sys.stderr, disable=args.quiet) as bar, \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UndefinedMetricWarning)
+        results = lib.evaluate_methods(
+            model, images=args.images, masks=args.masks, pairs=pairs, limit=args.limit, batch_size=args.batch_size,
+            seed=args.seed, method_names=args.methods, steps=args.steps, baseline=args.baseline,
+            tolerance=args.tolerance, threshold=args.threshold, device=args.device, progress=bar)
+    notes = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UndefinedMetricWarning)))
+    for note in notes:  # said once, however many methods hit it
+        print(f"iared explain-eval: warning: {note}", file=sys.stderr)
+    results["checkpoint"] = str(args.checkpoint or (f"{args.model}" if args.model else lib.default_checkpoint_path()))
+    results["warnings"] = notes
+    print(format_table(results))
+    print(f"n={results['n']}  pruned model agrees with backbone on {results['agreement']:.1%}; "
+          f"deletion/insertion: {args.steps} steps, baseline {args.baseline}")
+    if plot:
+        from iared.explain.render import bar_chart
+
+        bar_chart(results, plot)
+        print(f"wrote {plot}")
+    if args.json:
+        write_json(args.json, results)
+        print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,68 @@
+"""``iared train-interpreters``: options of :class:`iared.train.interpreters.InterpreterTrainConfig`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from iared.files import json_safe
+from iared.train.interpreters import InterpreterTrainConfig, train_from_config
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from iared.train import interpreters
+
+    p = subparsers.add_parser("train-interpreters", help="train IA-RED² interpreters on a frozen backbone",
+                              description=interpreters.__doc__.split("\n\n")[0])
+    d = InterpreterTrainConfig()
+    p.add_argument("--task", default=d.task, help="digits-clutter or an ImageFolder directory (ImageNet wnid folders "
+                                                 "keep the standard 1000-class labels)")
+    p.add_argument("--checkpoint", "--backbone", dest="backbone", default=d.backbone, metavar="FILE",
+                   help="backbone weights: an iared checkpoint, an official DeiT .pth, a state dict or safetensors "
+                        "(geometry read off the weights unless --model names it); default: the shipped digits "
+                        "backbone")
+    p.add_argument("--model", default=d.model, metavar="NAME", help="backbone name (e.g. deit_small_patch16_224)")
+    p.add_argument("--pretrained", action="store_true", help="with --model and no --checkpoint: timm's download")
+    p.add_argument("--out", default=d.out)
+    p.add_argument("--steps-per-stage", type=int, default=d.steps_per_stage)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--tau", type=float, default=d.tau, help="penalty of a wrong prediction (reward -tau)")
+    p.add_argument("--stage-weights", type=float, nargs="+", default=list(d.stage_weights))
+    p.add_argument("--baseline", choices=["self-critical", "mean"], default=d.baseline)
+    p.add_argument("--exploration", type=float, default=d.exploration)
+    p.add_argument("--threshold", type=float, default=d.threshold)
+    p.add_argument("--initial-score", type=float, default=d.initial_score,
+                   help="every token's score when a stage starts training (0.5 = unbiased)")
+    p.add_argument("--num-stages", type=int, default=d.num_stages)
+    p.add_argument("--interpreter-heads", type=int, default=d.interpreter_heads)
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--eval-samples", type=int, default=d.eval_samples)
+    p.add_argument("--save-every", type=int, default=d.save_every)
+    p.add_argument("--finetune-steps", type=int, default=d.finetune_steps,
+                   help="fine-tune the backbone under the learned policy with distillation (0: off)")
+    p.add_argument("--finetune-lr", type=float, default=d.finetune_lr)
+    p.add_argument("--distill-weight", type=float, default=d.distill_weight)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--max-bad-steps", type=int, default=d.max_bad_steps,
+                   help="skip up to N steps whose loss or gradient is NaN / inf (default 0: the first one stops the "
+                        "run, keeping the last good train_state.pt)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=main)
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    names = {f.name for f in dataclasses.fields(InterpreterTrainConfig)}
+    fields = {k: v for k, v in vars(args).items() if k in names}
+    fields["stage_weights"] = tuple(fields["stage_weights"])
+    cfg = InterpreterTrainConfig(**fields)
+    model, history = train_from_config(cfg, resume=args.resume, progress=not args.quiet)
+    print(json.dumps(json_safe(history[-1] if history else {})))
+    print(f"saved {Path(cfg.out) / 'pruned.pt'}", file=sys.stderr)
+    return 0

@@ -1,0 +1,204 @@
+"""Which model (and data) a user means: a name, a weights file, or both, for every command that takes one.
+
+One rule for all commands (``train``, ``train-interpreters``, ``eval``, ``bench``, ``explain``,
+``explain-eval``, ``export``):
+
+- ``--checkpoint FILE`` alone: the file says what it is. iared files carry their model config
+  (training checkpoints, exported weights, pruned models). Files without one (the official DeiT
+  ``{"model": state_dict}`` layout, plain state dicts, safetensors) have their geometry read off
+  the weights (:func:`infer_vit_config`): width, depth, patch and image size, channels, classes,
+  distillation token, layer scale; the head count, which weights do not show, comes from the
+  registered model of that width (DeiT-Ti 3, -S 6, -B 12), else width / 64.
+- ``--model NAME --checkpoint FILE``: built as ``NAME`` (plus overrides), then the file's weights,
+  strictly (every missing, unexpected or mis-shaped key listed, naming the file).
+- ``--model NAME --pretrained``: timm's download (network needed), or for ``digits_vit`` the
+  backbone shipped with the package.
+- nothing: the command's default, if it has one (the shipped digits backbone / pruned model).
+
+Where a command needs an IA-RED² model (:func:`load_iared`), a pruned checkpoint is used whole;
+a backbone (any of the above) gets fresh interpreters, which is what ``train-interpreters``
+starts from and what ``explain`` / ``bench`` can still use (attention maps, timing).
+
+Every problem is one line naming the file (:class:`iared.checkpoint.CheckpointError`) or the name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from iared.checkpoint import CheckpointError, config_from_dict, extract_state_dict, load_weights, read_checkpoint
+
+__all__ = ["infer_vit_config", "is_pruned", "load_backbone", "load_iared", "load_pruned_checked", "task_dataset"]
+
+def infer_vit_config(state_dict: dict[str, torch.Tensor], path: str | os.PathLike = "<memory>"):
+    """A :class:`ViTConfig` that fits a timm-layout ViT / DeiT state dict (see the module docstring)."""
+    from iared.models import MODEL_CONFIGS, ViTConfig
+
+    def need(key: str) -> torch.Tensor:
+        if key not in state_dict:
+            raise CheckpointError(f"bad checkpoint {path}: not a ViT / DeiT state dict (no {key}); "
+                                  "give --model NAME to say what it is")
+        return state_dict[key]
+
+    proj = need("patch_embed.proj.weight")
+    if proj.dim() != 4 or proj.shape[-1] != proj.shape[-2]:
+        raise CheckpointError(f"bad checkpoint {path}: patch_embed.proj.weight has shape {tuple(proj.shape)}, "
+                              "not (C, C_in, P, P)")
+    embed_dim, in_chans, patch = int(proj.shape[0]), int(proj.shape[1]), int(proj.shape[2])
+    distilled = "dist_token" in state_dict
+    prefix = 2 if distilled else 1
+    tokens = int(need("pos_embed").shape[1]) - prefix
+    grid = int(round(tokens ** 0.5))
+    if grid * grid != tokens:
+        raise CheckpointError(f"bad checkpoint {path}: pos_embed holds {tokens} patch positions, not a square grid")
+    depth = len({int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})
+    if depth == 0:
+        raise CheckpointError(f"bad checkpoint {path}: no transformer blocks (blocks.0.*) found")
+    head = need("head.weight")
+    same_width = [c["num_heads"] for c in MODEL_CONFIGS.values() if c.get("embed_dim") == embed_dim and "num_heads" in c]
+    num_heads = same_width[0] if same_width else max(1, embed_dim // 64)
+    values: dict[str, Any] = dict(
+        img_size=grid * patch, patch_size=patch, in_chans=in_chans, num_classes=int(head.shape[0]),
+        embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+        mlp_ratio=int(need("blocks.0.mlp.fc1.weight").shape[0]) / embed_dim,
+        qkv_bias="blocks.0.attn.qkv.bias" in state_dict, distilled=distilled,
+        init_values=1e-5 if "blocks.0.ls1.gamma" in state_dict else None,  # any value: the weights overwrite it
+    )
+    if in_chans != 3:  # ImageNet statistics mean nothing for other channel counts
+        values.update(mean=(0.0,) * in_chans, std=(1.0,) * in_chans)
+    return config_from_dict(ViTConfig, values, path, "inferred model")
+
+
+def _file_model_config(obj: dict) -> dict | None:
+    config = obj.get("config")
+    model = config.get("model") if isinstance(config, dict) else None
+    return model if model is not None else None
+
+
+def is_pruned(obj: dict) -> bool:
+    """Whether a checkpoint's contents come from :func:`iared.pruning.save_pruned` (any version)."""
+    return str(obj.get("format", "")).startswith("iared-pruned/")
+
+
+def _backbone_weights(obj: dict, path) -> dict[str, torch.Tensor]:
+    sd = extract_state_dict(obj, path)
+    if is_pruned(obj):  # a pruned checkpoint used as a backbone: its fine-tuned backbone
+        sd = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
+    return sd
+
+
+def load_backbone(checkpoint: str | os.PathLike | None = None, model: str | None = None, pretrained: bool = False,
+                  overrides: dict | None = None, default: str | None = None):
+    """A :class:`VisionTransformer` from the command-line choices (module docstring).
+
+    ``default``: a registered name whose ``pretrained`` weights are used when nothing is given
+    (``digits_vit``: the shipped backbone); None makes "nothing given" an error.
+    """
+    from iared.models import MODEL_CONFIGS, VisionTransformer, ViTConfig, create_model
+
+    overrides = dict(overrides or {})
+    if model is not None and model not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model {model!r}; known: {', '.join(sorted(MODEL_CONFIGS))}")
+    if checkpoint is None:
+        if model is None:
+            if default is None:
+                raise ValueError("no model given: pass --checkpoint FILE, or --model NAME --pretrained")
+            return create_model(default, pretrained=True, **overrides)
+        if not pretrained:
+            raise ValueError(f"--model {model} without --checkpoint would be random weights; "
+                             "add --pretrained (timm's download, or the shipped digits_vit) or --checkpoint FILE")
+        return create_model(model, pretrained=True, **overrides)
+    if pretrained:
+        raise ValueError("--pretrained and --checkpoint exclude each other: which weights should be used?")
+    obj = read_checkpoint(checkpoint)
+    sd = _backbone_weights(obj, checkpoint)
+    if model is not None:
+        cfg = config_from_dict(ViTConfig, {**MODEL_CONFIGS[model], **overrides}, checkpoint, f"--model {model}")
+    else:
+        saved = _file_model_config(obj)
+        cfg = infer_vit_config(sd, checkpoint) if saved is None else config_from_dict(ViTConfig, saved, checkpoint,
+                                                                                      "model")
+        if overrides:
+            cfg = config_from_dict(ViTConfig, {**cfg.to_dict(), **overrides}, checkpoint, "model + overrides")
+    net = VisionTransformer(cfg)
+    load_weights(net, sd, checkpoint)
+    return net
+
+
+def load_pruned_checked(path: str | os.PathLike, obj: dict | None = None):
+    """:func:`iared.pruning.load_pruned` with every problem one line naming the file: the file is
+    read and checked (non-finite tensors, unknown or invalid config keys) before a model is built."""
+    from iared.models import ViTConfig
+    from iared.pruning import IARedConfig, load_pruned
+
+    obj = read_checkpoint(path) if obj is None else obj
+    config = obj.get("config") if isinstance(obj.get("config"), dict) else {}
+    if not is_pruned(obj) or "iared" not in config:
+        raise CheckpointError(f"bad checkpoint {path}: not an IA-RED² checkpoint (no interpreters inside); "
+                              "train one with `iared train-interpreters`, or give a backbone with --model")
+    config_from_dict(ViTConfig, config.get("model"), path, "model")
+    config_from_dict(IARedConfig, config["iared"], path, "iared")
+    try:
+        return load_pruned(path)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"bad checkpoint {path}: invalid config: {' '.join(str(e).split())}") from None
+
+
+def load_iared(checkpoint: str | os.PathLike | None = None, model: str | None = None, pretrained: bool = False,
+               overrides: dict | None = None, default: str | os.PathLike | None = None, iared_config=None):
+    """An :class:`IARed`: a pruned checkpoint whole, or a backbone (:func:`load_backbone`'s rules)
+    with fresh interpreters (``iared_config``, default :class:`IARedConfig()`).
+
+    ``default``: a pruned checkpoint file used when nothing is given (the shipped one).
+    """
+    from iared.pruning import IARed, IARedConfig
+
+    if checkpoint is None and model is None:
+        if default is None:
+            raise ValueError("no model given: pass --checkpoint FILE, or --model NAME --pretrained")
+        if not Path(default).is_file():
+            raise FileNotFoundError(f"no --checkpoint given and no shipped pruned model at {default}; pass "
+                                    "--checkpoint PRUNED.pt (from `iared train-interpreters`) or --model NAME")
+        checkpoint = default
+    if checkpoint is not None and model is None:
+        obj = read_checkpoint(checkpoint)
+        if is_pruned(obj):
+            if overrides or pretrained:
+                raise ValueError(f"{checkpoint} is a pruned checkpoint: it carries its backbone, so --model-override "
+                                 "and --pretrained do not apply")
+            return load_pruned_checked(checkpoint, obj)
+    backbone = load_backbone(checkpoint, model, pretrained, overrides)
+    return IARed(backbone, iared_config or IARedConfig()).eval()
+
+
+def task_dataset(task: str, split: str, model_cfg=None, augment: bool = False, **task_kw):
+    """The dataset a command means by ``--task``, matched to the model that will read it.
+
+    A registered task (``digits-clutter``; ``task_kw`` such as ``length`` / ``seed`` go to it) is
+    checked against the model's input shape here, so a mismatch is one line before any work. An
+    image folder gets the model's image size, mean / std and input channels (timm's training
+    transform with ``augment``, else the evaluation one). ``model_cfg`` None: the folder defaults.
+    """
+    from iared.data import TASKS, build_dataset, eval_transform, train_transform
+
+    if task in TASKS:
+        dataset = build_dataset(task, split, **task_kw)
+        if model_cfg is not None and len(dataset):
+            shape = tuple(dataset[0][0].shape)
+            want = (model_cfg.in_chans, model_cfg.img_size, model_cfg.img_size)
+            if shape != want:
+                raise ValueError(f"--task {task}: its images are {'x'.join(map(str, shape))} (CxHxW) but the model "
+                                 f"takes {'x'.join(map(str, want))}")
+        return dataset
+    if model_cfg is None:
+        return build_dataset(task, split)
+    make = train_transform if augment else eval_transform
+    transform = make(model_cfg.img_size, mean=model_cfg.mean, std=model_cfg.std)
+    return build_dataset(task, split, transform=transform, in_chans=model_cfg.in_chans)
