@@ -50,6 +50,10 @@ class Decision:
     ``kept_count``: when every image keeps the same number of tokens (prefix included) and that
     number is known without reading the device (budget / top-k), the selection stays dense and
     traceable (ONNX) without a host-side count.
+    ``gate``: token-aligned multiplicative key weights (training-time masking, DynamicViT): no
+    token leaves, :attr:`Tokens.weights` becomes ``weights * gate`` (applied before any keep /
+    merge of the same decision), so attention to a token gated to 0 is exactly 0 while gradients
+    still reach the gate; gates of successive stages multiply (a token gated out stays out).
     """
 
     keep: Tensor | None = None
@@ -60,6 +64,7 @@ class Decision:
     log_prob: Tensor | None = None
     macs: Tensor | float = 0.0
     kept_count: int | None = None
+    gate: Tensor | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -124,6 +129,10 @@ class Tokens:
 
     def apply(self, decision: Decision, ragged: RaggedLayout = "packed") -> Tokens:
         """The tokens after a reducer's decision (a merge or a selection, token-aligned with ``self``)."""
+        if decision.gate is not None:  # soft / straight-through masking: multiply into the key weights
+            gate = decision.gate.to(self.data.dtype)
+            gated = replace(self, weights=gate if self.weights is None else self.weights * gate)
+            return gated.apply(replace(decision, gate=None), ragged)
         if decision.merge_into is not None:
             if decision.keep is not None:
                 raise ValueError("a decision either merges or keeps: express dropped tokens as merges")
