@@ -37,6 +37,16 @@ def bipartite_matching_macs(n, dim: int):
     return (n // 2) * (n - n // 2) * dim
 
 
+def token_fusion_macs(n, dim: int):
+    """Weighted average of ``n`` tokens into fewer (ToMe's merge, EViT's fusion): a product per channel."""
+    return n * dim
+
+
+def significance_macs(n):
+    """ATS's significance on ``n`` tokens: class attention times value norm (the block computed both)."""
+    return n
+
+
 def embed_macs(cfg: ViTConfig) -> int:
     return cfg.num_patches * cfg.embed_dim * cfg.in_chans * cfg.patch_size**2
 

@@ -39,6 +39,8 @@ def check_stage_starts(starts: Sequence[int], depth: int) -> tuple[int, ...]:
     starts = tuple(int(s) for s in starts)
     if not starts or starts[0] < 0 or list(starts) != sorted(set(starts)) or starts[-1] >= depth:
         raise ValueError(f"stage_starts must be increasing block indices in [0, {depth}): {starts}")
+    if starts[0] != 0:  # the loop runs stage 0 from its start: blocks before it would silently never run
+        raise ValueError(f"stage_starts must start at block 0 (give the first stage no reducer, None): {starts}")
     return starts
 
 

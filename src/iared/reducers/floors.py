@@ -1,0 +1,98 @@
+"""The no-learning floors every learned reducer is reported beside.
+
+:class:`RandomReducer`: every alive patch token gets a uniform random score. Under the stage
+policy (:func:`iared.reducers.policy.keep_from_scores`) budget mode keeps a random top-k (random
+dropping at the same budget), threshold mode keeps a token with probability ``1 - threshold``
+(per-image counts vary: the batch becomes packed).
+
+:class:`PixelSaliency`: the score of a patch token is the standard deviation of the pixels under
+it (all its pixels and channels), mapped per image to (0, 1) by rank: "keep the patches with
+something in them". Budget mode keeps the k most varied patches; threshold t keeps about
+``1 - t`` of them, patches with equal variance (blank background) all together.
+
+Both score prefix tokens 1 (always kept) and cost no multiply-accumulates.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from iared.reducers.base import Reducer, StageInput
+from iared.reducers.grid import fractional_rank
+from iared.reducers.policy import keep_from_scores
+from iared.tokens import Decision, Tokens
+
+
+def _prefix_one(tokens: Tokens, scores: Tensor) -> Tensor:
+    """Prefix tokens score 1, padding 0 (the policy never drops the first nor keeps the second)."""
+    scores = torch.where(tokens.is_prefix(), torch.ones_like(scores), scores)
+    valid = tokens.valid()
+    return scores if valid is None else scores * valid
+
+
+class RandomReducer(Reducer):
+    """Uniform random scores in [0, 1) for every alive patch token.
+
+    ``seed``: draws come from a generator seeded once (reproducible over a run; it advances from
+    batch to batch); None uses torch's global generator. The draws are made per image over the
+    original token positions ``(B, N0)`` and read at each token's position, so the same seed
+    gives the same decisions in the dense, padded and packed layouts.
+    """
+
+    uses_policy = True
+
+    def __init__(self, seed: int | None = None):
+        super().__init__()
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device).manual_seed(self.seed)
+        return self._generators[device]
+
+    def forward(self, x: StageInput) -> Decision:
+        t = x.tokens
+        device = t.data.device
+        u = torch.rand(t.batch_size, x.backbone.num_tokens, generator=self._generator(device), device=device)
+        scores = _prefix_one(t, u[t.image_ids(), t.index].to(t.data.dtype))
+        return keep_from_scores(t, scores, x.settings, macs=self.macs(t.lengths()))
+
+    def macs(self, n) -> float:
+        return 0.0
+
+    def describe(self) -> dict:
+        return {"method": "random", "seed": self.seed}
+
+
+def patch_std(backbone, inputs: Tensor) -> Tensor:
+    """``(B, N_patches)``: standard deviation of the pixels (and channels) under every patch token."""
+    return backbone.patch_pixels(inputs).float().std(dim=-1, correction=0)
+
+
+class PixelSaliency(Reducer):
+    """Pixel-variance floor: score = rank of the patch's pixel standard deviation in its image.
+
+    Scores are ``(rank + 0.5) / n`` over the image's n alive patch tokens (ties share their mean
+    rank), so threshold and budget mean the same as for a learned score. Reads the raw input
+    through ``backbone.patch_pixels`` at the tokens' original positions (``Tokens.index``).
+    """
+
+    uses_policy = True
+
+    def forward(self, x: StageInput) -> Decision:
+        t = x.tokens
+        std = patch_std(x.backbone, x.inputs).to(t.data.dtype)  # (B, N_patches)
+        patch_index = (t.index - t.num_prefix).clamp_min(0)
+        raw = std[t.image_ids(), patch_index]
+        scores = _prefix_one(t, fractional_rank(t, raw))
+        return keep_from_scores(t, scores, x.settings, macs=self.macs(t.lengths()))
+
+    def macs(self, n) -> float:
+        return 0.0  # elementwise statistics only (the MAC convention of iared.flops leaves them out)
+
+    def describe(self) -> dict:
+        return {"method": "pixel"}

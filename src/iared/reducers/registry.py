@@ -1,0 +1,197 @@
+"""Every token reducer by name: its knob, its natural placement, a knob sweep, and how to run it.
+
+``build_reduced(method, backbone, knob)`` puts the method's reducers at their natural stages on
+any depth; ``runner(method, model, knob)`` runs it with the stage settings its knob needs;
+``default_knobs(method)`` spans little to strong reduction. The knobs:
+
+========== ============================================================ =========== =================
+method     knob                                                         no reduction placement (12 blocks)
+========== ============================================================ =========== =================
+random     keep ratio per stage (budget top-k of random scores);        1.0         0, 4, 8
+           one value or one per stage
+pixel      keep ratio per stage (budget top-k of pixel std ranks)       1.0         0, 4, 8
+iared      threshold on the interpreter scores (IA-RED²'s rule)         0.0         0, 4, 8
+tome       r, tokens merged per image at every stage                    0           1, 2, ..., 11
+evit       keep rate: ceil(rate * alive patches) kept, rest fused       1.0         3, 6, 9
+ats        ratio: K = round(ratio * alive patches) CDF quantiles        1.0 (off)   3, 6, 9
+dynamicvit keep ratio per predictor (see iared.reducers.dynamicvit)     1.0         3, 6, 9
+========== ============================================================ =========== =================
+
+Placements on any depth: IA-RED² and the floors, 3 equal stages from block 0
+(:func:`iared.stages.equal_stage_starts`); ToMe, one stage per block from block 1 (it reads the
+keys of the block before); EViT and ATS, :func:`quarter_locations` (``round(depth/4)``,
+``round(depth/2)``, ``round(3 depth/4)``). Reducers that read the block before need a stage start
+of 1 or more; a leading stage with no reducer runs the blocks before the first reducer.
+
+A new method is one :class:`Method` entry in :data:`METHODS` (see ``dynamicvit``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from iared.reducers.ats import ATS
+from iared.reducers.base import Reducer
+from iared.reducers.evit import EViT
+from iared.reducers.floors import PixelSaliency, RandomReducer
+from iared.reducers.tome import ToMe
+from iared.stages import ReducedModel, ReducedOutput, equal_stage_starts
+
+
+def quarter_locations(depth: int, count: int = 3) -> tuple[int, ...]:
+    """``round(i * depth / (count + 1))`` for i = 1..count, within [1, depth - 1], duplicates
+    dropped: 12 blocks (3, 6, 9) as EViT and DynamicViT; 6 blocks (2, 3, 4); 3 blocks (1, 2)."""
+    if depth < 2:
+        raise ValueError(f"a reducer that reads the block before needs at least 2 blocks, got depth {depth}")
+    locs = {min(depth - 1, max(1, round(i * depth / (count + 1)))) for i in range(1, count + 1)}
+    return tuple(sorted(locs))
+
+
+def every_block_from_one(depth: int) -> tuple[int, ...]:
+    """ToMe's placement: a stage before every block but the first."""
+    if depth < 2:
+        raise ValueError(f"ToMe needs at least 2 blocks, got depth {depth}")
+    return tuple(range(1, depth))
+
+
+def three_equal_stages(depth: int) -> tuple[int, ...]:
+    return equal_stage_starts(depth, 3)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A token reducer as the registry knows it.
+
+    ``knob``: what the number means; ``no_reduction``: the knob value that keeps every token;
+    ``sweep``: default knob values, little to strong reduction; ``locations(depth)``: the blocks
+    its reducers sit before; ``reducer(backbone, knob, stage)``: one stage's reducer (None where
+    the method needs more than the backbone, e.g. trained interpreters); ``settings(knob)``: the
+    stage-loop keyword arguments (mode, threshold, keep ratio) that run it; ``learns``: whether
+    it has weights to train.
+    """
+
+    name: str
+    knob: str
+    no_reduction: float
+    sweep: tuple
+    locations: Callable[[int], tuple[int, ...]]
+    reducer: Callable | None = None
+    settings: Callable[[object], dict] = lambda knob: {}
+    learns: bool = False
+
+
+def _budget(knob) -> dict:
+    return {"mode": "budget", "keep_ratio": list(knob) if isinstance(knob, (list, tuple)) else float(knob)}
+
+
+def _tome_sweep(backbone) -> tuple:
+    """r values merging about 15 .. 85 % of the patch tokens by the last block (at most half of
+    the alive tokens leave per block)."""
+    merges = len(backbone.blocks) - 1
+    n = backbone.num_tokens - backbone.num_prefix_tokens
+    rs = sorted({max(1, round(f * n / merges)) for f in (0.15, 0.3, 0.45, 0.6, 0.75, 0.85)})
+    return tuple(rs)
+
+
+METHODS: dict[str, Method] = {
+    "random": Method("random", "keep ratio per stage (budget top-k of uniform random scores)", 1.0,
+                     (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3), three_equal_stages,
+                     lambda backbone, knob, stage: RandomReducer(), _budget),
+    "pixel": Method("pixel", "keep ratio per stage (budget top-k by pixel standard deviation)", 1.0,
+                    (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3), three_equal_stages,
+                    lambda backbone, knob, stage: PixelSaliency(), _budget),
+    "iared": Method("iared", "threshold on the interpreter's keep score (threshold mode)", 0.0,
+                    (0.3, 0.4, 0.5, 0.6, 0.7, 0.8), three_equal_stages, None,
+                    lambda knob: {"mode": "threshold", "threshold": knob}, learns=True),
+    "tome": Method("tome", "r: tokens merged per image before every block from block 1", 0,
+                   (1, 2, 4, 6, 8, 12, 16), every_block_from_one,
+                   lambda backbone, knob, stage: ToMe(int(knob), backbone.token_dim)),
+    "evit": Method("evit", "keep rate: ceil(rate * alive patches) kept, the rest fused into one token", 1.0,
+                   (0.9, 0.8, 0.7, 0.6, 0.5, 0.4), quarter_locations,
+                   lambda backbone, knob, stage: EViT(float(knob), backbone.token_dim)),
+    "ats": Method("ats", "ratio: K = round(ratio * alive patches) CDF quantiles sampled per image (1 = off)",
+                  1.0, (0.9, 0.8, 0.7, 0.6, 0.5, 0.4), quarter_locations,
+                  lambda backbone, knob, stage: ATS(ratio=float(knob))),
+    # DynamicViT's predictors learn: the builder lives beside them (iared.reducers.dynamicvit).
+    "dynamicvit": Method("dynamicvit", "keep ratio per predictor (fraction of the alive patch tokens)", 1.0,
+                         (0.9, 0.8, 0.7, 0.6, 0.5), quarter_locations, None, learns=True),
+}
+
+
+def method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown token reducer {name!r}; known: {', '.join(METHODS)}") from None
+
+
+def default_knobs(name: str, quick: bool = False, backbone=None) -> tuple:
+    """Knob values from little to strong reduction (``quick``: one middle value). With ``backbone``,
+    ToMe's r values are scaled to its token count and depth."""
+    m = method(name)
+    sweep = _tome_sweep(backbone) if name == "tome" and backbone is not None else m.sweep
+    return (sweep[len(sweep) // 2],) if quick else tuple(sweep)
+
+
+def stage_starts(name: str, depth: int) -> tuple[int, ...]:
+    """The blocks that the method's reducers sit before, on a backbone of ``depth`` blocks."""
+    return method(name).locations(depth)
+
+
+def build_reduced(name: str, backbone, knob, stage_starts: Sequence[int] | None = None, *,
+                  interpreters: Sequence[Reducer] | None = None, seed: int | None = None) -> ReducedModel:
+    """``backbone`` with method ``name``'s reducers at ``stage_starts`` (the blocks they sit before;
+    default: the method's natural placement), set to ``knob``.
+
+    ``interpreters``: IA-RED²'s trained :class:`iared.interpreter.MultiHeadInterpreter`, one per
+    stage (required for ``iared``; their stages are ``stage_starts`` or 3 equal ones).
+    ``seed``: the random floor's generator. Run the model with :func:`runner` (or
+    ``model(x, **forward_kwargs(name, knob))``): the policy methods take their knob from the stage
+    settings, not from the reducers.
+    """
+    m = method(name)
+    depth = len(backbone.blocks)
+    locs = tuple(int(s) for s in (stage_starts if stage_starts is not None else m.locations(depth)))
+    if name == "iared":
+        return _iared(backbone, locs, interpreters)
+    if name == "dynamicvit":
+        from iared.reducers.dynamicvit import build_dynamicvit
+
+        return build_dynamicvit(backbone, float(knob), locations=locs)
+    reducers = [m.reducer(backbone, knob, g) for g in range(len(locs))]
+    if name == "random" and seed is not None:
+        reducers = [RandomReducer(seed + g) for g in range(len(locs))]
+    if any(r.needs_record for r in reducers) and locs and locs[0] < 1:
+        raise ValueError(f"{name} reads the block before its stage: stage starts must be >= 1, got {locs}")
+    if locs and locs[0] != 0:  # a leading stage with no reducer runs the first blocks
+        return ReducedModel(backbone, [None, *reducers], (0, *locs))
+    return ReducedModel(backbone, reducers, locs)
+
+
+def _iared(backbone, locs: tuple[int, ...], interpreters) -> ReducedModel:
+    from iared.pruning import IARed, IARedConfig
+
+    if not interpreters:
+        raise ValueError("iared needs trained interpreters (one per stage): train them with "
+                         "`iared train-interpreters`, or load a pruned checkpoint")
+    interpreters = list(interpreters)
+    if len(interpreters) != len(locs):
+        raise ValueError(f"iared: {len(interpreters)} interpreters for stage starts {locs}")
+    model = IARed(backbone, IARedConfig(num_stages=len(locs), interpreter_heads=interpreters[0].num_heads,
+                                        stage_starts=locs))
+    for mine, theirs in zip(model.reducers, interpreters):
+        mine.load_state_dict(theirs.state_dict())
+    return model
+
+
+def forward_kwargs(name: str, knob) -> dict:
+    """The stage-loop keyword arguments that run method ``name`` at ``knob``."""
+    return method(name).settings(knob)
+
+
+def runner(name: str, model: ReducedModel, knob) -> Callable[..., ReducedOutput]:
+    """``inputs -> ReducedOutput``: ``model`` in eval mode, run with the settings of ``knob``."""
+    model.eval()
+    kwargs = forward_kwargs(name, knob)
+    return lambda inputs, **overrides: model(inputs, **{**kwargs, **overrides})
