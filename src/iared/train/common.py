@@ -289,7 +289,7 @@ class Checkpointer:
         self.directory = Path(directory)
         self.every = int(every)
         self.path = self.directory / filename
-        self.saved_step: int | None = None  # step of the last checkpoint this run wrote
+        self.saved_step: int | str | None = None  # step (or a label such as "stage 2 step 0") last written
 
     def maybe_save(self, step: int, state_fn: Callable[[], dict]) -> bool:
         if self.every > 0 and step % self.every == 0:
@@ -316,7 +316,8 @@ class Checkpointer:
     def describe(self) -> str:
         """Where the last good state is, for messages."""
         if self.saved_step is not None:
-            return f"last good checkpoint: {self.path} (step {self.saved_step})"
+            at = f"step {self.saved_step}" if isinstance(self.saved_step, int) else self.saved_step
+            return f"last good checkpoint: {self.path} ({at})"
         if self.path.is_file():
             return f"last good checkpoint: {self.path} (from before this invocation)"
         return f"no checkpoint written yet (the first goes to {self.path})"
