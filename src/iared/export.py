@@ -29,34 +29,19 @@ from iared.pruning import IARed
 class BudgetModel(nn.Module):
     """``IARed`` in budget mode as a plain module: ``forward(images (B, C, H, W)) -> logits (B, classes)``.
 
-    Same computation as ``model(images, "budget", keep_ratio=keep_ratio).logits`` (tokens kept in
-    their original order), with the per-stage counts fixed at construction so nothing is read back
-    from the device.
+    Exactly ``model(images, "budget", keep_ratio=keep_ratio).logits``: the same stage loop, whose
+    budget policy (:func:`iared.reducers.policy.keep_from_scores`) reads the per-stage counts
+    from static shapes, so the traced graph holds ``TopK`` + gathers and no host-side decision.
     """
 
     def __init__(self, model: IARed, keep_ratio: float | Sequence[float]):
         super().__init__()
         self.model = model
-        ratios = [keep_ratio] * model.num_stages if isinstance(keep_ratio, (int, float)) else list(keep_ratio)
-        if len(ratios) != model.num_stages or not all(0 < r <= 1 for r in ratios):
-            raise ValueError(f"keep_ratio must be in (0, 1], one value or {model.num_stages}: {keep_ratio!r}")
-        alive, self.counts = model.backbone.cfg.num_patches, []
-        for r in ratios:  # the same rule as IARed._policy's budget mode
-            alive = max(1, round(r * alive)) if alive else 0
-            self.counts.append(alive)
+        model.stage_settings("budget", keep_ratio=keep_ratio)  # validates the ratios now, not at trace time
+        self.keep_ratio = keep_ratio
 
     def forward(self, images: Tensor) -> Tensor:
-        model = self.model
-        tokens = model.backbone.embed(images)
-        p = tokens.num_prefix
-        for stage, interpreter in enumerate(model.interpreters):
-            scores = interpreter(tokens)[:, p:]  # (B, N_alive) patch scores
-            top = scores.topk(self.counts[stage], dim=1).indices.sort(dim=1).values + p
-            prefix = torch.arange(p, device=top.device).expand(top.shape[0], p)
-            tokens = tokens.gather(torch.cat([prefix, top], dim=1))
-            for block in model.stage_blocks(stage):
-                tokens = block(tokens)
-        return model.backbone.head_from_tokens(tokens)
+        return self.model(images, "budget", keep_ratio=self.keep_ratio).logits
 
 
 class ExportError(RuntimeError):

@@ -42,10 +42,7 @@ class IARedConfig:
 
     def resolve(self, depth: int) -> tuple[int, ...]:
         starts = self.stage_starts or equal_stage_starts(depth, self.num_stages)
-        starts = check_stage_starts(starts, depth)
-        if starts[0] != 0:
-            raise ValueError(f"stage_starts must start at block 0: {starts}")
-        return starts
+        return check_stage_starts(starts, depth)
 
 
 class IARed(ReducedModel):

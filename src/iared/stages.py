@@ -105,7 +105,8 @@ class ReducedModel(nn.Module):
     def forward(self, inputs: Tensor, mode: Mode | Sequence[Mode] = "threshold", *,
                 threshold: float | Sequence[float] = 0.5, keep_ratio: float | Sequence[float] | None = None,
                 flops_ratio: float | None = None, layout: RaggedLayout = "packed",
-                attention: PackedAttention = "auto", exploration: float = 0.0) -> ReducedOutput:
+                attention: PackedAttention = "auto", exploration: float = 0.0,
+                attention_out: list | None = None) -> ReducedOutput:
         """Run the reduced model on ``inputs`` (``(B, C, H, W)`` images, or what the backbone embeds).
 
         mode: one of ``MODES`` or one per stage; threshold: one value or one per stage.
@@ -113,6 +114,8 @@ class ReducedModel(nn.Module):
         or a target fraction of the unpruned FLOPs (solved to a uniform keep ratio).
         layout: how ragged batches are held (``packed`` concatenates, ``padded`` pads + masks).
         exploration: sample mode draws from ``eps + (1 - 2 eps) * score``.
+        attention_out: pass a list to receive one :class:`iared.tokens.AttentionMap` per block, the
+        attention the pruned model really computed (explainers; runs the explicit-attention path).
         """
         settings = self.stage_settings(mode, threshold, keep_ratio, flops_ratio, exploration)
         tokens = self.backbone.embed(inputs)
@@ -135,7 +138,12 @@ class ReducedModel(nn.Module):
             for i, block in enumerate(blocks):
                 record = BlockRecord() if wants_record and i == len(blocks) - 1 else None
                 trace.tokens_per_block.append(tokens.lengths())
-                tokens = block(tokens, record=record)
+                if attention_out is None:
+                    tokens = block(tokens, record=record)
+                else:
+                    weights: list = []
+                    before, tokens = tokens, block(tokens, weights, record=record)
+                    attention_out.append(before.attention_map(weights[0]))
         logits = self.backbone.forward_head(tokens)
         macs = self._macs(trace).to(logits.device)
         return ReducedOutput(logits, trace.scores, trace.keep, macs, trace.log_prob,
@@ -237,4 +245,8 @@ class _Trace:
         self.reducer_macs.append(m.detach().double() if isinstance(m, Tensor) else float(m))
 
     def alive(self, tokens) -> None:
-        self.keep.append(tokens.scatter(torch.ones_like(tokens.index, dtype=torch.float32), self.n0) > 0)
+        # A token gated to weight 0 (DynamicViT's training-time mask) is not alive; merged sizes are >= 1.
+        alive = torch.ones_like(tokens.index, dtype=torch.float32)
+        if tokens.weights is not None:
+            alive = (tokens.weights.detach() > 0).float()
+        self.keep.append(tokens.scatter(alive, self.n0) > 0)

@@ -67,6 +67,30 @@ class Decision:
     gate: Tensor | None = None
 
 
+@dataclass
+class AttentionMap:
+    """One block's attention probabilities as the block computed them, and where its tokens sit.
+
+    ``weights``: ``(B, H, n, n)`` over the block's alive tokens (padded to the longest image for
+    ragged layouts); ``index``: ``(B, n)`` their original positions; ``mask``: ``(B, n)`` real
+    tokens, or None. :meth:`to_grid` puts any such tensor (the weights, or their gradients) on
+    the original ``(B, H, N0, N0)`` token grid, zeros for tokens that were not alive.
+    """
+
+    weights: Tensor
+    index: Tensor
+    mask: Tensor | None = None
+
+    def to_grid(self, total: int, values: Tensor | None = None) -> Tensor:
+        values = self.weights if values is None else values
+        B, H, n, _ = values.shape
+        idx = self.index if self.mask is None else torch.where(self.mask, self.index, torch.full_like(self.index, total))
+        rows = values.new_zeros(B, H, total + 1, n).scatter(2, idx[:, None, :, None].expand(B, H, n, n), values)
+        grid = values.new_zeros(B, H, total + 1, total + 1).scatter(
+            3, idx[:, None, None, :].expand(B, H, total + 1, n), rows)
+        return grid[:, :, :total, :total]
+
+
 @dataclass(frozen=True, eq=False)
 class Tokens:
     """Base class of the token layouts. ``data`` holds the features, channels last."""
@@ -151,6 +175,10 @@ class Tokens:
         """Tokens per image when every image has the same count as a static shape (dense), else None."""
         return None
 
+    def attention_map(self, weights: Tensor) -> AttentionMap:
+        """Wrap the probabilities :meth:`attend` recorded for this batch with their token positions."""
+        return AttentionMap(weights, self.index, self.valid())
+
     def image_ids(self) -> Tensor:
         """Token-aligned image number of every token (padding rows included)."""
         return self.per_token(torch.arange(self.batch_size, device=self.data.device))
@@ -201,7 +229,8 @@ class Tokens:
         position stays. Merged features are averages weighted by ``weight`` (default: the current
         sizes, i.e. :attr:`weights`, 1 when unset), so merging is associative as in ToMe.
         ``track_sizes``: the survivors' :attr:`weights` become the summed sizes (proportional
-        attention); False leaves them unset (EViT's fused token attends like any other).
+        attention); False keeps every survivor's own weight (EViT's fused token attends like the
+        token it was fused into).
         Prefix tokens must stay (``into`` = own position).
         """
         own = self.positions()
@@ -221,7 +250,7 @@ class Tokens:
         numer = torch.zeros_like(rows).index_add(0, dest, rows * wf)
         denom = rows.new_zeros(dest.shape[0], 1).index_add(0, dest, wf)
         merged = torch.where(denom > 0, numer / denom.clamp_min(1e-12), rows).reshape(self.data.shape)
-        new_sizes = None
+        new_sizes = self.weights  # track_sizes=False: survivors keep their own weights (sizes, gates)
         if track_sizes:
             new_sizes = sizes.reshape(-1).new_zeros(dest.shape[0]).index_add(0, dest, sizes.reshape(-1))
             new_sizes = new_sizes.reshape(sizes.shape)
@@ -501,7 +530,7 @@ class PackedTokens(Tokens):
             if weights_out is not None and len(set(counts)) != 1:
                 # Explainers: a padded view gives per-image probability maps (B, H, N_max, N_max).
                 padded = self.to_padded()
-                outs = _explicit_attention(*(padded.pad_rows(t) for t in (q, k, v)), weights_out,
+                outs = _explicit_attention(*(self.pad_rows(t) for t in (q, k, v)), weights_out,
                                            padded.weights, padded.mask)
                 return outs[padded.mask]
             # Every image kept the same number of tokens: a plain batched SDPA is exact and fastest.
@@ -520,6 +549,10 @@ class PackedTokens(Tokens):
         if strategy == "bucket":
             return self._attend_bucketed(q, k, v, counts)
         return self._attend_loop(q, k, v, counts)
+
+    def attention_map(self, weights):
+        padded = self.to_padded()
+        return AttentionMap(weights, padded.index, padded.mask)
 
     def to_padded(self) -> PaddedTokens:
         """The same tokens padded to the longest image (explainers, reference checks)."""

@@ -32,9 +32,10 @@ def test_every_method_gives_unit_range_maps_of_image_size(model):
 def test_backbone_methods_accept_a_plain_vit_and_interpreter_refuses_it(model):
     backbone = model.backbone
     images = torch.rand(2, 1, 64, 64)
+    model.inference = type(model.inference)(threshold=-1.0)  # nothing dropped: the pruned run is the backbone
     for name in default_methods(backbone):
         assert explain(backbone, images, name).shape == (2, 64, 64)
-        # explaining the IARed explains its backbone: same maps (random excepted)
+        # explaining an IARed that drops nothing explains its backbone: same maps (random excepted)
         if name != "random":
             assert torch.allclose(explain(backbone, images, name), explain(model, images, name), atol=1e-5)
     assert "interpreter" not in default_methods(backbone)
@@ -153,3 +154,39 @@ def test_crafted_model_really_prunes_the_background():
     expected = torch.zeros(8, 8, dtype=torch.bool)
     expected[3:5, 2:4] = True  # the 2x2 patches under the 16x16 blob at (24, 16)
     assert torch.equal(kept, expected)
+
+
+def _spread(model):
+    with torch.no_grad():  # scores spread around 0.5, so threshold mode drops a share of the tokens
+        for interp in model.interpreters:
+            interp.qk.weight.normal_(0, 0.6)
+    return model
+
+
+@pytest.mark.parametrize("name", ["raw-attention", "rollout", "chefer"])
+def test_attention_methods_explain_the_pruned_model_that_ran(model, name):
+    from iared.explain.methods import make_method
+
+    model = _spread(model)
+    images = torch.rand(3, 1, 64, 64)
+    with torch.no_grad():
+        out = model(images, "threshold", threshold=model.inference.threshold)
+    last_keep = out.keep[-1][:, 1:]  # patches alive in the last stage
+    assert (~last_keep).any() and last_keep.any()
+    pruned_maps = make_method(name)(model, images)
+    dense_maps = make_method(name)(model.backbone, images)
+    assert not torch.allclose(pruned_maps, dense_maps)  # not the unpruned backbone's explanation
+    if name == "raw-attention":  # the last block never attended to a dropped patch: those score 0
+        from iared.explain.methods import _attentions
+
+        attn = _attentions(model, images)[-1].mean(1)[:, 0, 1:]
+        assert (attn[~last_keep] == 0).all() and (attn[last_keep] > 0).all()
+
+
+def test_pruned_attention_with_nothing_dropped_equals_the_backbone(model):
+    from iared.explain.methods import _attentions
+
+    model.inference = type(model.inference)(threshold=-1.0)
+    images = torch.rand(2, 1, 64, 64)
+    for a, b in zip(_attentions(model, images), _attentions(model.backbone, images)):
+        assert torch.allclose(a, b, atol=1e-6)

@@ -34,7 +34,7 @@ def test_interpreter_matches_hand_computation():
     interp.qk.weight.data.copy_(w)
     interp.qk.bias.data.copy_(b)
     x = torch.tensor([[[1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 0.0, -1.0], [2.0, -2.0, 1.0, 1.0]]])
-    scores = interp(DenseTokens.from_embeddings(x, num_prefix=1))
+    scores = interp.score(DenseTokens.from_embeddings(x, num_prefix=1))
 
     def layer_norm(v):
         m = sum(v) / len(v)
@@ -142,9 +142,9 @@ def test_initial_score_biases_every_token_to_the_target():
     interp.qk.weight.data.zero_()  # no weight: the score is the bias term alone
     interp.set_initial_score(0.9)
     tokens = DenseTokens.from_embeddings(torch.randn(3, 17, 24), 1)
-    scores = interp(tokens)
+    scores = interp.score(tokens)
     assert torch.allclose(scores[:, 1:], torch.full((3, 16), 0.9), atol=1e-6)
     interp.set_initial_score(0.5)
-    assert torch.allclose(interp(tokens)[:, 1:], torch.full((3, 16), 0.5), atol=1e-6)
+    assert torch.allclose(interp.score(tokens)[:, 1:], torch.full((3, 16), 0.5), atol=1e-6)
     with pytest.raises(ValueError, match="initial score"):
         interp.set_initial_score(0.3)

@@ -2,9 +2,11 @@
 
 Every method is a small class configured at construction and called like pytorch-grad-cam's
 CAMs. ``model`` is an :class:`iared.pruning.IARed` or a bare :class:`VisionTransformer`; only
-the interpreter needs the IARed (it raises a ``TypeError`` naming the model type otherwise),
-the others explain the unpruned backbone (``model.backbone``): attention of dropped tokens is
-not defined, and the backbone's decision is what the pruned model approximates.
+the interpreter needs the IARed (it raises a ``TypeError`` naming the model type otherwise).
+The attention-based methods explain the model that actually ran: for an IARed, the pruned pass
+in threshold mode (its checkpoint's threshold), attention recorded on the packed tokens and put
+back on the token grid with dropped tokens scored 0 (:class:`iared.tokens.AttentionMap`);
+Grad-CAM explains the unpruned backbone (its hooks need every token at the hooked layer).
 ``images``: ``(B, C_in, H, W)``, already normalised as the model expects. ``target``: class
 indices ``(B,)`` (or a list / int), ``None`` = the backbone's predicted class; methods that do
 not depend on a class (interpreter, raw attention, rollout, random) ignore it.
@@ -107,12 +109,28 @@ def resolve_target(target, logits: Tensor) -> Tensor:
     return t
 
 
-def _attentions(backbone: VisionTransformer, images: Tensor) -> list[Tensor]:
-    """One ``(B, heads, N, N)`` attention-probability tensor per block (explicit path, no grad)."""
+def _attention_pass(model: nn.Module, images: Tensor) -> tuple[Tensor, list[Tensor], Callable[[list], list]]:
+    """Run the model that is explained with attention recorded.
+
+    Returns the logits, one raw attention tensor per block (differentiable, for gradients) and a
+    function mapping per-block tensors of the same shapes (the attentions or their gradients)
+    to ``(B, heads, N0, N0)`` on the original token grid (dropped tokens 0).
+    """
+    if isinstance(model, IARed):
+        maps: list = []
+        out = model(images, "threshold", threshold=model.inference.threshold, attention_out=maps)
+        n0 = model.backbone.num_tokens
+        return out.logits, [m.weights for m in maps], lambda ts: [m.to_grid(n0, t) for m, t in zip(maps, ts)]
     attns: list[Tensor] = []
+    logits = backbone_of(model)(images, attention_out=attns)
+    return logits, attns, lambda ts: list(ts)
+
+
+def _attentions(model: nn.Module, images: Tensor) -> list[Tensor]:
+    """One ``(B, heads, N0, N0)`` attention-probability tensor per block (explicit path, no grad)."""
     with torch.no_grad():
-        backbone(images, attention_out=attns)
-    return attns
+        _, attns, to_grid = _attention_pass(model, images)
+        return to_grid(attns)
 
 
 def _check_block(block: int, backbone: VisionTransformer, method: str) -> int:
@@ -186,7 +204,7 @@ class RawAttention:
 
     def __call__(self, model: nn.Module, images: Tensor, target=None) -> Tensor:
         backbone = backbone_of(model)
-        attn = _attentions(backbone, images)[_check_block(self.block, backbone, "raw-attention")]
+        attn = _attentions(model, images)[_check_block(self.block, backbone, "raw-attention")]
         return token_map_to_image(_cls_row_patches(attn.mean(1), backbone), backbone)
 
 
@@ -198,7 +216,7 @@ class AttentionRollout:
 
     def __call__(self, model: nn.Module, images: Tensor, target=None) -> Tensor:
         backbone = backbone_of(model)
-        attns = _attentions(backbone, images)
+        attns = _attentions(model, images)
         rollout = None
         for attn in attns:
             a = attn.mean(1)
@@ -223,11 +241,11 @@ class CheferRollout:
         backbone = backbone_of(model)
         with torch.enable_grad():
             x = images.detach().requires_grad_(True)
-            attns: list[Tensor] = []
-            logits = backbone(x, attention_out=attns)
+            logits, attns, to_grid = _attention_pass(model, x)
             t = resolve_target(target, logits)
             score = logits.gather(1, t[:, None]).sum()  # images are independent: one backward for all
-            grads = torch.autograd.grad(score, attns)
+            grads = to_grid(torch.autograd.grad(score, attns))
+            attns = to_grid([a.detach() for a in attns])
         B, _, N, _ = attns[0].shape
         relevance = torch.eye(N, device=images.device).expand(B, N, N)
         for attn, grad in zip(attns, grads):

@@ -28,6 +28,15 @@ MODES: tuple[str, ...] = ("sample", "threshold", "budget", "all")
 DEFAULT_THRESHOLD = 0.5  # the paper's inference rule: keep a token whose score exceeds 0.5
 
 
+def quarter_locations(depth: int, count: int = 3) -> tuple[int, ...]:
+    """``round(i * depth / (count + 1))`` for i = 1..count, within [1, depth - 1], duplicates
+    dropped: 12 blocks (3, 6, 9) as EViT and DynamicViT; 6 blocks (2, 3, 4); 3 blocks (1, 2)."""
+    if depth < 2:
+        raise ValueError(f"a reducer that reads the block before needs at least 2 blocks, got depth {depth}")
+    locs = {min(depth - 1, max(1, round(i * depth / (count + 1)))) for i in range(1, count + 1)}
+    return tuple(sorted(locs))
+
+
 @dataclass(frozen=True)
 class StageSettings:
     """How a stage decides, given per-token scores (see :func:`iared.reducers.policy.keep_from_scores`).

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from iared import flops
-from iared.reducers.base import Reducer, StageInput, StageSettings
+from iared.reducers.base import quarter_locations, Reducer, StageInput, StageSettings
 from iared.reducers.policy import keep_from_scores
 from iared.tokens import Decision, Tokens
 
@@ -125,14 +125,9 @@ class DynamicViTPredictor(Reducer):
 
 
 def dynamicvit_locations(depth: int, num_predictors: int = 3) -> tuple[int, ...]:
-    """Blocks before which the predictors sit: ``round(i * depth / (num_predictors + 1))`` for
-    i = 1..num_predictors (Python's round: ties to even), at least block 1, duplicates dropped.
-    12 blocks: (3, 6, 9), the paper's; 6 blocks: (2, 3, 4); 4 blocks: (1, 2, 3); 3 blocks: (1, 2)."""
-    if depth < 2:
-        raise ValueError(f"DynamicViT needs at least 2 blocks (a predictor after the first), got {depth}")
-    locs = sorted({min(depth - 1, max(1, round(i * depth / (num_predictors + 1))))
-                   for i in range(1, num_predictors + 1)})
-    return tuple(locs)
+    """Blocks before which the predictors sit: the paper's 3, 6, 9 of 12 blocks, i.e.
+    :func:`iared.reducers.base.quarter_locations` (6 blocks: 2, 3, 4; 3 blocks: 1, 2)."""
+    return quarter_locations(depth, num_predictors)
 
 
 def dynamicvit_stage_starts(depth: int, locations: Sequence[int] | None = None) -> tuple[int, ...]:

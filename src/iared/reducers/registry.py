@@ -32,20 +32,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from iared.reducers.ats import ATS
-from iared.reducers.base import Reducer
+from iared.reducers.base import quarter_locations, Reducer
 from iared.reducers.evit import EViT
 from iared.reducers.floors import PixelSaliency, RandomReducer
 from iared.reducers.tome import ToMe
 from iared.stages import ReducedModel, ReducedOutput, equal_stage_starts
-
-
-def quarter_locations(depth: int, count: int = 3) -> tuple[int, ...]:
-    """``round(i * depth / (count + 1))`` for i = 1..count, within [1, depth - 1], duplicates
-    dropped: 12 blocks (3, 6, 9) as EViT and DynamicViT; 6 blocks (2, 3, 4); 3 blocks (1, 2)."""
-    if depth < 2:
-        raise ValueError(f"a reducer that reads the block before needs at least 2 blocks, got depth {depth}")
-    locs = {min(depth - 1, max(1, round(i * depth / (count + 1)))) for i in range(1, count + 1)}
-    return tuple(sorted(locs))
 
 
 def every_block_from_one(depth: int) -> tuple[int, ...]:
