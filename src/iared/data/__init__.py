@@ -1,4 +1,4 @@
-"""Datasets: the embedded ``digits-clutter`` task and user image folders.
+"""Datasets: the embedded tasks (``digits-natural``, ``digits-clutter``) and user image folders.
 
 ``build_dataset(name_or_path, split)`` is the single entry point used by training and evaluation:
 a registered task name (see ``TASKS``) or an existing ``root/<class>/<image>`` directory.
@@ -16,6 +16,7 @@ from .digits import (
     background_fraction,
     patch_foreground,
 )
+from .natural import DigitsNatural
 from .folders import (
     IMAGE_EXTENSIONS,
     BadImageError,
@@ -34,6 +35,7 @@ __all__ = [
     "TASKS",
     "BadImageError",
     "DigitsClutter",
+    "DigitsNatural",
     "ImageFolderDataset",
     "background_fraction",
     "build_dataset",
@@ -44,7 +46,7 @@ __all__ = [
     "train_transform",
 ]
 
-TASKS = {"digits-clutter": DigitsClutter}
+TASKS = {"digits-clutter": DigitsClutter, "digits-natural": DigitsNatural}
 
 
 def build_dataset(task_or_path: str, split: str, **kw):
