@@ -72,6 +72,7 @@ class BackboneTrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)
     task: str = "digits-clutter"
     checkpoint: str | None = None  # initial weights (fine-tuning); ignored on resume
+    pretrained: bool = False  # initial weights from timm's download (or the shipped digits_vit); ignored on resume
     steps: int = 3000
     batch_size: int = 128  # global, all ranks together
     lr: float = 1e-3
@@ -100,13 +101,14 @@ class BackboneTrainConfig:
 
 # Fields that may differ between a run and its resumption without changing the result.
 OPERATIONAL = {"eval_every", "save_every", "log_every", "out", "workers", "device", "threads", "resume", "stop_at",
-               "export", "progress", "checkpoint", "max_bad_steps"}
+               "export", "progress", "checkpoint", "pretrained", "max_bad_steps"}
 
 HELP = {
     "model": "backbone name (see iared.models.list_models)",
     "model_overrides": "change a ViTConfig field, e.g. depth=3 (repeatable)",
     "task": "task name (digits-clutter) or an image folder root/<class>/<image>",
     "checkpoint": "initial weights (any format create_model reads)",
+    "pretrained": "initial weights of --model from timm's download (network needed), or the shipped digits_vit",
     "steps": "optimizer steps",
     "batch_size": "global batch size (split over torchrun ranks)",
     "lr": "peak learning rate (AdamW)",
@@ -212,7 +214,10 @@ def _train(cfg: BackboneTrainConfig, rank: int, world: int, device: torch.device
         overrides["num_classes"] = num_classes  # image folders: the head follows the folder's classes
 
     seed_everything(cfg.seed)
-    model = create_model(cfg.model, checkpoint=None if state else cfg.checkpoint, **overrides).to(device)
+    if cfg.pretrained and cfg.checkpoint:
+        raise ValueError("--pretrained and --checkpoint exclude each other: which initial weights should be used?")
+    model = create_model(cfg.model, checkpoint=None if state else cfg.checkpoint,
+                         pretrained=cfg.pretrained and state is None, **overrides).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     step = 0
     if state is not None:
