@@ -35,6 +35,7 @@ from iared.timing import machine_info, median_ms, time_interleaved
 
 LOSS_LEVELS = (0.5, 1.0)  # points of top-1 lost, for the best_speedup_at_loss summary
 FLOOR_METHODS = ("random", "pixel")
+DYNAMICVIT_LR = 1e-3  # the predictors' learning rate (Adam-style; the paper's 1e-3 scaled for batch 512)
 
 
 @dataclass
@@ -191,7 +192,7 @@ def build_candidates(cfg: CompareConfig, backbone, train_set, progress: Callable
     trained: dict[str, dict] = {}
     iared_model = None
     for method in cfg.methods:
-        knobs = registry.default_knobs(method, quick=cfg.quick)
+        knobs = registry.default_knobs(method, quick=cfg.quick, backbone=backbone)
         if method == "iared":
             iared_model, trained[method] = _iared(cfg, backbone, train_set, progress)
             for t in knobs:
@@ -250,7 +251,7 @@ def _dynamicvit(cfg: CompareConfig, backbone, train_set, ratio, progress):
     progress(f"training DynamicViT (keep {ratio}): {steps} steps, batch {cfg.train_batch}")
     t0 = time.perf_counter()
     model = train_dynamicvit(copy.deepcopy(backbone), train_set, keep_ratio=ratio, steps=steps,
-                             batch_size=cfg.train_batch, seed=cfg.seed, progress=True)
+                             batch_size=cfg.train_batch, lr=DYNAMICVIT_LR, seed=cfg.seed, progress=True)
     info = {"keep_ratio": ratio, "steps": steps, "batch": cfg.train_batch,
             "seconds": round(time.perf_counter() - t0, 1), "backbone": "frozen"}
     return model.eval(), info

@@ -297,3 +297,23 @@ def train_from_config(cfg: InterpreterTrainConfig, resume: bool = False, progres
     finetune_backbone(model, train_set, cfg, progress=progress, guard=trainer.guard)
     save_pruned(model, out / "pruned.pt", extra={"train": _config_dict(cfg)})
     return model, history
+
+
+def train_on_backbone(backbone, train_set, cfg: InterpreterTrainConfig, resume: bool = True,
+                      progress: bool = True) -> IARed:
+    """Interpreters for a backbone already in memory (``iared compare``), with the same trainer as
+    :func:`train_from_config`; resumes from ``cfg.out`` when a training state is there."""
+    from iared.loading import task_dataset
+
+    out = check_output_dir(cfg.out, "--out folder")
+    torch.manual_seed(cfg.seed)
+    model = IARed(backbone, IARedConfig(num_stages=cfg.num_stages, interpreter_heads=cfg.interpreter_heads))
+    val_set = task_dataset(cfg.task, "val", backbone.cfg)
+    val = stack_batch(val_set, torch.arange(min(cfg.eval_samples, len(val_set))))
+    trainer = InterpreterTrainer(model, train_set, cfg, val_data=val, progress=progress)
+    if resume and trainer.state_path().is_file():
+        trainer.load_state(trainer.state_path())
+    write_json(out / "config.json", _config_dict(cfg))
+    trainer.run()
+    save_pruned(model, out / "pruned.pt", extra={"train": _config_dict(cfg)})
+    return model
