@@ -370,3 +370,84 @@ def plot(result: dict, path) -> None:
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
     plt.close(fig)
+
+
+# -- overhead at equal kept-token counts ------------------------------------------------------------
+
+
+@torch.inference_mode()
+def measure_overhead(backbone, keep: float = 0.7, batch_sizes: Sequence[int] = (64, 1), repeats: int = 5,
+                     seed: int = 0, progress: Callable[[str], None] = _log) -> dict:
+    """What each way of reducing costs beyond the blocks it saves: every method at the same stages
+    (``quarter_locations``: DeiT's 3, 6, 9) keeping ``keep`` of the alive patches at each, so the
+    blocks see the same token counts (EViT: plus its one fused token; ATS: at most as many, duplicates
+    collapse), timed interleaved on random inputs with random weights.
+
+    Dropping (random scores: the cheapest possible selection), dropping after scoring (IA-RED²'s
+    interpreter, DynamicViT's predictor, pixel saliency), fusing (EViT), merging (ToMe with r chosen
+    per stage to leave the same count) and sampling (ATS). ``overhead`` = time / random-drop time.
+    """
+    from iared.interpreter import MultiHeadInterpreter, default_interpreter_heads
+    from iared.reducers import registry
+    from iared.reducers.base import quarter_locations
+    from iared.reducers.dynamicvit import build_dynamicvit
+    from iared.reducers.policy import budget_counts
+    from iared.reducers.tome import ToMe
+
+    torch.manual_seed(seed)
+    depth, dim = len(backbone.blocks), backbone.token_dim
+    locs = quarter_locations(depth)
+    n = backbone.num_tokens - backbone.num_prefix_tokens
+    alive = [n] + budget_counts(n, [keep] * len(locs))
+    tome_rs = [alive[g] - alive[g + 1] for g in range(len(locs))]
+    heads = default_interpreter_heads(dim)
+    interpreters = [MultiHeadInterpreter(dim, heads) for _ in locs]
+    for interp in interpreters:  # spread the random scores (as iared bench does)
+        interp.qk.weight.normal_(0, (3.0 / dim) ** 0.5)
+    models = {
+        "drop (random scores)": (registry.build_reduced("random", backbone, keep, locs), {"mode": "budget", "keep_ratio": keep}),
+        "drop (pixel saliency)": (registry.build_reduced("pixel", backbone, keep, locs), {"mode": "budget", "keep_ratio": keep}),
+        "drop (IA-RED² interpreter, budget)": (ReducedModel(backbone, [None, *interpreters], (0, *locs)),
+                                               {"mode": "budget", "keep_ratio": keep}),
+        "drop (DynamicViT predictor)": (build_dynamicvit(backbone, keep, locations=locs), {}),
+        "fuse (EViT)": (registry.build_reduced("evit", backbone, keep, locs), {}),
+        "merge (ToMe)": (ReducedModel(backbone, [None] + [ToMe(r, dim) for r in tome_rs], (0, *locs)), {}),
+        "sample (ATS)": (registry.build_reduced("ats", backbone, keep, locs), {}),
+    }
+    cfg = backbone.cfg
+    result = {"keep": keep, "stage_starts": list(locs), "patch_tokens_per_stage": alive[1:], "batches": {}}
+    for batch in batch_sizes:
+        x = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size)
+        fns = {"unpruned": lambda x=x: backbone(x)}
+        rows = {}
+        for name, (model, kw) in models.items():
+            model.eval()
+            out = model(x, **kw)
+            rows[name] = {"tokens_per_block": [round(float(t.float().mean()), 1) for t in out.tokens_per_block],
+                          "gmacs": round(float(out.macs.float().mean()) / 1e9, 4)}
+            fns[name] = lambda model=model, kw=kw, x=x: model(x, **kw)
+        progress(f"overhead: timing {len(fns)} models at batch {batch}, {repeats} interleaved repeats")
+        times = time_interleaved(fns, x.device, warmup=2, repeats=repeats, min_ms=20.0 if batch == 1 else 0.0)
+        drop = median_ms(times["drop (random scores)"])
+        for name in models:
+            ms = median_ms(times[name])
+            rows[name].update(ms=round(ms, 3), overhead=round(ms / drop, 3),
+                              speedup=round(median_ms(times["unpruned"]) / ms, 3))
+        result["batches"][str(batch)] = {"unpruned_ms": round(median_ms(times["unpruned"]), 3), "methods": rows}
+    result["machine"] = machine_info(x.device)
+    return result
+
+
+def format_overhead(result: dict) -> str:
+    lines = []
+    for batch, r in result["batches"].items():
+        lines.append(f"batch {batch} (keep {result['keep']} at blocks {result['stage_starts']}; "
+                     f"unpruned {r['unpruned_ms']:.1f} ms)")
+        lines.append("| method | ms | vs drop | speed-up | GMACs | tokens per block |")
+        lines.append("|---|---|---|---|---|---|")
+        for name, row in r["methods"].items():
+            tpb = "/".join(f"{t:g}" for t in row["tokens_per_block"])
+            lines.append(f"| {name} | {row['ms']:.1f} | {row['overhead']:.2f} | {row['speedup']:.2f}x | "
+                         f"{row['gmacs']:.3f} | {tpb} |")
+        lines.append("")
+    return "\n".join(lines)

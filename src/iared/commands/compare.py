@@ -37,6 +37,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default=d.out, help="folder for compare.json, compare.md, compare.png and training runs")
     p.add_argument("--json", metavar="FILE", help="also write the JSON report here ('-': stdout)")
     p.add_argument("--quick", action="store_true", help="smoke run: 64 images, 4 training steps, 1 knob per method")
+    p.add_argument("--overhead", action="store_true",
+                   help="instead: each way of reducing (drop / score+drop / fuse / merge / sample) at equal kept-token "
+                        "counts on --model with random weights (default deit_small_patch16_224), timed interleaved")
+    p.add_argument("--keep", type=float, default=0.7, help="with --overhead: kept fraction per stage (default 0.7)")
     p.set_defaults(func=main)
     return p
 
@@ -50,6 +54,8 @@ def main(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out folder")
     if args.json and args.json != "-":
         check_output_file(args.json, "--json")
+    if args.overhead:
+        return _overhead(args)
     names = set(CompareConfig.__dataclass_fields__)
     cfg = CompareConfig(**{k: v for k, v in vars(args).items() if k in names})
     result = run_compare(cfg)
@@ -58,4 +64,24 @@ def main(args: argparse.Namespace) -> int:
     elif args.json:
         write_json(args.json, result)
     print(format_markdown(result), file=sys.stderr if args.json == "-" else sys.stdout)
+    return 0
+
+
+def _overhead(args: argparse.Namespace) -> int:
+    import json
+
+    from iared.compare import format_overhead, measure_overhead
+    from iared.files import write_json
+    from iared.models import create_model
+
+    if not 0 < args.keep <= 1:
+        raise ValueError(f"--keep {args.keep}: must lie in (0, 1]")
+    backbone = create_model(args.model or "deit_small_patch16_224").eval()
+    result = measure_overhead(backbone, args.keep, args.batch_sizes, args.repeats, args.seed)
+    result["model"] = args.model or "deit_small_patch16_224"
+    if args.json == "-":
+        print(json.dumps(result, indent=2))
+    elif args.json:
+        write_json(args.json, result)
+    print(format_overhead(result), file=sys.stderr if args.json == "-" else sys.stdout)
     return 0

@@ -1,0 +1,61 @@
+"""iared compare: the whole harness end to end on the embedded task (smoke), and the overhead table."""
+
+import json
+
+import pytest
+import torch
+
+from iared.cli import main as cli_main
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_compare_quick_writes_json_markdown_and_plot(tmp_path):
+    out = tmp_path / "cmp"
+    rc = cli_main(["compare", "--quick", "--methods", "iared,tome,evit,ats,random,pixel", "--out", str(out),
+                   "--test-samples", "24"])
+    assert rc == 0
+    result = json.loads((out / "compare.json").read_text())
+    methods = {c["method"] for c in result["candidates"]}
+    assert methods == {"iared", "tome", "evit", "ats", "random", "pixel"}
+    # the floors also ran at exactly IA-RED²'s budget, and IA-RED² was trained here
+    assert sum(1 for c in result["candidates"] if c["note"]) == 2
+    assert result["trained"]["iared"]["steps_per_stage"] == 4
+    assert set(result["best_speedup_at_loss"]) == {"0.5", "1.0"}
+    for c in result["candidates"]:
+        assert 0 <= c["top1"] <= 1 and c["gflops"] < result["unpruned"]["gflops"] + 1e-9
+        assert set(c["images_per_s"]) == {"8", "1"}
+    assert (out / "compare.png").stat().st_size > 1000
+    assert "| unpruned |" in (out / "compare.md").read_text()
+
+
+def test_compare_rejects_unknown_methods_in_one_line(tmp_path, capsys):
+    rc = cli_main(["compare", "--quick", "--methods", "iared,nonsense", "--out", str(tmp_path / "x")])
+    assert rc == 2
+    assert "unknown method(s) nonsense" in capsys.readouterr().err
+
+
+def test_overhead_table_runs_every_method_at_equal_token_counts(tmp_path):
+    from iared.compare import measure_overhead
+    from iared.models.vit import VisionTransformer, ViTConfig
+
+    torch.manual_seed(0)
+    backbone = VisionTransformer(ViTConfig(img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=48,
+                                           depth=8, num_heads=3)).eval()
+    result = measure_overhead(backbone, 0.7, batch_sizes=(2,), repeats=1)
+    rows = result["batches"]["2"]["methods"]
+    drop = rows["drop (random scores)"]["tokens_per_block"]
+    for name, row in rows.items():
+        if name.startswith("fuse"):  # EViT keeps ceil(rate * n) plus one fused token per stage so far
+            assert all(a <= b <= a + 2 * len(result["stage_starts"]) for a, b in zip(drop, row["tokens_per_block"]))
+        elif not name.startswith("sample"):  # ATS: at most as many (duplicate samples collapse)
+            assert row["tokens_per_block"] == drop, name
+        else:
+            assert all(b <= a for a, b in zip(drop, row["tokens_per_block"]))
+    assert result["patch_tokens_per_stage"] == [45, 32, 22]
