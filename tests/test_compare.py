@@ -58,4 +58,5 @@ def test_overhead_table_runs_every_method_at_equal_token_counts(tmp_path):
             assert row["tokens_per_block"] == drop, name
         else:
             assert all(b <= a for a, b in zip(drop, row["tokens_per_block"]))
-    assert result["patch_tokens_per_stage"] == [45, 32, 22]
+    assert result["patch_tokens_per_stage"] == [45, 31, 22]  # round(0.7 * 64), 0.7 * 45 = 31.49.., ...
+    assert drop == [65, 65, 46, 46, 32, 32, 23, 23]  # + the class token
