@@ -49,6 +49,7 @@ class CompareConfig:
     train_steps: int = 300  # optimiser steps per IA-RED² stage; DynamicViT gets as many in total
     train_batch: int = 64
     iared_checkpoint: str | None = None  # trained interpreters on this same backbone: skip training them
+    dynamicvit_ratios: tuple[float, ...] = (0.7, 0.5)  # one DynamicViT trained per keep ratio (it learns one budget)
     test_samples: int = 1000
     batch_sizes: tuple[int, ...] = (64, 1)
     repeats: int = 5
@@ -58,6 +59,7 @@ class CompareConfig:
 
     def __post_init__(self):
         self.methods = tuple(self.methods)
+        self.dynamicvit_ratios = tuple(float(r) for r in self.dynamicvit_ratios)
         self.batch_sizes = tuple(int(b) for b in self.batch_sizes)
         if self.quick:
             self.test_samples = min(self.test_samples, 64)
@@ -198,7 +200,7 @@ def build_candidates(cfg: CompareConfig, backbone, train_set, progress: Callable
             for t in knobs:
                 candidates.append(Candidate(method, t, _runner(iared_model, mode="threshold", threshold=t)))
         elif method == "dynamicvit":
-            for ratio in knobs:
+            for ratio in (knobs if cfg.quick else cfg.dynamicvit_ratios):
                 model, info = _dynamicvit(cfg, backbone, train_set, ratio, progress)
                 trained.setdefault(method, {"runs": []})["runs"].append(info)
                 candidates.append(Candidate(method, ratio, registry.runner(method, model, ratio)))

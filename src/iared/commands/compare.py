@@ -29,6 +29,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--train-batch", type=int, default=d.train_batch)
     p.add_argument("--iared-checkpoint", metavar="FILE",
                    help="interpreters already trained on this same backbone (skips their training)")
+    p.add_argument("--dynamicvit-ratios", type=_csv(float), default=d.dynamicvit_ratios,
+                   help="keep ratios to train one DynamicViT each for (default 0.7,0.5)")
     p.add_argument("--test-samples", type=int, default=d.test_samples)
     p.add_argument("--batch-sizes", type=_csv(int), default=d.batch_sizes,
                    help="timed batch sizes, the first one ranks the summary (default 64,1)")
