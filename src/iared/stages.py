@@ -106,7 +106,7 @@ class ReducedModel(nn.Module):
                 threshold: float | Sequence[float] = 0.5, keep_ratio: float | Sequence[float] | None = None,
                 flops_ratio: float | None = None, layout: RaggedLayout = "packed",
                 attention: PackedAttention = "auto", exploration: float = 0.0,
-                attention_out: list | None = None) -> ReducedOutput:
+                attention_out: list | None = None, noise: Tensor | None = None) -> ReducedOutput:
         """Run the reduced model on ``inputs`` (``(B, C, H, W)`` images, or what the backbone embeds).
 
         mode: one of ``MODES`` or one per stage; threshold: one value or one per stage.
@@ -114,10 +114,11 @@ class ReducedModel(nn.Module):
         or a target fraction of the unpruned FLOPs (solved to a uniform keep ratio).
         layout: how ragged batches are held (``packed`` concatenates, ``padded`` pads + masks).
         exploration: sample mode draws from ``eps + (1 - 2 eps) * score``.
+        noise: sample mode's uniform draws ``(B, N0)`` in original token positions (default: torch's RNG).
         attention_out: pass a list to receive one :class:`iared.tokens.AttentionMap` per block, the
         attention the pruned model really computed (explainers; runs the explicit-attention path).
         """
-        settings = self.stage_settings(mode, threshold, keep_ratio, flops_ratio, exploration)
+        settings = self.stage_settings(mode, threshold, keep_ratio, flops_ratio, exploration, noise)
         tokens = self.backbone.embed(inputs)
         if attention != "auto":
             tokens = replace(tokens, attention=attention)
@@ -159,7 +160,7 @@ class ReducedModel(nn.Module):
         return reducer is not None and reducer.needs_record and settings[nxt].mode != "all"
 
     def stage_settings(self, mode, threshold=0.5, keep_ratio=None, flops_ratio=None,
-                       exploration: float = 0.0) -> list[StageSettings]:
+                       exploration: float = 0.0, noise: Tensor | None = None) -> list[StageSettings]:
         G = self.num_stages
         modes = [mode] * G if isinstance(mode, str) else list(mode)
         if len(modes) != G or any(m not in MODES for m in modes):
@@ -176,7 +177,7 @@ class ReducedModel(nn.Module):
             ratios = [keep_ratio] * G if isinstance(keep_ratio, (int, float)) else list(keep_ratio)
             if len(ratios) != G or not all(0 < r <= 1 for r in ratios):
                 raise ValueError(f"keep_ratio must be in (0, 1], one value or {G}: {keep_ratio!r}")
-        return [StageSettings(m, float(t), r, exploration) for m, t, r in zip(modes, thresholds, ratios)]
+        return [StageSettings(m, float(t), r, exploration, noise) for m, t, r in zip(modes, thresholds, ratios)]
 
     # -- compute accounting ----------------------------------------------------------------------
 

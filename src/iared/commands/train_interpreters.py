@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -63,6 +64,7 @@ def main(args: argparse.Namespace) -> int:
     fields["stage_weights"] = tuple(fields["stage_weights"])
     cfg = InterpreterTrainConfig(**fields)
     model, history = train_from_config(cfg, resume=args.resume, progress=not args.quiet)
-    print(json.dumps(json_safe(history[-1] if history else {})))
-    print(f"saved {Path(cfg.out) / 'pruned.pt'}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+        print(json.dumps(json_safe(history[-1] if history else {})))
+        print(f"saved {Path(cfg.out) / 'pruned.pt'}", file=sys.stderr)
     return 0

@@ -50,6 +50,10 @@ class StageSettings:
     threshold: float = DEFAULT_THRESHOLD
     keep_ratio: float | None = None
     exploration: float = 0.0
+    # ``sample`` mode: uniform noise ``(B, N0)`` in original token positions, or None (torch's RNG).
+    # Given by trainers so a draw is a pure function of (seed, step, image), whatever the layout
+    # and however a batch is split over processes.
+    noise: Tensor | None = None
 
 
 @dataclass

@@ -37,7 +37,11 @@ def _keep(tokens: Tokens, scores: Tensor, settings: StageSettings):
     if mode == "sample":
         eps = settings.exploration
         probs = (eps + (1 - 2 * eps) * scores).clamp(1e-6, 1 - 1e-6)
-        keep = torch.bernoulli(probs.detach()).bool()
+        if settings.noise is not None:
+            u = settings.noise.to(probs.device)[tokens.image_ids(), tokens.index]
+        else:
+            u = torch.rand_like(probs)
+        keep = (u < probs.detach())
         log_p = torch.where(keep, probs.log(), (1 - probs).log()) * tokens.patch_mask()
         return keep, tokens.sum_per_image(log_p), None
     if mode == "budget":

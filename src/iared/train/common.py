@@ -53,6 +53,9 @@ __all__ = [
     "StepGuard",
     "StepBatchSampler",
     "all_reduce_sums",
+    "autocast",
+    "average_gradients",
+    "rank_share",
     "capture_rng",
     "cleanup",
     "init_distributed",
@@ -128,6 +131,45 @@ def all_reduce_sums(values: dict[str, float], device: torch.device) -> dict[str,
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
+
+
+def average_gradients(params, world: int | None = None) -> None:
+    """All-reduce and average the gradients of ``params`` over the ranks (identity alone).
+
+    For loops that do not wrap their model in ``DistributedDataParallel`` (the interpreter and
+    fine-tuning loops run the stage loop with per-stage modes and train a subset of parameters);
+    a rank whose parameter got no gradient contributes zeros, so every rank steps identically.
+    """
+    world = world_size() if world is None else world
+    if world == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world
+
+
+def rank_share(indices: torch.Tensor, rank: int | None = None, world: int | None = None) -> torch.Tensor:
+    """This rank's part of a global batch (``indices[rank::world]``): the global batch, and so the
+    data order, is the same whatever the number of processes."""
+    world = world_size() if world is None else world
+    if world == 1:
+        return indices
+    rank = dist.get_rank() if rank is None else rank
+    if len(indices) % world:
+        raise ValueError(f"batch size {len(indices)} is not divisible by {world} processes")
+    return indices[rank::world]
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (the forward passes of every training loop); a no-op elsewhere, where
+    CPU bf16 kernels are slower than float32 for these models (see iared bench)."""
+    import contextlib
+
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 # -- data order -------------------------------------------------------------------------------

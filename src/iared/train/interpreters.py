@@ -31,7 +31,18 @@ from iared.checkpoint import CheckpointError, read_checkpoint
 from iared.files import check_output_dir, write_json
 from iared.pruning import IARed, IARedConfig, save_pruned
 from iared.rl import Baseline, RunningMean, blockdrop_reward, policy_gradient_loss
-from iared.train.common import Checkpointer, JsonlLogger, StepGuard
+from iared.train.common import (
+    Checkpointer,
+    JsonlLogger,
+    StepGuard,
+    all_reduce_sums,
+    autocast,
+    average_gradients,
+    cleanup,
+    init_distributed,
+    is_main,
+    rank_share,
+)
 
 TRAIN_STATE_FORMAT = "iared-interp-train/1"
 
@@ -72,6 +83,13 @@ def batch_indices(n: int, batch_size: int, seed: int, stage: int, step: int) -> 
     """Which samples form the batch at (stage, step): deterministic, so resuming is exact."""
     generator = torch.Generator().manual_seed((seed * 1_000_003 + (stage + 2) * 1_000_000_007 + step) % 2**63)
     return torch.randint(0, n, (batch_size,), generator=generator)
+
+
+def sample_noise(batch_size: int, num_tokens: int, seed: int, stage: int, step: int) -> Tensor:
+    """The uniform draws ``(batch, N0)`` of sample mode at (stage, step), for the whole global batch:
+    a pure function of the step, so resuming and splitting a batch over processes change nothing."""
+    generator = torch.Generator().manual_seed((seed * 7_919 + (stage + 2) * 1_000_003 + step * 31 + 17) % 2**63)
+    return torch.rand(batch_size, num_tokens, generator=generator)
 
 
 def stack_batch(dataset, indices: Tensor) -> tuple[Tensor, Tensor]:
@@ -146,19 +164,24 @@ class InterpreterTrainer:
         cfg, model, stage = self.cfg, self.model, self.stage
         # Training runs padded + masked: exact like packed, and one batched attention call per block
         # is the cheapest way to run ragged batches whose shapes change every step.
-        out = model(images, stage_modes(stage, model.num_stages, "sample"), threshold=cfg.threshold,
-                    exploration=cfg.exploration, layout="padded")
+        noise = rank_share(sample_noise(cfg.batch_size, model.backbone.num_tokens, cfg.seed, stage, self.step))
+        with autocast(self.device):
+            out = model(images, stage_modes(stage, model.num_stages, "sample"), threshold=cfg.threshold,
+                        exploration=cfg.exploration, layout="padded", noise=noise.to(self.device))
         reward = self.reward(out.logits, out.macs, labels, stage)
         if cfg.baseline == "self-critical":
-            with torch.no_grad():
+            with torch.no_grad(), autocast(self.device):
                 greedy = model(images, stage_modes(stage, model.num_stages, "threshold"), threshold=cfg.threshold,
                                layout="padded")
-                baseline = self.reward(greedy.logits, greedy.macs, labels, stage)
+            baseline = self.reward(greedy.logits, greedy.macs, labels, stage)
         else:
-            baseline = torch.tensor(self.running.update(reward))
+            # the running mean follows the global batch's mean reward, identical on every rank
+            sums = all_reduce_sums({"r": float(reward.sum()), "n": float(len(reward))}, self.device)
+            baseline = torch.tensor(self.running.update(torch.tensor(sums["r"] / sums["n"])))
         loss = policy_gradient_loss(out.log_prob, reward, baseline)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(model.interpreters[stage].parameters())
         self.guard.what = f"stage {stage + 1} step"
         params = {f"interpreters.{stage}.{n}": p for n, p in model.interpreters[stage].named_parameters()}
         if self.guard.check(self.step + 1, loss, params, self.optimizer):
@@ -180,9 +203,9 @@ class InterpreterTrainer:
             if self.step == 0:  # a fresh stage (untouched on resume: only the bias changes, idempotently)
                 model.interpreters[self.stage].set_initial_score(cfg.initial_score)
             bar = tqdm(total=cfg.steps_per_stage, initial=self.step, desc=f"stage {self.stage + 1}/{model.num_stages}",
-                       disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
+                       disable=not (self.progress and is_main()), file=sys.stderr, dynamic_ncols=True)
             while self.step < cfg.steps_per_stage:
-                idx = batch_indices(len(self.dataset), cfg.batch_size, cfg.seed, self.stage, self.step)
+                idx = rank_share(batch_indices(len(self.dataset), cfg.batch_size, cfg.seed, self.stage, self.step))
                 images, labels = stack_batch(self.dataset, idx)
                 stats = self.train_step(images.to(self.device), labels.to(self.device))
                 self.step += 1
@@ -201,7 +224,7 @@ class InterpreterTrainer:
 
     def _log(self, stats: dict) -> None:
         entry = {"stage": self.stage, "step": self.step, **{k: round(v, 4) for k, v in stats.items()}}
-        if self.val_data is not None:
+        if self.val_data is not None and is_main():  # validation on rank 0 only; the others go on
             from iared.measure import accuracy_and_compute
 
             images, labels = self.val_data
@@ -230,16 +253,19 @@ def finetune_backbone(model: IARed, dataset, cfg: InterpreterTrainConfig, progre
     guard.what = "fine-tune step"
     params = {f"backbone.{n}": p for n, p in model.backbone.named_parameters()}
     w = cfg.distill_weight
-    for step in tqdm(range(cfg.finetune_steps), desc="fine-tune", disable=not progress, file=sys.stderr):
-        idx = batch_indices(len(dataset), cfg.batch_size, cfg.seed, -1, step)
+    for step in tqdm(range(cfg.finetune_steps), desc="fine-tune", disable=not (progress and is_main()),
+                     file=sys.stderr):
+        idx = rank_share(batch_indices(len(dataset), cfg.batch_size, cfg.seed, -1, step))
         images, labels = (t.to(device) for t in stack_batch(dataset, idx))
-        with torch.no_grad():
-            soft = teacher(images).softmax(-1)
-        logits = model(images, threshold=cfg.threshold, layout="padded").logits
+        with torch.no_grad(), autocast(device):
+            soft = teacher(images).float().softmax(-1)
+        with autocast(device):
+            logits = model(images, threshold=cfg.threshold, layout="padded").logits.float()
         loss = (1 - w) * F.cross_entropy(logits, labels) + w * F.kl_div(logits.log_softmax(-1), soft,
                                                                         reduction="batchmean")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(model.backbone.parameters())
         if guard.check(step + 1, loss, params, optimizer):
             optimizer.step()
     model.backbone.requires_grad_(False)
@@ -281,6 +307,10 @@ def train_from_config(cfg: InterpreterTrainConfig, resume: bool = False, progres
         raise ValueError(f"--max-bad-steps must be >= 0, got {cfg.max_bad_steps}")
     if len(cfg.stage_weights) != cfg.num_stages:
         cfg.stage_weights = tuple([cfg.stage_weights[0]] * cfg.num_stages)
+    # torchrun: every rank takes its share of each global batch and gradients are averaged, so a
+    # run on N processes follows the single-process run (tests/test_train.py checks 2 = 1)
+    _, _, device = init_distributed(cfg.device)
+    cfg.device = str(device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
     # interpreters learn on the evaluation view of the images: the data of a step stays a pure
@@ -295,7 +325,9 @@ def train_from_config(cfg: InterpreterTrainConfig, resume: bool = False, progres
     write_json(out / "config.json", _config_dict(cfg))
     history = trainer.run()
     finetune_backbone(model, train_set, cfg, progress=progress, guard=trainer.guard)
-    save_pruned(model, out / "pruned.pt", extra={"train": _config_dict(cfg)})
+    if is_main():
+        save_pruned(model, out / "pruned.pt", extra={"train": _config_dict(cfg)})
+    cleanup()
     return model, history
 
 

@@ -1,0 +1,49 @@
+"""The interpreter trainer on the shared training machinery: exact resume across a process-count
+change is not promised, but torchrun on 2 processes must follow the 1-process run."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from iared.train.interpreters import sample_noise
+
+ARGS = ["train-interpreters", "--task", "digits-clutter", "--steps-per-stage", "2", "--batch-size", "8",
+        "--eval-every", "100", "--eval-samples", "8", "--save-every", "100", "--device", "cpu", "--quiet"]
+
+
+def run(tmp_path, name, nproc):
+    out = tmp_path / name
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("WORLD_SIZE", None)
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "iared", *ARGS, "--out", str(out)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "iared", *ARGS, "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, torch.load(out / "pruned.pt", weights_only=True)
+
+
+def test_sample_noise_is_a_pure_function_of_the_step():
+    a, b = sample_noise(8, 65, 0, 1, 5), sample_noise(8, 65, 0, 1, 5)
+    assert torch.equal(a, b) and not torch.equal(a, sample_noise(8, 65, 0, 1, 6))
+    assert not torch.equal(a, sample_noise(8, 65, 0, 2, 5))
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed/gloo missing")
+def test_interpreter_training_on_two_processes_equals_one(tmp_path):
+    _, single = run(tmp_path, "one", 1)
+    proc, ddp = run(tmp_path, "two", 2)
+    assert proc.stdout.count("{") == 1  # rank 0 reports, rank 1 stays quiet
+    keys = [k for k in single["model"] if k.startswith("reducers.")]
+    assert keys
+    # Adam turns float-rounding differences of the averaged gradients into steps of up to ~lr (3e-3):
+    # a different draw or batch split would move the weights by that much, rounding moves them 1e-5.
+    for k in keys:
+        diff = float((ddp["model"][k] - single["model"][k]).abs().max())
+        assert diff <= 2e-4, (k, diff)
