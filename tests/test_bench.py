@@ -147,3 +147,21 @@ def test_cli_bench_rejects_cuda_without_gpu(capsys):
         pytest.skip("this machine has CUDA")
     assert cli_main(["bench", "--quick", "--device", "cuda"]) == 2
     assert "cuda" in capsys.readouterr().err
+
+
+def test_cli_bench_backbone_weights_file(tmp_path, capsys):
+    """An official-format backbone file (no config inside) gets fresh, calibrated interpreters."""
+    from iared.models import create_model
+
+    torch.manual_seed(0)
+    backbone = create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=3)
+    path = tmp_path / "tiny.pth"
+    torch.save({"model": backbone.state_dict()}, path)
+    out = tmp_path / "b.json"
+    rc = cli_main(["bench", "--checkpoint", str(path), "--batch-sizes", "4", "--dtype", "float32", "--warmup", "0",
+                   "--repeats", "1", "--keep", "0.5", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["model"]["embed_dim"] == 192 and report["model"]["depth"] == 3  # geometry read off the file
+    packed = [r for r in report["runs"][0]["rows"] if r["config"].startswith("threshold-packed")]
+    assert packed and all(r["mean_kept"][0] == 8.0 for r in packed)  # calibrated: stage 1 keeps half of 16 on average

@@ -54,6 +54,7 @@ class BenchConfig:
     """What ``iared bench`` measures; the command line maps onto it one to one."""
 
     model: str = "deit_small_patch16_224"
+    model_given: bool = False  # --model was on the command line (with --checkpoint: how to build its weights)
     checkpoint: str | None = None
     threshold: float | None = None  # with --checkpoint: its threshold (default 0.5)
     keep: float = 0.7
@@ -311,12 +312,25 @@ def load_task_images(task: str, n: int, mcfg) -> Tensor:
 
 
 def build_model(cfg: BenchConfig, device: torch.device) -> tuple[IARed, list[float] | None]:
-    """The model to time, and a fixed threshold when it comes from a checkpoint (else None)."""
-    if cfg.checkpoint:
-        from iared.pruning import load_pruned
+    """The model to time, and a fixed threshold when it comes with trained interpreters (else None).
 
-        model = load_pruned(cfg.checkpoint)
-        return model.to(device).eval(), [cfg.threshold if cfg.threshold is not None else 0.5] * model.num_stages
+    ``--checkpoint``: a pruned checkpoint is used whole, at ``--threshold`` or the threshold it
+    records; any backbone file (official DeiT ``.pth``, state dict, safetensors; ``--model`` says how
+    to build it where the file cannot) gets fresh interpreters, spread and calibrated like the
+    random-weight geometries (:mod:`iared.loading`'s rules, shared by every command).
+    """
+    if cfg.checkpoint:
+        from iared.loading import is_pruned, load_iared
+        from iared.checkpoint import read_checkpoint
+
+        pruned = is_pruned(read_checkpoint(cfg.checkpoint))
+        name = MODEL_ALIASES.get(cfg.model, cfg.model) if cfg.model_given else None
+        model = load_iared(cfg.checkpoint, None if pruned else name).to(device).eval()
+        if pruned:
+            t = cfg.threshold if cfg.threshold is not None else model.inference.threshold
+            return model, list(t) if isinstance(t, (list, tuple)) else [t] * model.num_stages
+        spread_interpreters(model, cfg.interpreter_std, cfg.seed)
+        return model, None
     from iared.models import create_model
 
     torch.manual_seed(cfg.seed)

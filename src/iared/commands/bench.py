@@ -20,10 +20,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "bench", help="throughput and latency: unpruned vs threshold (packed / padded) vs budget mode",
         description=bench.__doc__.split("\n\n")[0],
     )
-    p.add_argument("--model", default=BenchConfig.model,
-                   help="backbone geometry with random weights (default DeiT-S; 'digits' = the embedded task's digits_vit)")
-    p.add_argument("--checkpoint", help="a pruned IA-RED² checkpoint (iared.pruning.save_pruned) to time instead")
-    p.add_argument("--threshold", type=float, help="threshold for --checkpoint (default 0.5)")
+    p.add_argument("--model", default=None,
+                   help="backbone geometry with random weights (default DeiT-S; 'digits' = the embedded task's "
+                        "digits_vit); with --checkpoint FILE: how to build the file's backbone weights")
+    p.add_argument("--checkpoint", help="a pruned IA-RED² checkpoint (timed at its threshold), or backbone weights "
+                                        "(official DeiT .pth, state dict, safetensors: fresh interpreters, calibrated)")
+    p.add_argument("--threshold", type=float, help="threshold for a pruned --checkpoint (default: the one it records)")
     p.add_argument("--keep", type=float, default=BenchConfig.keep,
                    help="random-weight models: mean kept fraction per stage (thresholds calibrated on the batch)")
     p.add_argument("--task", help="time on this task's test images (e.g. digits-clutter) instead of Gaussian noise; "
@@ -57,7 +59,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     names = {f for f in BenchConfig.__dataclass_fields__}
-    cfg = BenchConfig(**{k: v for k, v in vars(args).items() if k in names})
+    fields = {k: v for k, v in vars(args).items() if k in names}
+    fields["model_given"] = args.model is not None
+    if args.model is None:
+        fields.pop("model")
+    cfg = BenchConfig(**fields)
     report = run(cfg)
     table = format_table(report)
     print(table, file=sys.stderr if cfg.json == "-" else sys.stdout)
