@@ -7,8 +7,12 @@ import torch.nn.functional as F
 
 from iared.models import VisionTransformer, ViTConfig
 from iared.reducers.base import Reducer, StageInput, StageSettings
-from iared.reducers.dynamicvit import (DynamicViTPredictor, build_dynamicvit, dynamicvit_locations,
-                                       dynamicvit_predictors)
+from iared.reducers.dynamicvit import (
+    DynamicViTPredictor,
+    build_dynamicvit,
+    dynamicvit_locations,
+    dynamicvit_predictors,
+)
 from iared.reducers.policy import budget_count, budget_counts
 from iared.stages import ReducedModel
 from iared.tokens import Decision, DenseTokens

@@ -4,7 +4,7 @@ checkpoint settings, compute accounting."""
 import pytest
 import torch
 
-from iared.compare import _floor_ratios, best_speedup_at_loss, pareto_front, Candidate
+from iared.compare import Candidate, _floor_ratios, best_speedup_at_loss, pareto_front
 from iared.models.vit import BlockRecord, VisionTransformer, ViTConfig
 from iared.pruning import IARed, InferenceSettings, load_pruned, save_pruned
 from iared.reducers.base import Reducer, StageSettings

@@ -28,7 +28,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -37,8 +36,8 @@ from torch import Tensor
 
 from iared import flops
 from iared.files import check_output_file, json_safe, write_json
-from iared.timing import CLOCKS, synchronize, time_interleaved  # noqa: F401  (CLOCKS: re-exported)
 from iared.pruning import IARed, PrunedOutput
+from iared.timing import CLOCKS, synchronize, time_interleaved  # noqa: F401  (CLOCKS: re-exported)
 from iared.tokens import default_packed_attention
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -320,8 +319,8 @@ def build_model(cfg: BenchConfig, device: torch.device) -> tuple[IARed, list[flo
     random-weight geometries (:mod:`iared.loading`'s rules, shared by every command).
     """
     if cfg.checkpoint:
-        from iared.loading import is_pruned, load_iared
         from iared.checkpoint import read_checkpoint
+        from iared.loading import is_pruned, load_iared
 
         pruned = is_pruned(read_checkpoint(cfg.checkpoint))
         name = MODEL_ALIASES.get(cfg.model, cfg.model) if cfg.model_given else None

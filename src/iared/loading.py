@@ -31,7 +31,13 @@ from typing import Any
 
 import torch
 
-from iared.checkpoint import CheckpointError, config_from_dict, extract_state_dict, load_weights, read_checkpoint
+from iared.checkpoint import (
+    CheckpointError,
+    config_from_dict,
+    extract_state_dict,
+    load_weights,
+    read_checkpoint,
+)
 
 __all__ = ["infer_vit_config", "is_pruned", "load_backbone", "load_iared", "load_pruned_checked", "task_dataset"]
 

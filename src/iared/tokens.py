@@ -310,33 +310,18 @@ def _weighted_attention(q: Tensor, k: Tensor, v: Tensor, key_weights: Tensor | N
 
 
 @dataclass(frozen=True, eq=False)
-class DenseTokens(Tokens):
-    """``data``: ``(B, N, C)``; ``index``: ``(B, N)`` original positions."""
-
-    @staticmethod
-    def from_embeddings(x: Tensor, num_prefix: int) -> DenseTokens:
-        B, N, _ = x.shape
-        index = torch.arange(N, device=x.device).expand(B, N)
-        return DenseTokens(x, index, num_prefix)
+class _RowsTokens(Tokens):
+    """Layouts with one row of ``data`` per image, ``(B, N, C)``: dense and padded."""
 
     @property
     def batch_size(self) -> int:
         return self.data.shape[0]
-
-    def attend(self, q, k, v, weights_out=None):
-        if weights_out is not None:
-            return _explicit_attention(q, k, v, weights_out, self.weights)
-        return _weighted_attention(q, k, v, self.weights)
 
     def prefix(self):
         return self.data[:, : self.num_prefix]
 
     def per_token(self, per_image):
         return per_image.unsqueeze(1).expand(per_image.shape[0], self.data.shape[1], *per_image.shape[1:])
-
-    def lengths(self):
-        B, N = self.index.shape
-        return torch.full((B,), N, dtype=torch.long, device=self.data.device)
 
     def positions(self):
         B, N = self.index.shape
@@ -345,6 +330,26 @@ class DenseTokens(Tokens):
     def start_rows(self):
         B, N = self.index.shape
         return torch.arange(B, device=self.data.device) * N
+
+
+@dataclass(frozen=True, eq=False)
+class DenseTokens(_RowsTokens):
+    """``data``: ``(B, N, C)``; ``index``: ``(B, N)`` original positions."""
+
+    @staticmethod
+    def from_embeddings(x: Tensor, num_prefix: int) -> DenseTokens:
+        B, N, _ = x.shape
+        index = torch.arange(N, device=x.device).expand(B, N)
+        return DenseTokens(x, index, num_prefix)
+
+    def attend(self, q, k, v, weights_out=None):
+        if weights_out is not None:
+            return _explicit_attention(q, k, v, weights_out, self.weights)
+        return _weighted_attention(q, k, v, self.weights)
+
+    def lengths(self):
+        B, N = self.index.shape
+        return torch.full((B,), N, dtype=torch.long, device=self.data.device)
 
     def uniform_length(self):
         return self.data.shape[1]
@@ -390,14 +395,10 @@ class DenseTokens(Tokens):
 
 
 @dataclass(frozen=True, eq=False)
-class PaddedTokens(Tokens):
+class PaddedTokens(_RowsTokens):
     """``data``: ``(B, N_max, C)``; ``mask``: ``(B, N_max)`` True for real tokens, real ones first."""
 
     mask: Tensor = None  # type: ignore[assignment]
-
-    @property
-    def batch_size(self) -> int:
-        return self.data.shape[0]
 
     def valid(self):
         return self.mask
@@ -408,22 +409,8 @@ class PaddedTokens(Tokens):
             return _explicit_attention(q, k, v, weights_out, self.weights, self.mask)
         return _weighted_attention(q, k, v, self.weights, self.mask)
 
-    def prefix(self):
-        return self.data[:, : self.num_prefix]
-
-    def per_token(self, per_image):
-        return per_image.unsqueeze(1).expand(per_image.shape[0], self.data.shape[1], *per_image.shape[1:])
-
     def lengths(self):
         return self.mask.sum(1)
-
-    def positions(self):
-        B, N = self.index.shape
-        return torch.arange(N, device=self.data.device).expand(B, N)
-
-    def start_rows(self):
-        B, N = self.index.shape
-        return torch.arange(B, device=self.data.device) * N
 
     def select(self, keep, ragged="padded"):
         keep = (keep | self.is_prefix()) & self.mask

@@ -48,10 +48,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    import json
-
     from iared.compare import format_markdown, run_compare
-    from iared.files import check_output_dir, check_output_file, write_json
+    from iared.files import check_output_dir, check_output_file
 
     check_output_dir(args.out, "--out folder")
     if args.json and args.json != "-":
@@ -61,19 +59,25 @@ def main(args: argparse.Namespace) -> int:
     names = set(CompareConfig.__dataclass_fields__)
     cfg = CompareConfig(**{k: v for k, v in vars(args).items() if k in names})
     result = run_compare(cfg)
-    if args.json == "-":
+    return _report(result, format_markdown(result), args.json)
+
+
+def _report(result: dict, table: str, json_path: str | None) -> int:
+    """The JSON to ``json_path`` ('-': stdout, the table then goes to stderr) and the table."""
+    import json
+
+    from iared.files import write_json
+
+    if json_path == "-":
         print(json.dumps(result, indent=2))
-    elif args.json:
-        write_json(args.json, result)
-    print(format_markdown(result), file=sys.stderr if args.json == "-" else sys.stdout)
+    elif json_path:
+        write_json(json_path, result)
+    print(table, file=sys.stderr if json_path == "-" else sys.stdout)
     return 0
 
 
 def _overhead(args: argparse.Namespace) -> int:
-    import json
-
     from iared.compare import format_overhead, measure_overhead
-    from iared.files import write_json
     from iared.models import create_model
 
     if not 0 < args.keep <= 1:
@@ -81,9 +85,4 @@ def _overhead(args: argparse.Namespace) -> int:
     backbone = create_model(args.model or "deit_small_patch16_224").eval()
     result = measure_overhead(backbone, args.keep, args.batch_sizes, args.repeats, args.seed)
     result["model"] = args.model or "deit_small_patch16_224"
-    if args.json == "-":
-        print(json.dumps(result, indent=2))
-    elif args.json:
-        write_json(args.json, result)
-    print(format_overhead(result), file=sys.stderr if args.json == "-" else sys.stdout)
-    return 0
+    return _report(result, format_overhead(result), args.json)

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from iared.explain.evaluate import build_methods, evaluate_explanations, format_table
+from iared.explain.evaluate import build_methods, evaluate_explanations
 from iared.explain.methods import default_methods
 from iared.pruning import IARed
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from iared import flops
-from iared.reducers.base import quarter_locations, Reducer, StageInput, StageSettings
+from iared.reducers.base import Reducer, StageInput, StageSettings, quarter_locations
 from iared.reducers.policy import keep_from_scores
 from iared.tokens import Decision, Tokens
 

@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from iared.reducers.ats import ATS
-from iared.reducers.base import quarter_locations, Reducer
+from iared.reducers.base import Reducer, quarter_locations
 from iared.reducers.evit import EViT
 from iared.reducers.floors import PixelSaliency, RandomReducer
 from iared.reducers.tome import ToMe
