@@ -122,3 +122,23 @@ def test_compare_summaries():
              speedup={"64": 3.0}), Candidate("b", 1, run, top1=0.962, speedup={"64": 2.5})]
     best = best_speedup_at_loss(cands, 0.97, "64")
     assert best["0.5"] == {"a": 2.0} and best["1.0"] == {"b": 2.5, "a": 2.0}
+
+
+def test_flops_target_is_reached_with_a_leading_stage_without_reducer():
+    from iared.reducers.floors import RandomReducer
+
+    backbone = tiny_backbone(depth=4)
+    model = ReducedModel(backbone, [None, RandomReducer(), RandomReducer()], [0, 1, 2]).eval()
+    ratio = model.ratio_for_flops(0.6)
+    out = model(torch.randn(2, 3, 32, 32), "budget", keep_ratio=ratio)
+    assert abs(float(out.macs[0]) / model.full_macs() - 0.6) < 0.05
+    assert abs(model.macs_for_ratios(ratio) - float(out.macs[0])) < 1.0  # the prediction is the real count
+
+
+def test_trained_threshold_is_recorded_for_every_command(tmp_path):
+    from iared.train.interpreters import InterpreterTrainConfig, train_from_config
+
+    cfg = InterpreterTrainConfig(out=str(tmp_path / "run"), steps_per_stage=1, batch_size=4, eval_every=100,
+                                 eval_samples=4, threshold=0.7)
+    train_from_config(cfg, progress=False)
+    assert load_pruned(tmp_path / "run" / "pruned.pt").inference.threshold == 0.7

@@ -127,12 +127,26 @@ def time_candidates(candidates: Sequence[Candidate], unpruned: Callable[[Tensor]
     """images/s of every candidate and of the unpruned model, interleaved per batch size."""
     result = {}
     for batch in batch_sizes:
-        x = images[:batch]
-        if len(x) < batch:  # fewer test images than the batch: repeat them
-            x = x.repeat((batch + len(x) - 1) // len(x), 1, 1, 1)[:batch]
-        fns = {"unpruned": (lambda x=x: unpruned(x))}
+        # Every call of every candidate sees the same sequence of batches: consecutive slices of the
+        # test images, so per-image token counts (threshold mode, ATS) vary as in use (batch 1 too).
+        n_batches = max(1, min(16, len(images) // batch))
+        batches = [images[i * batch:(i + 1) * batch] for i in range(n_batches)]
+        if len(batches[0]) < batch:  # fewer test images than the batch: repeat them
+            batches = [images.repeat((batch + len(images) - 1) // len(images), 1, 1, 1)[:batch]]
+        x = batches[0]
+
+        def cycling(fn, batches=batches):
+            state = {"i": 0}
+
+            def call():
+                out = fn(batches[state["i"] % len(batches)])
+                state["i"] += 1
+                return out
+            return call
+
+        fns = {"unpruned": cycling(unpruned)}
         for i, c in enumerate(candidates):
-            fns[str(i)] = (lambda c=c, x=x: c.run(x))
+            fns[str(i)] = cycling(c.run)
         progress(f"timing {len(fns)} models at batch {batch}, {repeats} interleaved repeats")
         times = time_interleaved(fns, x.device, warmup=2, repeats=repeats, min_ms=20.0 if batch == 1 else 0.0)
         base = batch * 1e3 / median_ms(times["unpruned"])
@@ -287,7 +301,7 @@ def run_compare(cfg: CompareConfig, progress: Callable[[str], None] = _log) -> d
         _, _, iared_kept = evaluate(_runner(iared_model, mode="threshold", threshold=t), images, labels)
         ratios = _floor_ratios(iared_kept)
         for method in [m for m in FLOOR_METHODS if m in cfg.methods]:
-            model = registry.build_reduced(method, backbone, ratios)
+            model = registry.build_reduced(method, backbone, ratios, iared_model.stage_starts)
             candidates.append(Candidate(method, ratios, registry.runner(method, model, ratios),
                                         note="at IA-RED²'s kept fraction"))
 

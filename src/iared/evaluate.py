@@ -120,16 +120,6 @@ def format_backbone(result: dict[str, Any]) -> str:
             f"(n={result['n']}, checkpoint {result['checkpoint']})")
 
 
-def _trained_threshold(path) -> float:
-    """The threshold recorded in a pruned checkpoint's training config, else 0.5."""
-    from iared.checkpoint import read_checkpoint
-
-    config = read_checkpoint(path, check_finite=False).get("config")  # loaded (and checked) elsewhere
-    train = config.get("train") if isinstance(config, dict) else None
-    value = train.get("threshold") if isinstance(train, dict) else None
-    return float(value) if isinstance(value, (int, float)) else 0.5
-
-
 def _reference_model(spec: str, model):
     """The unpruned comparison model: a registered name (pretrained weights) or a checkpoint file."""
     from iared.loading import load_backbone
@@ -159,7 +149,7 @@ def evaluate_pruned(pruned: str, *, threshold: float | Sequence[float] | None = 
         raise ValueError("--throughput-batch and --repeats must be at least 1")
     dev = resolve_device(device)
     model = load_pruned_checked(pruned).to(dev)
-    threshold = threshold if threshold is not None else _trained_threshold(pruned)
+    threshold = threshold if threshold is not None else model.inference.threshold
     if isinstance(threshold, (list, tuple)):
         threshold = list(threshold)
         if len(threshold) != model.num_stages:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from iared.models.protocol import Backbone
 from iared.models.vit import BlockRecord
 from iared.reducers.base import MODES, Reducer, StageInput, StageSettings
-from iared.reducers.policy import budget_counts
+from iared.reducers.policy import budget_count
 from iared.tokens import PackedAttention, RaggedLayout
 
 Mode = str
@@ -190,19 +190,19 @@ class ReducedModel(nn.Module):
         return total
 
     def macs_for_ratios(self, ratios: float | Sequence[float]) -> float:
-        """Analytic MACs per input when each stage keeps ``ratios`` of the alive patch tokens
-        (reducers' own cost included, estimated on a dense probe of that many tokens)."""
+        """Analytic MACs per input when each stage with a reducer keeps ``ratios`` of the alive patch
+        tokens (the budget rule; reducers' own cost included). Stages without a reducer keep all."""
         G = self.num_stages
         ratios = [ratios] * G if isinstance(ratios, (int, float)) else list(ratios)
         prefix = self.backbone.num_prefix_tokens
-        alive_after = budget_counts(self.backbone.num_tokens - prefix, ratios)
         total = self.backbone.fixed_macs()
         alive = self.backbone.num_tokens - prefix
         for stage in range(G):
             reducer = self.reducer(stage)
-            if reducer is not None and hasattr(reducer, "macs"):
-                total += float(reducer.macs(alive + prefix))
-            alive = alive_after[stage]
+            if reducer is not None:
+                if hasattr(reducer, "macs"):
+                    total += float(reducer.macs(alive + prefix))
+                alive = budget_count(alive, ratios[stage])
             total += float(self.backbone.block_macs(alive + prefix)) * len(self.stage_blocks(stage))
         return total
 

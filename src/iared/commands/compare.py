@@ -66,10 +66,10 @@ def _report(result: dict, table: str, json_path: str | None) -> int:
     """The JSON to ``json_path`` ('-': stdout, the table then goes to stderr) and the table."""
     import json
 
-    from iared.files import write_json
+    from iared.files import json_safe, write_json
 
     if json_path == "-":
-        print(json.dumps(result, indent=2))
+        print(json.dumps(json_safe(result), indent=2))
     elif json_path:
         write_json(json_path, result)
     print(table, file=sys.stderr if json_path == "-" else sys.stdout)

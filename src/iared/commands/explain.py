@@ -16,7 +16,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the PNG panels")
     p.add_argument("--methods", nargs="+", metavar="METHOD",
                    help="methods as name or name:int (default: all; the interpreter combined and per stage)")
-    p.add_argument("--threshold", type=float, default=0.5, help="interpreter keep threshold (default 0.5)")
+    p.add_argument("--threshold", type=float, help="keep threshold of the pruned pass every method explains "
+                   "(default: the checkpoint's)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=main)
     return p

@@ -33,7 +33,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="what deleted / not yet inserted pixels become (default rise: zero for deletion, "
                         "blurred image for insertion)")
     p.add_argument("--tolerance", type=float, default=0.0, help="pointing-game tolerance in pixels")
-    p.add_argument("--threshold", type=float, default=0.5, help="interpreter keep threshold")
+    p.add_argument("--threshold", type=float, help="keep threshold of the pruned pass every method explains "
+                   "(default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--seed", type=int, default=0, help="digits test-split sample seed")
     p.add_argument("--device", default="cpu")

@@ -179,8 +179,18 @@ def check_pairs(pairs: list[tuple[Path, Path]]) -> None:
         raise ValueError(f"{len(problems)} bad image/mask file(s): {_show_names(problems, 5)}")
 
 
-def _methods_for(model: IARed, names, threshold: float):
+def _methods_for(model: IARed, names, threshold: float | None):
     return build_methods(names if names else default_methods(model), threshold)
+
+
+def _use_threshold(model: IARed, threshold: float | None) -> float:
+    """One threshold for every method of a run: the given one, else the checkpoint's; the model
+    records it so the attention methods explain the same pruned pass as the interpreter maps."""
+    from dataclasses import replace
+
+    if threshold is not None:
+        model.inference = replace(model.inference, threshold=threshold)
+    return model.inference.threshold
 
 
 # -- iared explain ----------------------------------------------------------------------------
@@ -214,7 +224,7 @@ def explain_inputs(source, out_dir) -> list[Path]:
     return files
 
 
-def explain_files(model: IARed, files: list[Path], source, out_dir, method_names=None, threshold: float = 0.5,
+def explain_files(model: IARed, files: list[Path], source, out_dir, method_names=None, threshold: float | None = None,
                   device: str = "cpu") -> list[Path]:
     """One PNG panel per file in ``out_dir`` (names: :func:`_panel_names`); every file is decoded
     first, so an unreadable one stops the run (one ValueError listing them) before any output."""
@@ -222,6 +232,7 @@ def explain_files(model: IARed, files: list[Path], source, out_dir, method_names
     from iared.explain.render import display_image, render_panel
 
     source, out_dir = Path(source).expanduser(), Path(out_dir).expanduser()
+    threshold = _use_threshold(model, threshold)
     methods = _methods_for(model, method_names, threshold)
     cfg = model.backbone.cfg
     inputs, bad = [], []
@@ -275,11 +286,12 @@ def _folder_batches(pairs, model: IARed, batch_size: int):
 
 def evaluate_methods(model: IARed, *, images=None, masks=None, limit: int | None = None, batch_size: int = 50,
                      seed: int = 0, method_names=None, steps: int = 16, baseline="rise", tolerance: float = 0.0,
-                     threshold: float = 0.5, device: str = "cpu", progress=None, pairs=None) -> dict:
+                     threshold: float | None = None, device: str = "cpu", progress=None, pairs=None) -> dict:
     """Every method x every metric on the digits-clutter test split (first ``limit``, default
     500) or on the ``images`` / ``masks`` folder pair (``pairs``: already paired files).
     Returns :func:`iared.explain.evaluate.evaluate_explanations`' dict plus ``data`` and
     ``environment``; degenerate masks give NaN metrics and an ``UndefinedMetricWarning``."""
+    threshold = _use_threshold(model, threshold)
     methods = _methods_for(model, method_names, threshold)
     if images is not None:
         pairs = pairs if pairs is not None else pair_folders(images, masks)[:limit]

@@ -27,7 +27,7 @@ EXTRA_NAMES = ("ap_foreground", "iou_foreground", "iou_background", "seconds")
 """Also in each method's results (JSON), not in the printed table."""
 
 
-def build_methods(names: Iterable[str], threshold: float = 0.5) -> dict[str, Method]:
+def build_methods(names: Iterable[str], threshold: float | None = None) -> dict[str, Method]:
     """``{name: method}`` from specs like ``"interpreter"`` or ``"raw-attention:0"``."""
     methods = {}
     for name in names:
@@ -44,7 +44,7 @@ def evaluate_explanations(
     steps: int = 16,
     baseline="rise",
     tolerance: float = 0.0,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     device: torch.device | str = "cpu",
     progress=None,
 ) -> dict:
@@ -67,7 +67,8 @@ def evaluate_explanations(
         with torch.no_grad():
             target = backbone(images).argmax(-1)
             if isinstance(model, IARed):
-                agree += int((model(images, threshold=threshold).logits.argmax(-1) == target).sum())
+                agree += int((model(images, threshold=model.inference.threshold if threshold is None else threshold)
+                              .logits.argmax(-1) == target).sum())
         for name, method in methods.items():
             start = time.perf_counter()
             maps = method(model, images, target)

@@ -167,9 +167,9 @@ class InterpreterMap:
     ``target`` is ignored (the interpreter asks the class token's query, not a class).
     """
 
-    def __init__(self, stage: int | None = None, threshold: float | Sequence[float] = 0.5):
+    def __init__(self, stage: int | None = None, threshold: float | Sequence[float] | None = None):
         self.stage = stage
-        self.threshold = threshold
+        self.threshold = threshold  # None: the model's own (its checkpoint's inference threshold)
 
     def __call__(self, model: IARed, images: Tensor, target=None) -> Tensor:
         if not isinstance(model, IARed):
@@ -178,8 +178,9 @@ class InterpreterMap:
         if self.stage is not None and not -model.num_stages <= self.stage < model.num_stages:
             raise ValueError(f"interpreter: stage {self.stage} out of range for a model with "
                              f"{model.num_stages} stages (0..{model.num_stages - 1})")
+        threshold = model.inference.threshold if self.threshold is None else self.threshold
         with torch.no_grad():
-            out = model(images, "threshold", threshold=self.threshold)
+            out = model(images, "threshold", threshold=threshold)
         return token_map_to_image(self.patch_scores(out), model.backbone)
 
     def patch_scores(self, out) -> Tensor:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from iared import flops
 from iared.checkpoint import CheckpointError, read_checkpoint
 from iared.files import check_output_dir, write_json
-from iared.pruning import IARed, IARedConfig, save_pruned
+from iared.pruning import IARed, IARedConfig, InferenceSettings, save_pruned
 from iared.rl import Baseline, RunningMean, blockdrop_reward, policy_gradient_loss
 from iared.train.common import (
     Checkpointer,
@@ -326,9 +326,24 @@ def train_from_config(cfg: InterpreterTrainConfig, resume: bool = False, progres
     history = trainer.run()
     finetune_backbone(model, train_set, cfg, progress=progress, guard=trainer.guard)
     if is_main():
-        save_pruned(model, out / "pruned.pt", extra={"train": _config_dict(cfg)})
+        save_pruned(model, out / "pruned.pt", extra={"train": _config_dict(cfg)},
+                    inference=InferenceSettings(threshold=cfg.threshold))
     cleanup()
     return model, history
+
+
+def _check_same_run(path: Path, model: IARed, cfg: InterpreterTrainConfig) -> None:
+    """Resuming into a shared, in-memory backbone: the saved state must come from this backbone and
+    these settings, or it would silently replace the backbone every compared method runs on."""
+    state = read_checkpoint(path)
+    saved = state.get("model", {})
+    mine = model.backbone.state_dict()
+    same_backbone = all(k in saved and saved[k].shape == v.shape and torch.equal(saved[k].to(v), v)
+                        for k, v in ((f"backbone.{k}", v) for k, v in mine.items()))
+    train = (state.get("config") or {}).get("train") or {}
+    if not same_backbone or train.get("steps_per_stage") != cfg.steps_per_stage or train.get("task") != cfg.task:
+        raise ValueError(f"{path} holds an interpreter run for another backbone, task or --train-steps; "
+                         "use a new --out folder (or delete it) to train from scratch")
 
 
 def train_on_backbone(backbone, train_set, cfg: InterpreterTrainConfig, resume: bool = True,
@@ -344,8 +359,10 @@ def train_on_backbone(backbone, train_set, cfg: InterpreterTrainConfig, resume: 
     val = stack_batch(val_set, torch.arange(min(cfg.eval_samples, len(val_set))))
     trainer = InterpreterTrainer(model, train_set, cfg, val_data=val, progress=progress)
     if resume and trainer.state_path().is_file():
+        _check_same_run(trainer.state_path(), model, cfg)
         trainer.load_state(trainer.state_path())
     write_json(out / "config.json", _config_dict(cfg))
     trainer.run()
-    save_pruned(model, out / "pruned.pt", extra={"train": _config_dict(cfg)})
+    save_pruned(model, out / "pruned.pt", extra={"train": _config_dict(cfg)},
+                    inference=InferenceSettings(threshold=cfg.threshold))
     return model
