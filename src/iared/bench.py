@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import sys
 from collections.abc import Callable, Sequence
@@ -37,7 +36,7 @@ from torch import Tensor
 from iared import flops
 from iared.files import check_output_file, json_safe, write_json
 from iared.pruning import IARed, PrunedOutput
-from iared.timing import CLOCKS, synchronize, time_interleaved  # noqa: F401  (CLOCKS: re-exported)
+from iared.timing import CLOCKS, machine_info, synchronize, time_interleaved  # noqa: F401  (CLOCKS: re-exported)
 from iared.tokens import default_packed_attention
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -265,34 +264,6 @@ def _wrap(module, compile: bool, call: Callable):
 
 
 # -- running the whole grid -------------------------------------------------------------------------
-
-
-def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cpu_cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
-    }
-    if device.type == "cuda":
-        info["cuda"] = torch.version.cuda
-    if hasattr(os, "getloadavg"):
-        # 1-minute load when the run started: above ~0 before we start, other jobs share the CPU
-        info["load_avg_1m_at_start"] = round(os.getloadavg()[0], 2)
-    return info
 
 
 def load_task_images(task: str, n: int, mcfg) -> Tensor:

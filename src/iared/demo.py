@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from torch import Tensor
 from iared.files import check_output_dir, save_figure, write_json
 from iared.measure import accuracy_and_compute, compare_throughput
 from iared.pruning import IARed
+from iared.timing import machine_info
 from iared.train.interpreters import InterpreterTrainConfig, build_model, load_split, train_from_config
 
 NUM_PICTURES = 16
@@ -122,8 +121,7 @@ def run_demo(out: Path, cfg: InterpreterTrainConfig, test_samples: int = 2000, p
     results["pictures"] = save_pictures(model, images[:NUM_PICTURES], labels[:NUM_PICTURES], out, cfg.threshold)
     results.update(
         train_seconds=round(train_seconds, 1), total_seconds=round(time.perf_counter() - started, 1),
-        machine={"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                 "cpu_count": os.cpu_count(), "torch": torch.__version__},
+        machine=machine_info(images.device),
         checkpoint=str(Path(cfg.out) / "pruned.pt"), history=history,
     )
     write_json(out / "results.json", results)

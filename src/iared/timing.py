@@ -44,14 +44,16 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.devi
     now = CLOCKS[clock]
     inner = {}
     for name, fn in fns.items():
-        for _ in range(max(warmup, 1)):
+        for _ in range(warmup):
             fn()
-        synchronize(device)
-        t0 = now()
-        fn()
-        synchronize(device)
-        once = (now() - t0) * 1e3
-        inner[name] = max(1, int(min_ms / once) + 1) if min_ms and once < min_ms else 1
+        inner[name] = 1
+        if min_ms:  # one calibration call: how many calls make a measurement of at least min_ms
+            synchronize(device)
+            t0 = now()
+            fn()
+            synchronize(device)
+            once = (now() - t0) * 1e3
+            inner[name] = max(1, int(min_ms / max(once, 1e-6)) + 1) if once < min_ms else 1
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -69,16 +71,30 @@ def median_ms(times: list[float]) -> float:
 
 
 def machine_info(device: torch.device | str = "cpu") -> dict:
-    """What every benchmark file records next to its figures."""
+    """What every benchmark file records next to its figures (bench, compare, demo, explain-eval)."""
     device = torch.device(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
     info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
         "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
     }
     if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    if hasattr(os, "getloadavg"):
+        # 1-minute load when the run started: above ~0 before we start, other jobs share the CPU
+        info["load_avg_1m_at_start"] = round(os.getloadavg()[0], 2)
     return info

@@ -26,7 +26,6 @@ JSON are written through :func:`iared.files.write_atomic`.
 
 from __future__ import annotations
 
-import platform
 from importlib import resources
 from pathlib import Path
 
@@ -36,6 +35,7 @@ import torch
 from iared.explain.evaluate import build_methods, evaluate_explanations
 from iared.explain.methods import default_methods
 from iared.pruning import IARed
+from iared.timing import machine_info
 
 __all__ = [
     "DEFAULT_CHECKPOINT",
@@ -308,5 +308,4 @@ def evaluate_methods(model: IARed, *, images=None, masks=None, limit: int | None
     results = evaluate_explanations(model, batches, methods, steps=steps, baseline=baseline, tolerance=tolerance,
                                     threshold=threshold, device=device, progress=progress)
     return {"data": data, **results, "target": "backbone prediction",
-            "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                            "machine": platform.machine(), "device": str(device)}}
+            "environment": machine_info(device)}
