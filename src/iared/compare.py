@@ -250,10 +250,13 @@ def _iared(cfg: CompareConfig, backbone, train_set, progress):
                                   batch_size=cfg.train_batch, seed=cfg.seed, eval_samples=min(200, cfg.test_samples),
                                   eval_every=max(cfg.train_steps, 1))
     progress(f"training IA-RED² interpreters: {cfg.train_steps} steps per stage, batch {cfg.train_batch}")
+    resumed = (Path(tcfg.out) / "train_state.pt").is_file()
     t0 = time.perf_counter()
     model = train_on_backbone(backbone, train_set, tcfg, resume=True)
+    # seconds: this run's share only when it resumed an earlier run's state (see resumed)
     info = {"steps": cfg.train_steps * model.num_stages, "steps_per_stage": cfg.train_steps,
-            "batch": cfg.train_batch, "seconds": round(time.perf_counter() - t0, 1), "backbone": "frozen"}
+            "batch": cfg.train_batch, "seconds": round(time.perf_counter() - t0, 1), "resumed": resumed,
+            "backbone": "frozen"}
     return model.eval(), info
 
 
