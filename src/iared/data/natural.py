@@ -47,17 +47,25 @@ patches among the 30 % of patches (19 of 64) that a pixel-saliency rule ranks hi
 (:func:`patch_saliency_recall`: pixel variance, or max - min luminance); random choice gives 0.30,
 and on ``digits-clutter`` test the same rules give 0.833 / 0.818:
 
-    =====  ==========  ==============  ===============  =========  ===============  ===============
-    split  background  digit patches   clutter patches  fragments  recall variance  recall contrast
-    =====  ==========  ==============  ===============  =========  ===============  ===============
-    train  0.838       10.4 (4 .. 18)  22.5 (10 .. 38)  4.39       0.610            0.510
-    val    0.837       10.4 (3 .. 18)  22.6 (8 .. 37)   4.39       0.534            0.409
-    test   0.838       10.3 (4 .. 17)  22.6 (11 .. 37)  4.39       0.449            0.408
-    =====  ==========  ==============  ===============  =========  ===============  ===============
+    =====  ==========  ==============  ===============  ===========  ===============  ===============
+    split  background  digit patches   clutter patches  fragments    recall variance  recall contrast
+    =====  ==========  ==============  ===============  ===========  ===============  ===============
+    train  0.837       10.4 (5 .. 17)  22.1 (12 .. 36)  5.81 (<=11)  0.661            0.632
+    val    0.837       10.4 (3 .. 18)  22.1 (7 .. 37)   5.80 (<=11)  0.614            0.566
+    test   0.838       10.4 (4 .. 17)  22.0 (11 .. 35)  5.77 (<=11)  0.558            0.545
+    =====  ==========  ==============  ===============  ===========  ===============  ===============
 
 "background" is :func:`~iared.data.digits.background_fraction` (patches holding no digit pixel).
-Distractors covered at least as many patches as the digit on all 6000 samples. Generating a sample
-takes about 2.5 ms (one idle CPU core); :class:`DigitsNatural` keeps generated items in memory.
+Distractors covered at least as many patches as the digit on all 6000 samples. Keeping 50 % of the
+patches, the variance rule still misses a quarter of the digit on test (recall 0.741).
+
+The ranges trade that floor against learnability: with fainter strokes (contrast 0.25 .. 0.45) and
+larger fragments (40 .. 60 % of the digit) test recall fell to 0.45 / 0.41, but neither a small CNN
+nor the ViT left chance level within a CPU budget of minutes; with the values above a small CNN
+reaches 85 % training accuracy in 200 steps of 64.
+
+Generating a sample takes about 2.5 ms on an idle core; :class:`DigitsNatural` keeps generated items
+in memory (``cache``), so a training run pays that once per sample.
 """
 
 from __future__ import annotations
@@ -86,12 +94,12 @@ __all__ = [
 DIGIT_SIDES = (20, 22, 24, 26, 28)  # side of the upsampled 8x8 digit, drawn uniformly
 CROP_SIDES = (128, 384)  # background crop side in photo pixels, log-uniform (texture-rich after resizing)
 MATTE_RAMP = (0.05, 0.6)  # upsampled source intensity mapped to alpha 0 .. 1 (smoothstep)
-OPACITY = (0.75, 1.0)  # peak alpha of a drawn layer
-CONTRAST = (0.25, 0.45)  # |luminance(colour) - luminance under the layer|, same range for digit and distractors
-FRAGMENT_FRACTION = (0.4, 0.6)  # distractor crop side / digit side
+OPACITY = (0.85, 1.0)  # peak alpha of a drawn layer
+CONTRAST = (0.4, 0.65)  # |luminance(colour) - luminance under the layer|, same range for digit and distractors
+FRAGMENT_FRACTION = (0.3, 0.45)  # distractor crop side / digit side
 FRAGMENT_COVER = 2.0  # distractor patches >= this x digit patches
 MIN_FRAGMENT_INK = 12
-MAX_FRAGMENTS = 10
+MAX_FRAGMENTS = 16
 PLACEMENT_CANDIDATES = 4
 MARGIN = 1
 PHOTO_MAX_SIDE = 640  # larger photographs are downscaled once on load
