@@ -12,7 +12,7 @@ from iared.cli import main as cli_main
 from iared.data import build_dataset
 from iared.measure import accuracy_and_compute
 from iared.models import create_model
-from iared.pruning import IARed, load_pruned, save_pruned
+from iared.pruning import IARed, InferenceSettings, load_pruned, save_pruned
 
 SMALL = dict(depth=2, embed_dim=32, num_heads=2)
 
@@ -55,7 +55,8 @@ def files(backbone, tmp_path_factory):
         for p in pruned.interpreters.parameters():
             p.normal_(0, 0.5)
     save_pruned(pruned, root / "pruned.pt")
-    save_pruned(pruned, root / "pruned_t0.pt", extra={"train": {"threshold": 0.0}})
+    save_pruned(pruned, root / "pruned_t0.pt", extra={"train": {"threshold": 0.0}},
+                inference=InferenceSettings(threshold=0.0))
     return {"backbone": ckpt, "pruned": root / "pruned.pt", "pruned_t0": root / "pruned_t0.pt", "root": root}
 
 
@@ -154,7 +155,7 @@ def test_eval_pruned_threshold_zero_is_the_backbone(files, capsys):
     assert r["kept_fraction"] == [1.0, 1.0]
     assert r["gflops_pruned"] > r["gflops_full"] and r["speedup_ideal"] < 1
 
-    # the threshold recorded at training time is the default
+    # the threshold the checkpoint records (training writes its --threshold there) is the default
     code, out, _ = run_cli(capsys, "eval", "--pruned", files["pruned_t0"], "--limit", 8, "--throughput-batch", 4,
                            "--repeats", 1, "--json")
     assert one_json(out)["threshold"] == 0.0 and one_json(out)["kept_fraction"] == [1.0, 1.0]
