@@ -131,6 +131,31 @@ def _split_tables(split: str) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
     return indices, by_class
 
 
+def place_fragment(crop: np.ndarray, box: tuple[int, int, int, int], covered: np.ndarray,
+                   rng: np.random.Generator) -> tuple[tuple[int, int], np.ndarray]:
+    """Where a distractor ``crop`` (square matte) goes: of ``PLACEMENT_CANDIDATES`` random positions
+    whose square lies fully above, below, left or right of the digit's ink ``box`` (top, bottom, left,
+    right) plus ``MARGIN``, the one inking most patches not yet ``covered``. Returns ``(y, x)`` and the
+    crop's patch footprint there (bool over the patches). Shared by digits-clutter and digits-natural."""
+    top, bottom, left, right = box
+    size = crop.shape[0]
+    pos = np.arange(CANVAS - size + 1)
+    ok_y = (pos + size <= top - MARGIN) | (pos >= bottom + MARGIN)
+    ok_x = (pos + size <= left - MARGIN) | (pos >= right + MARGIN)
+    valid = np.flatnonzero(ok_y[:, None] | ok_x[None, :])
+    picks = valid[rng.integers(len(valid), size=PLACEMENT_CANDIDATES)]
+    f_rows, f_cols = np.nonzero(crop > INK_THRESHOLD)
+    best, best_gain, best_fp = None, -1, None
+    for p in picks:
+        fy, fx = divmod(int(p), CANVAS - size + 1)
+        fp = np.zeros_like(covered)
+        fp[_patch_ids(f_rows + fy, f_cols + fx)] = True
+        gain = int((fp & ~covered).sum())
+        if gain > best_gain:
+            best, best_gain, best_fp = (fy, fx), gain, fp
+    return best, best_fp
+
+
 def _patch_ids(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     return (rows // PATCH) * (CANVAS // PATCH) + cols // PATCH
 
@@ -237,22 +262,7 @@ class DigitsClutter(torch.utils.data.Dataset):
                     break
             crop = crop * np.float32(rng.uniform(*JITTER))
 
-            # Positions whose square lies fully above, below, left or right of the (margined) ink box.
-            pos = np.arange(CANVAS - size + 1)
-            ok_y = (pos + size <= top - MARGIN) | (pos >= bottom + MARGIN)
-            ok_x = (pos + size <= left - MARGIN) | (pos >= right + MARGIN)
-            valid = np.flatnonzero(ok_y[:, None] | ok_x[None, :])
-            picks = valid[rng.integers(len(valid), size=PLACEMENT_CANDIDATES)]
-            f_rows, f_cols = np.nonzero(crop > INK_THRESHOLD)
-            best, best_gain, best_fp = None, -1, None
-            for p in picks:
-                fy, fx = divmod(int(p), CANVAS - size + 1)
-                fp = np.zeros_like(covered)
-                fp[_patch_ids(f_rows + fy, f_cols + fx)] = True
-                gain = int((fp & ~covered).sum())
-                if gain > best_gain:
-                    best, best_gain, best_fp = (fy, fx), gain, fp
-            fy, fx = best
+            (fy, fx), best_fp = place_fragment(crop, (top, bottom, left, right), covered, rng)
             region = clutter[fy : fy + size, fx : fx + size]
             np.maximum(region, crop, out=region)
             covered |= best_fp

@@ -20,7 +20,7 @@ mean / std are 0 / 1); a ViT with 8x8 patches sees 64 tokens:
   other way where there is no room);
 - **distractors**: crops of OTHER digits of the split (side ``FRAGMENT_FRACTION`` of the digit's, cut
   edges tapered), drawn exactly the same way with their own colour, polarity and contrast from the
-  same ranges, placed outside the digit's matte box (plus ``MARGIN``), added until they cover at least
+  same ranges, placed outside the digit's matte box (plus ``digits.MARGIN``; :func:`digits.place_fragment`), added until they cover at least
   ``FRAGMENT_COVER`` times as many patches as the digit (at most ``MAX_FRAGMENTS``).
 
 The mask is the digit's matte > ``INK_THRESHOLD`` (0.1); distractors never touch it, so the mask is
@@ -82,7 +82,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .digits import CANVAS, INK_THRESHOLD, PATCH, SPLITS, _patch_ids, _split_tables
+from .digits import CANVAS, INK_THRESHOLD, PATCH, SPLITS, _patch_ids, _split_tables, place_fragment
 
 __all__ = [
     "PHOTOS",
@@ -100,8 +100,6 @@ FRAGMENT_FRACTION = (0.3, 0.45)  # distractor crop side / digit side
 FRAGMENT_COVER = 2.0  # distractor patches >= this x digit patches
 MIN_FRAGMENT_INK = 12
 MAX_FRAGMENTS = 16
-PLACEMENT_CANDIDATES = 4
-MARGIN = 1
 PHOTO_MAX_SIDE = 640  # larger photographs are downscaled once on load
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 DEFAULT_LENGTHS = {"train": 50_000, "val": 2_000, "test": 2_000}
@@ -349,21 +347,7 @@ class DigitsNatural(torch.utils.data.Dataset):
                 if (crop > INK_THRESHOLD / OPACITY[0]).sum() >= MIN_FRAGMENT_INK:
                     break
             crop = crop * _taper(size) * np.float32(rng.uniform(*OPACITY))
-            pos = np.arange(CANVAS - size + 1)
-            ok_y = (pos + size <= top - MARGIN) | (pos >= bottom + MARGIN)
-            ok_x = (pos + size <= left - MARGIN) | (pos >= right + MARGIN)
-            valid = np.flatnonzero(ok_y[:, None] | ok_x[None, :])
-            picks = valid[rng.integers(len(valid), size=PLACEMENT_CANDIDATES)]
-            f_rows, f_cols = np.nonzero(crop > INK_THRESHOLD)
-            best, best_gain, best_fp = None, -1, None
-            for p in picks:
-                fy, fx = divmod(int(p), CANVAS - size + 1)
-                fp = np.zeros_like(covered)
-                fp[_patch_ids(f_rows + fy, f_cols + fx)] = True
-                gain = int((fp & ~covered).sum())
-                if gain > best_gain:
-                    best, best_gain, best_fp = (fy, fx), gain, fp
-            fy, fx = best
+            (fy, fx), best_fp = place_fragment(crop, (top, bottom, left, right), covered, rng)
             contrasts.append(_paint(image, crop, fy, fx, rng))
             region = clutter_alpha[fy : fy + size, fx : fx + size]
             np.maximum(region, crop, out=region)
