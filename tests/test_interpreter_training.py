@@ -47,3 +47,19 @@ def test_interpreter_training_on_two_processes_equals_one(tmp_path):
     for k in keys:
         diff = float((ddp["model"][k] - single["model"][k]).abs().max())
         assert diff <= 2e-4, (k, diff)
+
+
+def test_compare_refuses_to_resume_another_runs_interpreters(tmp_path):
+    """train_on_backbone shares its backbone with every compared method: a state from other settings
+    must not be loaded into it."""
+    from iared.loading import load_backbone, task_dataset
+    from iared.train.interpreters import InterpreterTrainConfig, train_on_backbone
+
+    backbone = load_backbone(None, default="digits_vit").eval()
+    train_set = task_dataset("digits-clutter", "train", backbone.cfg)
+    cfg = InterpreterTrainConfig(out=str(tmp_path), steps_per_stage=1, batch_size=4, eval_every=100, eval_samples=4)
+    train_on_backbone(backbone, train_set, cfg, progress=False)
+    train_on_backbone(backbone, train_set, cfg, progress=False)  # same settings: resumes (nothing left to do)
+    cfg.steps_per_stage = 2
+    with pytest.raises(ValueError, match="another backbone, task or --train-steps"):
+        train_on_backbone(backbone, train_set, cfg, progress=False)

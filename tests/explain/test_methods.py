@@ -190,3 +190,10 @@ def test_pruned_attention_with_nothing_dropped_equals_the_backbone(model):
     images = torch.rand(2, 1, 64, 64)
     for a, b in zip(_attentions(model, images), _attentions(model.backbone, images)):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_explain_eval_uses_one_threshold_for_every_method(model):
+    from iared.explain.cli import _use_threshold
+
+    assert _use_threshold(model, None) == model.inference.threshold  # default: the checkpoint's
+    assert _use_threshold(model, 0.7) == 0.7 and model.inference.threshold == 0.7  # the attention pass follows
