@@ -214,4 +214,4 @@ def test_transforms_and_build_dataset_splits(tmp_path):
     assert tr.classes == va.classes == ["a", "b"]
     assert tr[0][0].shape == va[1][0].shape == (3, 48, 48)
     assert any("RandomResizedCrop" in type(t).__name__ for t in tr.transform.transforms)
-    assert not any("Random" in type(t).__name__ for t in va.transform.transforms)
+    assert not any("Random" in type(t).__name__ for t in va.transform.resize_and_crop.transforms)

@@ -138,6 +138,14 @@ def test_write_dataset_layout_and_refusals(tmp_path):
         write_dataset("digits-natural", "test", 2, out, progress=False)
     write_dataset("digits-natural", "test", 2, out, overwrite=True, progress=False)
     assert len(list(out.glob("images/*/*.png"))) == 2
+    # `eval --task OUT/images` sees exactly the generated pixels: no resize / crop at the model's size
+    from iared.loading import task_dataset
+    from iared.models import MODEL_CONFIGS, ViTConfig
+
+    folder = task_dataset(str(out / "images"), "test", ViTConfig(**MODEL_CONFIGS["digits_natural_vit"]))
+    for (path, target), (x, label) in zip(folder.samples, folder):
+        image, expected_label, _ = ds[int(path.stem)]
+        assert label == target == folder.class_to_idx[str(expected_label)] and torch.equal(x, image)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match="backgrounds"):

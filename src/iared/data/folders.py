@@ -280,13 +280,14 @@ def eval_transform(
     crop_pct: float = 0.875,
     **kwargs,
 ):
-    """Evaluation transform: resize the short side to ``image_size / crop_pct``, centre-crop, normalise.
+    """Evaluation transform: resize the short side to ``image_size / crop_pct``, centre-crop, normalise
+    (images already ``image_size`` square are only normalised).
 
     PIL RGB image -> float tensor ``(3, image_size, image_size)``. ``kwargs`` go to
     ``timm.data.create_transform``.
     """
     kwargs.setdefault("interpolation", _INTERPOLATION)
-    return create_transform(
+    resize_and_crop = create_transform(
         input_size=image_size,
         is_training=False,
         mean=tuple(mean),
@@ -294,6 +295,29 @@ def eval_transform(
         crop_pct=crop_pct,
         **kwargs,
     )
+    return _PassThroughAtModelSize(image_size, resize_and_crop, mean, std)
+
+
+class _PassThroughAtModelSize:
+    """timm's evaluation transform, except that an image already at the model's size is only
+    converted and normalised: resizing to ``size / crop_pct`` and centre-cropping would magnify it
+    (a 64x64 ``digits-natural`` PNG by 1.14x, cutting off its borders) and evaluate a different image
+    than the generator made."""
+
+    def __init__(self, image_size: int, resize_and_crop, mean, std):
+        from torchvision import transforms
+
+        self.image_size = int(image_size)
+        self.resize_and_crop = resize_and_crop
+        self.convert = transforms.Compose([transforms.ToTensor(), transforms.Normalize(tuple(mean), tuple(std))])
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        if img.size == (self.image_size, self.image_size):
+            return self.convert(img)
+        return self.resize_and_crop(img)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.image_size}, otherwise={self.resize_and_crop!r})"
 
 
 def train_transform(
