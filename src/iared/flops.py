@@ -52,7 +52,7 @@ def embed_macs(cfg: ViTConfig) -> int:
 
 
 def head_macs(cfg: ViTConfig) -> int:
-    return cfg.num_prefix_tokens * cfg.embed_dim * cfg.num_classes
+    return cfg.num_classifier_heads * cfg.embed_dim * cfg.num_classes
 
 
 def vit_macs(cfg: ViTConfig, tokens_per_block: Sequence | Tensor | None = None,

@@ -9,6 +9,12 @@ sigmoids is a keep probability in [0, 1] (Pan et al., NeurIPS 2021, Sec. 3.2). T
 is the heatmap of :mod:`iared.explain`. Only the class token's query is ever used, so the query
 half of the linear layer runs on one row per image: the interpreter costs about one linear
 layer over the tokens (see :func:`iared.flops.interpreter_macs`).
+
+A backbone without class token (average-pooled ViTs) has no such query. There the query is the
+mean of the alive patch tokens' queries (the query of their mean normalised feature,
+:meth:`iared.tokens.Tokens.patch_mean`): the tokens are asked how relevant they are to the
+average token, which is what the average-pooling head reads. Register tokens are prefix tokens:
+they score 1 like the class token and are never dropped.
 """
 
 from __future__ import annotations
@@ -72,7 +78,8 @@ class MultiHeadInterpreter(Reducer):
     def score(self, tokens: Tokens) -> Tensor:
         dim = self.qk.in_features
         x = self.norm(tokens.data)
-        cls = self.norm(tokens.prefix()[:, 0])  # (B, C)
+        # (B, C): the class token, or the average patch token when the backbone has no class token
+        cls = self.norm(tokens.prefix()[:, 0]) if tokens.has_class_token else tokens.patch_mean(x)
         q = F.linear(cls, self.qk.weight[:dim], self.qk.bias[:dim]).unflatten(-1, (self.num_heads, -1))
         k = F.linear(x, self.qk.weight[dim:], self.qk.bias[dim:]).unflatten(-1, (self.num_heads, -1))
         logits = (tokens.per_token(q) * k).sum(-1) * k.shape[-1] ** -0.5

@@ -7,8 +7,9 @@ One rule for all commands (``train``, ``train-interpreters``, ``eval``, ``bench`
   (training checkpoints, exported weights, pruned models). Files without one (the official DeiT
   ``{"model": state_dict}`` layout, plain state dicts, safetensors) have their geometry read off
   the weights (:func:`infer_vit_config`): width, depth, patch and image size, channels, classes,
-  distillation token, layer scale; the head count, which weights do not show, comes from the
-  registered model of that width (DeiT-Ti 3, -S 6, -B 12), else width / 64.
+  distillation / class / register tokens, DeiT-III's position table, average pooling (fc_norm),
+  pre-norm, layer scale; the head count, which weights do not show, comes from the registered
+  model of that width (DeiT-Ti 3, -S 6, -B 12), else width / 64.
 - ``--model NAME --checkpoint FILE``: built as ``NAME`` (plus overrides), then the file's weights,
   strictly (every missing, unexpected or mis-shaped key listed, naming the file).
 - ``--model NAME --pretrained``: timm's download (network needed), or for ``digits_vit`` the
@@ -42,8 +43,14 @@ from iared.checkpoint import (
 __all__ = ["infer_vit_config", "is_pruned", "load_backbone", "load_iared", "load_pruned_checked", "task_dataset"]
 
 def infer_vit_config(state_dict: dict[str, torch.Tensor], path: str | os.PathLike = "<memory>"):
-    """A :class:`ViTConfig` that fits a timm-layout ViT / DeiT state dict (see the module docstring)."""
+    """A :class:`ViTConfig` that fits a timm-layout ViT / DeiT state dict (see the module docstring).
+
+    Average pooling is recognised by its ``fc_norm``; timm's rarer average pooling without
+    ``fc_norm`` looks like token pooling in the keys unless there is no class token."""
     from iared.models import MODEL_CONFIGS, ViTConfig
+    from iared.models.vit import rename_official_keys
+
+    state_dict = rename_official_keys(state_dict)
 
     def need(key: str) -> torch.Tensor:
         if key not in state_dict:
@@ -57,27 +64,44 @@ def infer_vit_config(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
                               "not (C, C_in, P, P)")
     embed_dim, in_chans, patch = int(proj.shape[0]), int(proj.shape[1]), int(proj.shape[2])
     distilled = "dist_token" in state_dict
-    prefix = 2 if distilled else 1
-    tokens = int(need("pos_embed").shape[1]) - prefix
-    grid = int(round(tokens ** 0.5))
-    if grid * grid != tokens:
-        raise CheckpointError(f"bad checkpoint {path}: pos_embed holds {tokens} patch positions, not a square grid")
+    class_token = "cls_token" in state_dict
+    reg_tokens = int(state_dict["reg_token"].shape[1]) if "reg_token" in state_dict else 0
+    prefix = int(class_token) + int(distilled) + reg_tokens
+    positions = int(need("pos_embed").shape[1])
+    # The table covers prefix + patches, or (DeiT-III's no_embed_class) the patches only.
+    no_embed_class = not _is_square(positions - prefix) and _is_square(positions)
+    tokens = positions if no_embed_class else positions - prefix
+    grid = int(round(max(tokens, 0) ** 0.5))
+    if not _is_square(tokens):
+        raise CheckpointError(f"bad checkpoint {path}: pos_embed holds {positions} positions for {prefix} prefix "
+                              "tokens: not a square grid of patches")
     depth = len({int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})
     if depth == 0:
         raise CheckpointError(f"bad checkpoint {path}: no transformer blocks (blocks.0.*) found")
     head = need("head.weight")
     same_width = [c["num_heads"] for c in MODEL_CONFIGS.values() if c.get("embed_dim") == embed_dim and "num_heads" in c]
     num_heads = same_width[0] if same_width else max(1, embed_dim // 64)
+    pool = "avg" if "fc_norm.weight" in state_dict or not class_token else "token"
     values: dict[str, Any] = dict(
         img_size=grid * patch, patch_size=patch, in_chans=in_chans, num_classes=int(head.shape[0]),
         embed_dim=embed_dim, depth=depth, num_heads=num_heads,
         mlp_ratio=int(need("blocks.0.mlp.fc1.weight").shape[0]) / embed_dim,
         qkv_bias="blocks.0.attn.qkv.bias" in state_dict, distilled=distilled,
         init_values=1e-5 if "blocks.0.ls1.gamma" in state_dict else None,  # any value: the weights overwrite it
+        class_token=class_token, reg_tokens=reg_tokens, no_embed_class=no_embed_class,
+        global_pool=pool,
+        fc_norm=True if "fc_norm.weight" in state_dict else False if pool == "avg" and "norm.weight" in state_dict
+        else None,
+        pre_norm="norm_pre.weight" in state_dict,
+        final_norm="norm.weight" in state_dict or "fc_norm.weight" in state_dict,
     )
     if in_chans != 3:  # ImageNet statistics mean nothing for other channel counts
         values.update(mean=(0.0,) * in_chans, std=(1.0,) * in_chans)
     return config_from_dict(ViTConfig, values, path, "inferred model")
+
+
+def _is_square(n: int) -> bool:
+    return n > 0 and round(n ** 0.5) ** 2 == n
 
 
 def _file_model_config(obj: dict) -> dict | None:
@@ -105,7 +129,7 @@ def load_backbone(checkpoint: str | os.PathLike | None = None, model: str | None
     ``default``: a registered name whose ``pretrained`` weights are used when nothing is given
     (``digits_vit``: the shipped backbone); None makes "nothing given" an error.
     """
-    from iared.models import MODEL_CONFIGS, VisionTransformer, ViTConfig, create_model
+    from iared.models import MODEL_CONFIGS, VisionTransformer, ViTConfig, adapt_state_dict, create_model
 
     overrides = dict(overrides or {})
     if model is not None and model not in MODEL_CONFIGS:
@@ -132,7 +156,7 @@ def load_backbone(checkpoint: str | os.PathLike | None = None, model: str | None
         if overrides:
             cfg = config_from_dict(ViTConfig, {**cfg.to_dict(), **overrides}, checkpoint, "model + overrides")
     net = VisionTransformer(cfg)
-    load_weights(net, sd, checkpoint)
+    load_weights(net, adapt_state_dict(sd, cfg), checkpoint)
     return net
 
 

@@ -18,8 +18,12 @@ Every layout carries ``index``: for each token, its position in the original seq
 (prefix tokens first, then patches in row-major order). That is how keep masks and scores are
 reported in image coordinates no matter how many selections happened.
 
-The first ``num_prefix`` tokens of every image (class token, distillation token) are never
-dropped: every ``select`` forces them to be kept, and their order stays at the front.
+The first ``num_prefix`` tokens of every image (class, distillation and register tokens) are
+never dropped: every ``select`` forces them to be kept, and their order stays at the front.
+
+``has_class_token`` says whether the first of them is a class token. Per-image summaries (the
+query of the IA-RED² interpreter, the "class attention" that EViT and ATS rank by) read the class
+token when there is one, else the mean of the alive patch tokens (:meth:`Tokens.summary`).
 """
 
 from __future__ import annotations
@@ -103,6 +107,7 @@ class Tokens:
     # ``w_j * exp(q.k_j)``. A token merged from s originals has weight s (ToMe's proportional
     # attention); a soft keep gate in [0, 1] gives DynamicViT's masked attention in training.
     weights: Tensor | None = None
+    has_class_token: bool = True  # False: no class token; prefix tokens (if any) are registers
 
     @property
     def batch_size(self) -> int:
@@ -197,6 +202,45 @@ class Tokens:
         """Token-aligned ``values`` -> ``(B,)`` sums (padding rows must hold 0)."""
         flat_ids = self.image_ids().reshape(-1)
         return values.new_zeros(self.batch_size).index_add(0, flat_ids, values.reshape(-1))
+
+    def max_per_image(self, values: Tensor) -> Tensor:
+        """Token-aligned ``values`` -> ``(B,)`` maxima over the real tokens (-inf for an empty image)."""
+        valid = self.valid()
+        if valid is not None:
+            values = values.masked_fill(~valid, float("-inf"))
+        ids = self.image_ids().reshape(-1)
+        peak = values.new_full((self.batch_size,), float("-inf"))
+        return peak.scatter_reduce(0, ids, values.reshape(-1), "amax", include_self=True)
+
+    def patch_mean(self, values: Tensor | None = None) -> Tensor:
+        """``(B, ...)``: each image's mean of token-aligned ``values`` ``(..., *F)`` (default: the
+        features) over its alive patch tokens; prefix tokens and padding are left out.
+
+        A token counts with its weight (:attr:`weights`): a merged token as the ``s`` tokens it
+        averages (so merging leaves the mean unchanged), a gated-out token not at all. An image
+        without any alive patch token averages to 0.
+        """
+        values = self.data if values is None else values
+        patch = self.patch_mask().reshape(-1, 1)
+        w = patch.to(values.dtype)
+        if self.weights is not None:  # a product, so gradients reach soft gates (DynamicViT)
+            w = w * self.weights.reshape(-1, 1).to(values.dtype)
+        ids = self.image_ids().reshape(-1)
+        rows = values.reshape(ids.shape[0], -1)
+        # Padding rows may hold anything (nobody reads them): zero them, as 0 * inf would poison the sum.
+        rows = torch.where(patch, rows, torch.zeros_like(rows))
+        total = rows.new_zeros(self.batch_size, rows.shape[1]).index_add(0, ids, rows * w)
+        count = rows.new_zeros(self.batch_size, 1).index_add(0, ids, w)
+        feature_shape = values.shape[self.index.dim():]
+        return (total / count.clamp_min(1e-12)).reshape(self.batch_size, *feature_shape)
+
+    def summary(self, values: Tensor) -> Tensor:
+        """``(B, ...)``: each image's summary of token-aligned ``values``: the class token's row, or
+        without a class token the :meth:`patch_mean` (an average token asks instead of a class token)."""
+        if not self.has_class_token:
+            return self.patch_mean(values)
+        flat = values.reshape(-1, *values.shape[self.index.dim():])
+        return flat[self.start_rows()] if self.batch_size else flat[:0]
 
     def softmax_per_image(self, logits: Tensor) -> Tensor:
         """Softmax of token-aligned ``logits`` ``(..., H)`` over the real tokens of each image."""
@@ -337,10 +381,10 @@ class DenseTokens(_RowsTokens):
     """``data``: ``(B, N, C)``; ``index``: ``(B, N)`` original positions."""
 
     @staticmethod
-    def from_embeddings(x: Tensor, num_prefix: int) -> DenseTokens:
+    def from_embeddings(x: Tensor, num_prefix: int, has_class_token: bool = True) -> DenseTokens:
         B, N, _ = x.shape
         index = torch.arange(N, device=x.device).expand(B, N)
-        return DenseTokens(x, index, num_prefix)
+        return DenseTokens(x, index, num_prefix, has_class_token=has_class_token)
 
     def attend(self, q, k, v, weights_out=None):
         if weights_out is not None:
@@ -371,8 +415,9 @@ class DenseTokens(_RowsTokens):
             return self.gather(order)
         if ragged == "padded":
             return PaddedTokens(self.data, self.index, self.num_prefix, self.attention, self.weights,
-                                mask=torch.ones_like(keep)).select(keep)
-        return PackedTokens.from_dense(self.data, self.index, keep, self.num_prefix, self.attention, self.weights)
+                                self.has_class_token, mask=torch.ones_like(keep)).select(keep)
+        return PackedTokens.from_dense(self.data, self.index, keep, self.num_prefix, self.attention, self.weights,
+                                       self.has_class_token)
 
     def select_count(self, keep, count):
         if count == self.data.shape[1]:
@@ -387,7 +432,7 @@ class DenseTokens(_RowsTokens):
         """Keep tokens ``order`` ``(B, K)`` (positions in the current sequence) in that order."""
         data = self.data.gather(1, order.unsqueeze(-1).expand(-1, -1, self.data.shape[-1]))
         weights = None if self.weights is None else self.weights.gather(1, order)
-        return DenseTokens(data, self.index.gather(1, order), self.num_prefix, self.attention, weights)
+        return replace(self, data=data, index=self.index.gather(1, order), weights=weights)
 
     def scatter(self, values, total, fill=0.0):
         out = values.new_full((self.batch_size, total), fill)
@@ -422,7 +467,7 @@ class PaddedTokens(_RowsTokens):
         # Padding rows keep a harmless index (0) so scatter never writes past the sequence.
         index = torch.where(mask, self.index.gather(1, order), torch.zeros_like(order))
         weights = None if self.weights is None else self.weights.gather(1, order) * mask
-        return PaddedTokens(data, index, self.num_prefix, self.attention, weights, mask=mask)
+        return replace(self, data=data, index=index, weights=weights, mask=mask)
 
     def is_prefix(self):
         return (self.index < self.num_prefix) & self.mask
@@ -449,20 +494,22 @@ class PackedTokens(Tokens):
 
     @staticmethod
     def from_counts(data: Tensor, index: Tensor, counts: Tensor, num_prefix: int,
-                    attention: PackedAttention = "auto", weights: Tensor | None = None) -> PackedTokens:
+                    attention: PackedAttention = "auto", weights: Tensor | None = None,
+                    has_class_token: bool = True) -> PackedTokens:
         offsets = F.pad(counts.cumsum(0), (1, 0))
         sizes = tuple(counts.tolist())
         image = torch.repeat_interleave(torch.arange(len(sizes), device=data.device), counts,
                                         output_size=sum(sizes))
-        return PackedTokens(data, index, num_prefix, attention, weights, counts=counts, offsets=offsets,
-                            image=image, sizes=sizes)
+        return PackedTokens(data, index, num_prefix, attention, weights, has_class_token, counts=counts,
+                            offsets=offsets, image=image, sizes=sizes)
 
     @staticmethod
     def from_dense(data: Tensor, index: Tensor, keep: Tensor, num_prefix: int,
-                   attention: PackedAttention = "auto", weights: Tensor | None = None) -> PackedTokens:
+                   attention: PackedAttention = "auto", weights: Tensor | None = None,
+                   has_class_token: bool = True) -> PackedTokens:
         """Pack the kept rows of a ``(B, N, C)`` batch (``keep``: ``(B, N)`` bool)."""
         return PackedTokens.from_counts(data[keep], index[keep], keep.sum(1), num_prefix, attention,
-                                        None if weights is None else weights[keep])
+                                        None if weights is None else weights[keep], has_class_token)
 
     @property
     def batch_size(self) -> int:
@@ -492,7 +539,7 @@ class PackedTokens(Tokens):
         counts = torch.zeros_like(self.counts).index_add_(0, self.image, keep.long())
         weights = None if self.weights is None else self.weights[keep]
         return PackedTokens.from_counts(self.data[keep], self.index[keep], counts, self.num_prefix, self.attention,
-                                        weights)
+                                        weights, self.has_class_token)
 
     def scatter(self, values, total, fill=0.0):
         out = values.new_full((self.batch_size, total), fill)
@@ -551,7 +598,7 @@ class PackedTokens(Tokens):
         index = torch.zeros(self.batch_size, width, dtype=self.index.dtype, device=self.data.device)
         index[self.image, pos] = self.index
         weights = None if self.weights is None else self.pad_rows(self.weights)
-        return PaddedTokens(data, index, self.num_prefix, self.attention, weights, mask=mask)
+        return PaddedTokens(data, index, self.num_prefix, self.attention, weights, self.has_class_token, mask=mask)
 
     def pad_rows(self, rows: Tensor) -> Tensor:
         """Token-aligned ``(T, ...)`` -> ``(B, N_max, ...)``, zeros in the padding."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from iared.checkpoint import CheckpointError, extract_state_dict, load_weights, read_checkpoint
-from iared.models.vit import Block, VisionTransformer, ViTConfig
+from iared.models.vit import Block, VisionTransformer, ViTConfig, adapt_state_dict
 
 __all__ = [
     "EMBEDDED_CHECKPOINT",
@@ -22,6 +22,7 @@ __all__ = [
     "Block",
     "ViTConfig",
     "VisionTransformer",
+    "adapt_state_dict",
     "create_model",
     "from_timm",
     "list_models",
@@ -33,6 +34,10 @@ __all__ = [
 DIGITS_VIT = dict(img_size=64, patch_size=8, in_chans=1, num_classes=10, embed_dim=144, depth=6,
                   num_heads=4, mean=(0.0,), std=(1.0,))
 
+# DeiT-III (Touvron et al., "DeiT III: Revenge of the ViT", 2022), as timm's deit3_* models:
+# position table for the patches only, layer scale initialised at 1e-6.
+DEIT3 = dict(no_embed_class=True, init_values=1e-6)
+
 MODEL_CONFIGS: dict[str, dict] = {
     "deit_tiny_patch16_224": dict(embed_dim=192, depth=12, num_heads=3),
     "deit_small_patch16_224": dict(embed_dim=384, depth=12, num_heads=6),
@@ -42,6 +47,14 @@ MODEL_CONFIGS: dict[str, dict] = {
     "deit_base_distilled_patch16_224": dict(embed_dim=768, depth=12, num_heads=12, distilled=True),
     "vit_small_patch16_224": dict(embed_dim=384, depth=12, num_heads=6),
     "vit_base_patch16_224": dict(embed_dim=768, depth=12, num_heads=12),
+    "deit3_small_patch16_224": dict(embed_dim=384, depth=12, num_heads=6, **DEIT3),
+    "deit3_small_patch16_384": dict(img_size=384, embed_dim=384, depth=12, num_heads=6, **DEIT3),
+    "deit3_medium_patch16_224": dict(embed_dim=512, depth=12, num_heads=8, **DEIT3),
+    "deit3_base_patch16_224": dict(embed_dim=768, depth=12, num_heads=12, **DEIT3),
+    "deit3_base_patch16_384": dict(img_size=384, embed_dim=768, depth=12, num_heads=12, **DEIT3),
+    "deit3_large_patch16_224": dict(embed_dim=1024, depth=24, num_heads=16, **DEIT3),
+    "deit3_large_patch16_384": dict(img_size=384, embed_dim=1024, depth=24, num_heads=16, **DEIT3),
+    "deit3_huge_patch14_224": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, **DEIT3),
     "digits_vit": DIGITS_VIT,
     # digits-natural (iared.data.natural): digits_vit's geometry on 64x64 RGB in [0, 1] (float16 ~3 MB).
     "digits_natural_vit": {**DIGITS_VIT, "in_chans": 3, "mean": (0.0,) * 3, "std": (1.0,) * 3},
@@ -60,21 +73,24 @@ def create_model(name: str, *, pretrained: bool = False, checkpoint: str | os.Pa
     """Build a backbone by name; ``overrides`` change any :class:`ViTConfig` field.
 
     ``pretrained=True``: timm's weights through timm's download (network needed), or for
-    ``digits_vit`` the checkpoint shipped with the package. ``checkpoint``: a local file.
+    ``digits_vit`` the checkpoint shipped with the package. ``checkpoint``: a local file (timm,
+    official DeiT / DeiT-III, safetensors or iared layout). Weights made at another image size
+    (``img_size=...`` override) get their position table resampled as timm does.
     """
     if name not in MODEL_CONFIGS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
     model = VisionTransformer(ViTConfig(**{**MODEL_CONFIGS[name], **overrides}))
     if checkpoint is not None:
-        load_weights(model, extract_state_dict(read_checkpoint(checkpoint), checkpoint), checkpoint)
+        state_dict = extract_state_dict(read_checkpoint(checkpoint), checkpoint)
+        load_weights(model, adapt_state_dict(state_dict, model.cfg), checkpoint)
     elif pretrained and name == "digits_vit":
         path = embedded_checkpoint_path()
-        load_weights(model, extract_state_dict(read_checkpoint(path), path), path)
+        load_weights(model, adapt_state_dict(extract_state_dict(read_checkpoint(path), path), model.cfg), path)
     elif pretrained:
         import timm
 
         reference = timm.create_model(name, pretrained=True, num_classes=model.cfg.num_classes)
-        load_weights(model, reference.state_dict(), f"timm:{name}")
+        load_weights(model, adapt_state_dict(reference.state_dict(), model.cfg), f"timm:{name}")
     return model
 
 
@@ -101,35 +117,85 @@ def from_timm(model_or_name: nn.Module | str, pretrained: bool = False) -> Visio
 
 def _config_from_timm(ref: nn.Module) -> ViTConfig:
     """Read the geometry off a timm VisionTransformer; refuse variants our forward does not implement."""
+    from timm.models.vision_transformer import Block as TimmBlock
     from timm.models.vision_transformer import VisionTransformer as TimmViT
 
     if not isinstance(ref, TimmViT):
         raise TypeError(f"from_timm expects a timm VisionTransformer, got {type(ref).__name__}")
-    unsupported = []
-    if ref.cls_token is None:
-        unsupported.append("no class token")
-    if getattr(ref, "reg_token", None) is not None:
-        unsupported.append("register tokens")
-    if getattr(ref, "global_pool", "token") != "token":
-        unsupported.append(f"global_pool={ref.global_pool!r}")
-    if getattr(ref, "no_embed_class", False):
-        unsupported.append("no_embed_class")
-    if not isinstance(getattr(ref, "norm_pre", nn.Identity()), nn.Identity):
-        unsupported.append("pre-norm")
+    unsupported = _unsupported_timm_features(ref, TimmBlock)
     if unsupported:
         raise ValueError(f"timm model variant not supported: {', '.join(unsupported)}")
     blk = ref.blocks[0]
     pcfg = getattr(ref, "pretrained_cfg", {}) or {}
-    ls = getattr(blk, "ls1", nn.Identity())
+    ls = blk.ls1
+    init_values = None
+    if hasattr(ls, "gamma"):  # any value: the weights overwrite it (timm keeps the one it started from)
+        init_values = float(getattr(ls, "init_values", None) or ls.gamma.detach().flatten()[0])
+    distilled = getattr(ref, "dist_token", None) is not None
+    has_norm, has_fc_norm = not isinstance(ref.norm, nn.Identity), not isinstance(ref.fc_norm, nn.Identity)
+    # fc_norm stays None (timm's default: with average pooling) unless the model departs from that rule.
+    fc_norm = None if not (has_norm or has_fc_norm) or has_fc_norm == (ref.global_pool == "avg") else has_fc_norm
     return ViTConfig(
         img_size=ref.patch_embed.img_size[0], patch_size=ref.patch_embed.patch_size[0],
         in_chans=ref.patch_embed.proj.in_channels, num_classes=ref.num_classes, embed_dim=ref.embed_dim,
         depth=len(ref.blocks), num_heads=blk.attn.num_heads,
         mlp_ratio=blk.mlp.fc1.out_features / ref.embed_dim, qkv_bias=blk.attn.qkv.bias is not None,
-        distilled=getattr(ref, "dist_token", None) is not None,
-        init_values=float(ls.gamma.detach().flatten()[0]) if hasattr(ls, "gamma") else None,
+        distilled=distilled, init_values=init_values,
+        class_token=ref.cls_token is not None,
+        reg_tokens=0 if distilled else int(getattr(ref, "num_reg_tokens", 0)),
+        no_embed_class=bool(getattr(ref, "no_embed_class", False)),
+        global_pool=ref.global_pool, fc_norm=fc_norm, pre_norm=not isinstance(ref.norm_pre, nn.Identity),
+        final_norm=has_norm or has_fc_norm,
         mean=tuple(pcfg.get("mean", (0.485, 0.456, 0.406))), std=tuple(pcfg.get("std", (0.229, 0.224, 0.225))),
     )
+
+
+def _unsupported_timm_features(ref: nn.Module, timm_block: type) -> list[str]:
+    """What a timm ``VisionTransformer`` uses that our forward does not implement (empty: convertible)."""
+    found = []
+    if getattr(ref, "dynamic_img_size", False):
+        found.append("dynamic_img_size (one image size per model here; load at another size instead)")
+    if getattr(ref.patch_embed, "dynamic_img_pad", False):
+        found.append("dynamic_img_pad")
+    if getattr(ref, "attn_pool", None) is not None:
+        found.append(f"attention pooling global_pool={ref.global_pool!r}")
+    elif ref.global_pool not in ("token", "avg"):
+        found.append(f"global_pool={ref.global_pool!r}")
+    if getattr(ref, "pool_include_prefix", False):
+        found.append("pool_include_prefix")
+    if ref.pos_embed is None:
+        found.append("no position embedding")
+    if not isinstance(getattr(ref.patch_embed, "norm", nn.Identity()), nn.Identity):
+        found.append("normalised patch embedding")
+    img, patch = ref.patch_embed.img_size, ref.patch_embed.patch_size
+    if img[0] != img[1] or patch[0] != patch[1]:
+        found.append(f"non-square images or patches ({tuple(img)}, {tuple(patch)})")
+    blk = ref.blocks[0]
+    if type(blk) is not timm_block:
+        found.append(f"block type {type(blk).__name__}")
+        return found
+    attn, mlp = blk.attn, blk.mlp
+    if not all(isinstance(getattr(attn, n, nn.Identity()), nn.Identity) for n in ("q_norm", "k_norm")):
+        found.append("qk_norm")
+    if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity) or \
+            not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
+        found.append("scale norms inside attention / MLP")
+    if getattr(attn, "proj", None) is None or attn.proj.bias is None:
+        found.append("attention projection without bias")
+    if not (hasattr(mlp, "fc1") and isinstance(getattr(mlp, "act", None), nn.GELU)
+            and mlp.act.approximate == "none"):
+        found.append(f"MLP {type(mlp).__name__} with {type(getattr(mlp, 'act', None)).__name__}")
+    norms = [blk.norm1, blk.norm2, ref.norm, ref.fc_norm, ref.norm_pre]
+    if not all(isinstance(n, nn.Identity) or (type(n) in (nn.LayerNorm, _timm_layer_norm()) and n.eps == 1e-6)
+               for n in norms):
+        found.append("norm layers other than LayerNorm(eps=1e-6)")
+    return found
+
+
+def _timm_layer_norm() -> type:
+    from timm.layers import LayerNorm
+
+    return LayerNorm
 
 
 def load_model(path: str | os.PathLike) -> VisionTransformer:
@@ -142,5 +208,5 @@ def load_model(path: str | os.PathLike) -> VisionTransformer:
             "official DeiT or plain state-dict files"
         )
     model = VisionTransformer(ViTConfig(**cfg))
-    load_weights(model, extract_state_dict(obj, path), path)
+    load_weights(model, adapt_state_dict(extract_state_dict(obj, path), model.cfg), path)
     return model

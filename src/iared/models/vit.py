@@ -5,6 +5,13 @@ The state-dict keys and shapes are exactly those of ``timm.models.VisionTransfor
 checkpoints' keys. That layout is the contract: a checkpoint written by timm or by the DeiT
 authors loads here unchanged, and tests compare logits against timm itself.
 
+The variants of timm's ``vision_transformer.py`` that share its block are covered: DeiT-III's
+position table without class-token entry (``no_embed_class``), register tokens (``reg_tokens``),
+global average pooling with ``fc_norm`` (``global_pool="avg"``), no class token, CLIP-style
+pre-norm (``pre_norm``), layer scale (``init_values``), no final norm (``final_norm=False``).
+A checkpoint made at another image size loads with its position table resampled as timm
+resamples it (:func:`adapt_state_dict`).
+
 The forward pass differs from timm's in one way that matters: blocks receive a
 :class:`iared.tokens.Tokens` batch rather than a ``(B, N, C)`` tensor, so tokens can leave the
 computation between blocks (see :mod:`iared.pruning`), in whatever layout suits the device.
@@ -40,6 +47,13 @@ class ViTConfig:
     qkv_bias: bool = True
     distilled: bool = False
     init_values: float | None = None  # layer scale; None = no layer scale (timm's default)
+    class_token: bool = True
+    reg_tokens: int = 0  # register tokens (prefix tokens after the class token: always kept, never pooled)
+    no_embed_class: bool = False  # DeiT-III: the position table covers the patches only
+    global_pool: str = "token"  # "token": the class token; "avg": the mean of the alive patch tokens
+    fc_norm: bool | None = None  # the final norm after pooling; None: with "avg" pooling (timm's rule)
+    pre_norm: bool = False  # LayerNorm on the embeddings (CLIP); the patch projection then has no bias
+    final_norm: bool = True
     mean: tuple[float, ...] = field(default=IMAGENET_MEAN)
     std: tuple[float, ...] = field(default=IMAGENET_STD)
 
@@ -48,6 +62,16 @@ class ViTConfig:
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool {self.global_pool!r} not supported: 'token' (class token) or 'avg'")
+        if self.global_pool == "token" and not self.class_token:
+            raise ValueError("global_pool='token' needs the class token: use global_pool='avg' with class_token=False")
+        if self.reg_tokens < 0:
+            raise ValueError(f"reg_tokens must be >= 0, got {self.reg_tokens}")
+        if self.distilled and (not self.class_token or self.reg_tokens or self.global_pool != "token"
+                               or self.use_fc_norm):
+            raise ValueError("distilled (DeiT) models read the class and distillation tokens: they need the "
+                             "class token, token pooling, no fc_norm and no register tokens")
         self.mean, self.std = tuple(self.mean), tuple(self.std)
 
     @property
@@ -60,7 +84,22 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
+        """Tokens before the patches: class, distillation, registers (in that order)."""
+        return int(self.class_token) + int(self.distilled) + self.reg_tokens
+
+    @property
+    def num_classifier_heads(self) -> int:
+        """Classifier heads: the distilled model averages two."""
         return 2 if self.distilled else 1
+
+    @property
+    def use_fc_norm(self) -> bool:
+        return self.global_pool == "avg" if self.fc_norm is None else bool(self.fc_norm)
+
+    @property
+    def pos_embed_tokens(self) -> int:
+        """Rows of the position table: the patches, plus the prefix tokens unless ``no_embed_class``."""
+        return self.num_patches + (0 if self.no_embed_class else self.num_prefix_tokens)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,7 +111,9 @@ class PatchEmbed(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.img_size = cfg.img_size
-        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
+        # timm drops the projection's bias under pre-norm (the LayerNorm that follows has one).
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size,
+                              bias=not cfg.pre_norm)
 
     def forward(self, images: Tensor) -> Tensor:
         if images.shape[-2:] != (self.img_size, self.img_size):
@@ -107,8 +148,9 @@ class BlockRecord:
     """What a block exposes to the token reducer of the next stage (filled only when asked).
 
     ``cls_attention``: token-aligned, the class token's attention to every token, mean over heads
-    (what EViT and ATS rank by). ``keys``: token-aligned ``(..., C)`` keys, heads concatenated
-    (ToMe's similarity metric). ``values_norm``: token-aligned ``||v_j||`` mean over heads (ATS).
+    (what EViT and ATS rank by); in a model without class token, the attention of the mean of the
+    alive patch tokens' queries (:meth:`iared.tokens.Tokens.summary`). ``keys``: token-aligned
+    ``(..., C)`` keys, heads concatenated (ToMe's similarity metric). ``values_norm``: token-aligned ``||v_j||`` mean over heads (ATS).
     """
 
     def __init__(self):
@@ -117,7 +159,8 @@ class BlockRecord:
         self.values_norm: Tensor | None = None
 
     def fill(self, tokens: Tokens, q: Tensor, k: Tensor, v: Tensor | None = None) -> None:
-        q_cls = tokens.per_token(_prefix_query(tokens, q))
+        # Without a class token, the query of the average patch token (Tokens.summary) asks instead.
+        q_cls = tokens.per_token(tokens.summary(q))
         logits = (q_cls * k).sum(-1) * k.shape[-1] ** -0.5  # (..., H)
         if tokens.weights is not None:  # proportional attention: what the block really computes
             logits = logits + tokens.weights.clamp_min(1e-30).log()[..., None]
@@ -125,13 +168,6 @@ class BlockRecord:
         self.keys = k.flatten(-2).detach()
         if v is not None:
             self.values_norm = v.norm(dim=-1).mean(-1).detach()
-
-
-def _prefix_query(tokens: Tokens, q: Tensor) -> Tensor:
-    """``(B, H, D)``: the class token's query of every image (q is token-aligned ``(..., H, D)``)."""
-    B = tokens.batch_size
-    flat = q.reshape(-1, *q.shape[-2:])
-    return flat[tokens.start_rows()] if B else flat[:0]
 
 
 class Mlp(nn.Module):
@@ -175,12 +211,15 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT / DeiT with class token (and optional distillation token), timm's state-dict layout.
+    """ViT / DeiT / DeiT-III, timm's state-dict layout.
 
     ``forward(images) -> logits (B, num_classes)``. The pieces, for models that prune between
     blocks: :meth:`embed` (pixels -> dense tokens), ``blocks`` (each maps Tokens -> Tokens),
-    :meth:`forward_head` (final norm on the prefix tokens -> logits). It implements the
+    :meth:`forward_head` (pooling, final norm -> logits). It implements the
     :class:`iared.models.protocol.Backbone` protocol that the stage loop runs on.
+
+    Prefix tokens (class, distillation, registers) are never removed by any reducer. With
+    ``global_pool="avg"`` the head reads the mean of the patch tokens still alive.
     """
 
     def __init__(self, cfg: ViTConfig | None = None, **overrides):
@@ -190,11 +229,15 @@ class VisionTransformer(nn.Module):
         dim = cfg.embed_dim
         self.num_prefix_tokens = cfg.num_prefix_tokens
         self.patch_embed = PatchEmbed(cfg)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.distilled else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + cfg.num_prefix_tokens, dim))
+        self.reg_token = nn.Parameter(torch.zeros(1, cfg.reg_tokens, dim)) if cfg.reg_tokens else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.pos_embed_tokens, dim))
+        self.norm_pre = nn.LayerNorm(dim, eps=1e-6) if cfg.pre_norm else nn.Identity()
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        # timm's rule: one final LayerNorm, per token before pooling (norm) or on the pooled vector (fc_norm).
+        self.norm = nn.LayerNorm(dim, eps=1e-6) if cfg.final_norm and not cfg.use_fc_norm else nn.Identity()
+        self.fc_norm = nn.LayerNorm(dim, eps=1e-6) if cfg.final_norm and cfg.use_fc_norm else nn.Identity()
         self.head = nn.Linear(dim, cfg.num_classes)
         self.head_dist = nn.Linear(dim, cfg.num_classes) if cfg.distilled else None
         self._init_weights()
@@ -202,7 +245,9 @@ class VisionTransformer(nn.Module):
     def _init_weights(self):
         # timm's defaults: trunc-normal(0.02) for tokens and linears, zeros for biases.
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.cls_token, std=1e-6)
+        for token in (self.cls_token, self.reg_token):
+            if token is not None:
+                nn.init.normal_(token, std=1e-6)
         if self.dist_token is not None:
             nn.init.trunc_normal_(self.dist_token, std=0.02)
         for m in self.modules():
@@ -215,13 +260,18 @@ class VisionTransformer(nn.Module):
     # -- the data path ------------------------------------------------------------------------
 
     def embed(self, images: Tensor) -> DenseTokens:
-        """``(B, C_in, H, W)`` -> dense tokens ``(B, P + N, C)``: prefix tokens, then patches."""
+        """``(B, C_in, H, W)`` -> dense tokens ``(B, P + N, C)``: prefix tokens (class, distillation,
+        registers, those present), then the patches row-major."""
         x = self.patch_embed(images)
-        prefix = [self.cls_token.expand(x.shape[0], -1, -1)]
-        if self.dist_token is not None:
-            prefix.append(self.dist_token.expand(x.shape[0], -1, -1))
-        x = torch.cat(prefix + [x], dim=1) + self.pos_embed
-        return DenseTokens.from_embeddings(x, self.num_prefix_tokens)
+        B = x.shape[0]
+        prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
+        if self.cfg.no_embed_class:
+            # DeiT-III: positions for the patches only, added before the prefix tokens join.
+            x = torch.cat(prefix + [x + self.pos_embed], dim=1)
+        else:
+            x = torch.cat(prefix + [x], dim=1) + self.pos_embed
+        x = self.norm_pre(x)
+        return DenseTokens.from_embeddings(x, self.num_prefix_tokens, has_class_token=self.cfg.class_token)
 
     # -- the Backbone protocol (iared.models.protocol) ------------------------------------------
 
@@ -257,9 +307,17 @@ class VisionTransformer(nn.Module):
         return torch.nn.functional.unfold(images, p, stride=p).transpose(1, 2)
 
     def forward_head(self, tokens: Tokens) -> Tensor:
-        """Final norm on the prefix tokens (LayerNorm is per token) and the classifier(s)."""
+        """Pooling, final norm and the classifier(s).
+
+        ``token`` pooling reads the class token (and the distillation token); ``avg`` the mean of
+        each image's alive patch tokens (:meth:`iared.tokens.Tokens.patch_mean`; merged tokens
+        weigh their sizes), in whatever layout the tokens arrive. ``norm`` is per token, so it
+        runs on the rows that are read (or on every row before averaging).
+        """
+        if self.cfg.global_pool == "avg":
+            return self.head(self.fc_norm(tokens.patch_mean(self.norm(tokens.data))))
         prefix = self.norm(tokens.prefix())
-        logits = self.head(prefix[:, 0])
+        logits = self.head(self.fc_norm(prefix[:, 0]))
         if self.head_dist is not None:
             # DeiT's inference rule: average the class and distillation heads.
             logits = (logits + self.head_dist(prefix[:, 1])) / 2
@@ -284,7 +342,8 @@ class VisionTransformer(nn.Module):
         return self.forward_head(tokens)
 
     def forward_features(self, images: Tensor) -> Tensor:
-        """``(B, P + N, C)`` normalised features of every token (timm's ``forward_features``)."""
+        """``(B, P + N, C)`` features of every token after the final per-token norm (timm's
+        ``forward_features``; with ``fc_norm`` that norm comes after pooling, so none here)."""
         tokens = self.embed(images)
         for block in self.blocks:
             tokens = block(tokens)
@@ -297,4 +356,61 @@ class VisionTransformer(nn.Module):
     def extra_repr(self) -> str:
         c = self.cfg
         return (f"img_size={c.img_size}, patch={c.patch_size}, dim={c.embed_dim}, depth={c.depth}, "
-                f"heads={c.num_heads}, distilled={c.distilled}")
+                f"heads={c.num_heads}, distilled={c.distilled}, class_token={c.class_token}, "
+                f"reg_tokens={c.reg_tokens}, global_pool={c.global_pool}")
+
+
+# -- weights from files made for another layout version or image size --------------------------------
+
+def resample_pos_embed(pos_embed: Tensor, grid: tuple[int, int], num_prefix: int,
+                       old_grid: tuple[int, int] | None = None) -> Tensor:
+    """``(1, P + h*w, C)`` -> ``(1, P + H*W, C)`` for a new patch grid ``(H, W)``.
+
+    The ``num_prefix`` leading rows (prefix tokens' positions) stay as they are; the patch rows
+    are treated as an ``h x w`` image with C channels and resized bicubically with antialiasing,
+    in float32 -- the rule timm applies when a checkpoint is loaded at another image size, so both
+    libraries build the same model from the same file. ``old_grid`` defaults to a square.
+    """
+    prefix, patches = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+    if old_grid is None:
+        side = math.isqrt(patches.shape[1])
+        if side * side != patches.shape[1]:
+            raise ValueError(f"pos_embed holds {patches.shape[1]} patch positions, not a square grid; give old_grid")
+        old_grid = (side, side)
+    if tuple(old_grid) == tuple(grid):
+        return pos_embed
+    dim = patches.shape[-1]
+    image = patches.float().reshape(1, *old_grid, dim).permute(0, 3, 1, 2)
+    image = torch.nn.functional.interpolate(image, size=tuple(grid), mode="bicubic", antialias=True,
+                                            align_corners=False)
+    patches = image.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], dim).to(pos_embed.dtype)
+    return torch.cat([prefix, patches], dim=1)
+
+
+def rename_official_keys(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The official DeiT-III release names layer scale ``blocks.N.gamma_1`` / ``gamma_2``; timm
+    (and we) ``blocks.N.ls1.gamma`` / ``ls2.gamma``. Other keys pass through."""
+    out = {}
+    for key, value in state_dict.items():
+        head, _, last = key.rpartition(".")
+        if key.startswith("blocks.") and last in ("gamma_1", "gamma_2"):
+            key = f"{head}.ls{last[-1]}.gamma"
+        out[key] = value
+    return out
+
+
+def adapt_state_dict(state_dict: dict[str, Tensor], cfg: ViTConfig) -> dict[str, Tensor]:
+    """A timm-layout state dict made fit for a model of ``cfg``: official DeiT-III key names
+    (:func:`rename_official_keys`), and a position table made for another square patch grid
+    resampled to ``cfg``'s (:func:`resample_pos_embed`). Anything else that does not fit is left for
+    :func:`iared.checkpoint.load_weights` to report."""
+    state_dict = rename_official_keys(state_dict)
+    pos = state_dict.get("pos_embed")
+    if pos is not None and pos.dim() == 3 and pos.shape[1] != cfg.pos_embed_tokens:
+        embedded_prefix = 0 if cfg.no_embed_class else cfg.num_prefix_tokens
+        old = pos.shape[1] - embedded_prefix
+        side = math.isqrt(max(old, 0))
+        if old > 0 and side * side == old:
+            state_dict = {**state_dict, "pos_embed": resample_pos_embed(pos, (cfg.grid_size, cfg.grid_size),
+                                                                        embedded_prefix, (side, side))}
+    return state_dict

@@ -21,6 +21,8 @@ Where this differs from the paper (and why):
   inverse (the first token whose CDF reaches the quantile), so the share of quantiles landing on
   a token is its significance, and K = n quantiles of a uniform significance keep every token.
 - No lower bound on K (the paper's code keeps at least 8 tokens).
+- A backbone without class token (average pooling): ``a_j`` is the attention of the mean of the
+  alive patch tokens' queries (see :class:`iared.models.vit.BlockRecord`).
 """
 
 from __future__ import annotations

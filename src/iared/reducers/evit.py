@@ -18,6 +18,8 @@ Where this differs from the paper (and why):
   dividing by ``sum a_i``. We take the average (a merge is an average).
 - The fused token stays at its representative's place in the sequence instead of moving to the
   end (attention does not see order).
+- A backbone without class token (average pooling) ranks by the attention of the mean of the
+  alive patch tokens' queries (see :class:`iared.models.vit.BlockRecord`).
 """
 
 from __future__ import annotations

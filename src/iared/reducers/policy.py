@@ -27,7 +27,21 @@ def keep_from_scores(tokens: Tokens, scores: Tensor, settings: StageSettings, ma
     """The decision for ``scores`` under ``settings``: token-aligned keeps, and the ``(B,)``
     log-probability when sampling; ``macs`` is the scoring method's own cost."""
     keep, log_prob, count = _keep(tokens, scores, settings)
+    if tokens.num_prefix == 0 and count is None:
+        keep = keep_best_if_empty(tokens, keep, scores)
     return Decision(keep=keep, scores=scores, log_prob=log_prob, macs=macs, kept_count=count)
+
+
+def keep_best_if_empty(tokens: Tokens, keep: Tensor, scores: Tensor) -> Tensor:
+    """``keep`` where an image that would keep no token at all keeps its best-scoring one.
+
+    Only a backbone without prefix tokens (no class token, no registers) can lose every token; an
+    empty sequence has nothing to attend to or pool, so its best token stays (in sample mode that
+    token's log-probability is still the one of the draw that dropped it: a rare, forced keep)."""
+    kept = tokens.sum_per_image((keep & tokens.patch_mask()).to(scores.dtype))
+    real = tokens.patch_mask()
+    best = real & (scores >= tokens.per_token(tokens.max_per_image(torch.where(real, scores, -torch.inf))))
+    return keep | (best & tokens.per_token(kept == 0))
 
 
 def _keep(tokens: Tokens, scores: Tensor, settings: StageSettings):
