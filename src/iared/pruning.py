@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from iared.interpreter import MultiHeadInterpreter, default_interpreter_heads
+from iared.models.protocol import Backbone
 from iared.models.vit import VisionTransformer
 from iared.reducers.base import DEFAULT_THRESHOLD, MODES  # noqa: F401  (re-exported)
 from iared.stages import ReducedModel, ReducedOutput, check_stage_starts, equal_stage_starts
@@ -40,8 +41,9 @@ class IARedConfig:
     interpreter_heads: int = 6
     stage_starts: tuple[int, ...] | None = None  # first block of each stage; default: equal groups
 
-    def resolve(self, depth: int) -> tuple[int, ...]:
-        starts = self.stage_starts or equal_stage_starts(depth, self.num_stages)
+    def resolve(self, depth: int, default: tuple[int, ...] | None = None) -> tuple[int, ...]:
+        """The stage starts: given ones, else ``default`` (the backbone's), else equal groups."""
+        starts = self.stage_starts or default or equal_stage_starts(depth, self.num_stages)
         return check_stage_starts(starts, depth)
 
 
@@ -49,15 +51,22 @@ class IARed(ReducedModel):
     """A backbone plus one :class:`MultiHeadInterpreter` before each stage of blocks.
 
     ``IARed(backbone)``: 3 equal stages, 6 interpreter heads where the width allows. The
-    backbone is any :class:`iared.models.VisionTransformer` (DeiT from timm included).
+    backbone is any :class:`iared.models.protocol.Backbone`: a :class:`iared.models.VisionTransformer`
+    (DeiT from timm included), or an MViTv2 (:mod:`iared.models.mvit`), whose stages start where its
+    ``default_stage_starts`` says and whose interpreters take each stage's width.
     """
 
-    def __init__(self, backbone: VisionTransformer, config: IARedConfig | None = None, **kw):
+    def __init__(self, backbone: Backbone, config: IARedConfig | None = None, **kw):
         config = config or IARedConfig(**kw)
-        dim = backbone.token_dim
-        config.interpreter_heads = default_interpreter_heads(dim, config.interpreter_heads)
-        starts = config.resolve(len(backbone.blocks))
-        super().__init__(backbone, [MultiHeadInterpreter(dim, config.interpreter_heads) for _ in starts], starts)
+        default = getattr(backbone, "default_stage_starts", None)
+        starts = config.resolve(len(backbone.blocks), default(config.num_stages) if default else None)
+        dims = [backbone.block_input_shape(s)[1] for s in starts]
+        # One head count for every stage (checkpoints record one): the preferred one where every width allows.
+        heads = config.interpreter_heads
+        while any(d % heads for d in dims):
+            heads = default_interpreter_heads(dims[0], heads - 1)
+        config.interpreter_heads = heads
+        super().__init__(backbone, [MultiHeadInterpreter(d, heads) for d in dims], starts)
         self.config = config
 
     @property

@@ -48,6 +48,8 @@ def check_stage_starts(starts: Sequence[int], depth: int) -> tuple[int, ...]:
 class ReducedOutput:
     """What the stage loop returns. ``N0`` = all tokens of an input, prefix included.
 
+    (A multiscale backbone reports stage g on its own grid: ``N0`` = the tokens of that grid, see
+    :meth:`iared.models.protocol.Backbone.block_input_shape`.)
     ``scores[g]``: ``(B, N0)`` the stage-g reducer's score per token in original positions, 0 for
     tokens gone earlier (None when the stage did not run or its method has no scores).
     ``keep[g]``: ``(B, N0)`` bool, tokens alive after stage g's reduction (a merged token counts at
@@ -122,18 +124,18 @@ class ReducedModel(nn.Module):
         tokens = self.backbone.embed(inputs)
         if attention != "auto":
             tokens = replace(tokens, attention=attention)
-        n0 = self.backbone.num_tokens
-        trace = _Trace(n0)
+        trace = _Trace()
         record = None
         for stage in range(self.num_stages):
+            n0 = self.backbone.block_input_shape(self.stage_starts[stage])[0]  # the stage's grid
             reducer = self.reducer(stage)
             if reducer is not None and settings[stage].mode != "all":
                 decision = reducer(StageInput(tokens, stage, settings[stage], inputs, self.backbone, record))
-                trace.decided(tokens, decision)
+                trace.decided(tokens, decision, n0)
                 tokens = tokens.apply(decision, ragged=layout)
             else:
-                trace.decided(tokens, None)
-            trace.alive(tokens)
+                trace.decided(tokens, None, n0)
+            trace.alive(tokens, n0)
             blocks = self.stage_blocks(stage)
             wants_record = self._next_needs_record(stage, settings)
             for i, block in enumerate(blocks):
@@ -183,8 +185,8 @@ class ReducedModel(nn.Module):
 
     def _macs(self, trace: _Trace) -> Tensor:
         total = torch.as_tensor(self.backbone.fixed_macs(), dtype=torch.float64)
-        for n in trace.tokens_per_block:
-            total = total + self.backbone.block_macs(n.to(torch.float64))
+        for block, n in enumerate(trace.tokens_per_block):
+            total = total + self.backbone.block_macs(n.to(torch.float64), block)
         for m in trace.reducer_macs:
             total = total + m
         return total
@@ -194,22 +196,28 @@ class ReducedModel(nn.Module):
         tokens (the budget rule; reducers' own cost included). Stages without a reducer keep all."""
         G = self.num_stages
         ratios = [ratios] * G if isinstance(ratios, (int, float)) else list(ratios)
-        prefix = self.backbone.num_prefix_tokens
-        total = self.backbone.fixed_macs()
-        alive = self.backbone.num_tokens - prefix
+        backbone = self.backbone
+        prefix = backbone.num_prefix_tokens
+        total = backbone.fixed_macs()
+        alive = backbone.num_tokens - prefix
         for stage in range(G):
             reducer = self.reducer(stage)
             if reducer is not None:
                 if hasattr(reducer, "macs"):
                     total += float(reducer.macs(alive + prefix))
                 alive = budget_count(alive, ratios[stage])
-            total += float(self.backbone.block_macs(alive + prefix)) * len(self.stage_blocks(stage))
+            first = self.stage_starts[stage]
+            for block in range(first, first + len(self.stage_blocks(stage))):
+                total += float(backbone.block_macs(alive + prefix, block))
+                grid = backbone.block_input_shape(block)[0]
+                if block + 1 < len(backbone.blocks) and backbone.block_input_shape(block + 1)[0] != grid:
+                    alive = backbone.block_input_shape(block + 1)[0] - prefix  # a new grid starts whole
         return total
 
     def full_macs(self) -> float:
         """MACs of the backbone alone (no reducers), one input."""
-        return self.backbone.fixed_macs() + float(sum(self.backbone.block_macs(self.backbone.num_tokens)
-                                                      for _ in self.backbone.blocks))
+        b = self.backbone
+        return b.fixed_macs() + float(sum(b.block_macs(b.block_input_shape(i)[0], i) for i in range(len(b.blocks))))
 
     def ratio_for_flops(self, flops_ratio: float) -> float:
         """The uniform per-stage keep ratio whose FLOPs are closest to ``flops_ratio`` x unpruned."""
@@ -227,27 +235,26 @@ class ReducedModel(nn.Module):
 class _Trace:
     """Per-stage bookkeeping of one forward pass, in original token positions."""
 
-    def __init__(self, n0: int):
-        self.n0 = n0
+    def __init__(self):
         self.scores: list[Tensor | None] = []
         self.keep: list[Tensor] = []
         self.log_prob: Tensor | None = None
         self.reducer_macs: list = []
         self.tokens_per_block: list[Tensor] = []
 
-    def decided(self, tokens, decision) -> None:
+    def decided(self, tokens, decision, n0: int) -> None:
         if decision is None:
             self.scores.append(None)
             return
-        self.scores.append(None if decision.scores is None else tokens.scatter(decision.scores, self.n0))
+        self.scores.append(None if decision.scores is None else tokens.scatter(decision.scores, n0))
         if decision.log_prob is not None:
             self.log_prob = decision.log_prob if self.log_prob is None else self.log_prob + decision.log_prob
         m = decision.macs
         self.reducer_macs.append(m.detach().double() if isinstance(m, Tensor) else float(m))
 
-    def alive(self, tokens) -> None:
+    def alive(self, tokens, n0: int) -> None:
         # A token gated to weight 0 (DynamicViT's training-time mask) is not alive; merged sizes are >= 1.
         alive = torch.ones_like(tokens.index, dtype=torch.float32)
         if tokens.weights is not None:
             alive = (tokens.weights.detach() > 0).float()
-        self.keep.append(tokens.scatter(alive, self.n0) > 0)
+        self.keep.append(tokens.scatter(alive, n0) > 0)

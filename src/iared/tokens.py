@@ -24,6 +24,13 @@ never dropped: every ``select`` forces them to be kept, and their order stays at
 ``has_class_token`` says whether the first of them is a class token. Per-image summaries (the
 query of the IA-RED² interpreter, the "class attention" that EViT and ATS rank by) read the class
 token when there is one, else the mean of the alive patch tokens (:meth:`Tokens.summary`).
+
+Grid backbones (MViTv2, :mod:`iared.models.mvit`) pool neighbouring tokens, so their blocks read
+tokens that were dropped. Their batches carry ``grid``: ``(B, N_grid, C)``, one row per position of
+the current token grid (``index`` is then the position on that grid). A selection writes the
+current features of the tokens it drops into ``grid`` (:meth:`Tokens.on_grid`): a dropped token's
+row keeps its last features, rows of alive tokens go stale and are rewritten whenever a block reads
+the grid. ViT batches carry no grid (None) and never pay for one.
 """
 
 from __future__ import annotations
@@ -108,6 +115,8 @@ class Tokens:
     # attention); a soft keep gate in [0, 1] gives DynamicViT's masked attention in training.
     weights: Tensor | None = None
     has_class_token: bool = True  # False: no class token; prefix tokens (if any) are registers
+    # Grid backbones only (module docstring): ``(B, N_grid, C)`` last features of every grid position.
+    grid: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -202,6 +211,39 @@ class Tokens:
         """Token-aligned ``values`` -> ``(B,)`` sums (padding rows must hold 0)."""
         flat_ids = self.image_ids().reshape(-1)
         return values.new_zeros(self.batch_size).index_add(0, flat_ids, values.reshape(-1))
+
+    # -- grid backbones (module docstring) --------------------------------------------------------
+
+    def on_grid(self) -> Tensor:
+        """``(B, N_grid, C)``: every grid position's current features (the alive tokens' rows written
+        into the cached grid). A dense batch holding the whole grid is the grid itself (no copy)."""
+        if self.grid is None:
+            raise ValueError("these tokens carry no grid: only grid backbones (MViTv2) keep one")
+        if self.uniform_length() == self.grid.shape[1]:
+            return self.data  # dense with every position: selections keep order, so row i is position i
+        ids, index, data = self.image_ids(), self.index, self.data
+        valid = self.valid()
+        if valid is not None:
+            ids, index, data = ids[valid], index[valid], data[valid]
+        return self.grid.index_put((ids, index), data.to(self.grid.dtype))
+
+    def from_grid(self, values: Tensor) -> Tensor:
+        """Token-aligned rows of a per-image grid tensor ``(B, N_grid, ...)`` at the tokens' positions
+        (padding rows read position 0)."""
+        return values[self.image_ids(), self.index]
+
+    def _grid_at_selection(self) -> Tensor | None:
+        """The grid a selection from this batch carries: dropped tokens keep their current features."""
+        return None if self.grid is None else self.on_grid()
+
+    def attend_keys(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
+        """Attention of the alive tokens' queries to per-image keys (a grid backbone's pooled keys).
+
+        ``q``: token-aligned ``(..., H, D)``; ``k, v``: ``(B, N_k, H, D)``, the same keys for every
+        query of an image; ``bias``: token-aligned ``(..., H, N_k)`` added to the logits (relative
+        positions). Returns token-aligned ``(..., H, D)``.
+        """
+        return _sdpa_heads(q, k, v, mask=None if bias is None else bias.transpose(1, 2).to(q.dtype))
 
     def max_per_image(self, values: Tensor) -> Tensor:
         """Token-aligned ``values`` -> ``(B,)`` maxima over the real tokens (-inf for an empty image)."""
@@ -415,9 +457,9 @@ class DenseTokens(_RowsTokens):
             return self.gather(order)
         if ragged == "padded":
             return PaddedTokens(self.data, self.index, self.num_prefix, self.attention, self.weights,
-                                self.has_class_token, mask=torch.ones_like(keep)).select(keep)
+                                self.has_class_token, self.grid, mask=torch.ones_like(keep)).select(keep)
         return PackedTokens.from_dense(self.data, self.index, keep, self.num_prefix, self.attention, self.weights,
-                                       self.has_class_token)
+                                       self.has_class_token, grid=self._grid_at_selection())
 
     def select_count(self, keep, count):
         if count == self.data.shape[1]:
@@ -432,7 +474,8 @@ class DenseTokens(_RowsTokens):
         """Keep tokens ``order`` ``(B, K)`` (positions in the current sequence) in that order."""
         data = self.data.gather(1, order.unsqueeze(-1).expand(-1, -1, self.data.shape[-1]))
         weights = None if self.weights is None else self.weights.gather(1, order)
-        return replace(self, data=data, index=self.index.gather(1, order), weights=weights)
+        return replace(self, data=data, index=self.index.gather(1, order), weights=weights,
+                       grid=self._grid_at_selection())
 
     def scatter(self, values, total, fill=0.0):
         out = values.new_full((self.batch_size, total), fill)
@@ -467,7 +510,7 @@ class PaddedTokens(_RowsTokens):
         # Padding rows keep a harmless index (0) so scatter never writes past the sequence.
         index = torch.where(mask, self.index.gather(1, order), torch.zeros_like(order))
         weights = None if self.weights is None else self.weights.gather(1, order) * mask
-        return replace(self, data=data, index=index, weights=weights, mask=mask)
+        return replace(self, data=data, index=index, weights=weights, mask=mask, grid=self._grid_at_selection())
 
     def is_prefix(self):
         return (self.index < self.num_prefix) & self.mask
@@ -495,21 +538,21 @@ class PackedTokens(Tokens):
     @staticmethod
     def from_counts(data: Tensor, index: Tensor, counts: Tensor, num_prefix: int,
                     attention: PackedAttention = "auto", weights: Tensor | None = None,
-                    has_class_token: bool = True) -> PackedTokens:
+                    has_class_token: bool = True, grid: Tensor | None = None) -> PackedTokens:
         offsets = F.pad(counts.cumsum(0), (1, 0))
         sizes = tuple(counts.tolist())
         image = torch.repeat_interleave(torch.arange(len(sizes), device=data.device), counts,
                                         output_size=sum(sizes))
-        return PackedTokens(data, index, num_prefix, attention, weights, has_class_token, counts=counts,
+        return PackedTokens(data, index, num_prefix, attention, weights, has_class_token, grid, counts=counts,
                             offsets=offsets, image=image, sizes=sizes)
 
     @staticmethod
     def from_dense(data: Tensor, index: Tensor, keep: Tensor, num_prefix: int,
                    attention: PackedAttention = "auto", weights: Tensor | None = None,
-                   has_class_token: bool = True) -> PackedTokens:
+                   has_class_token: bool = True, grid: Tensor | None = None) -> PackedTokens:
         """Pack the kept rows of a ``(B, N, C)`` batch (``keep``: ``(B, N)`` bool)."""
         return PackedTokens.from_counts(data[keep], index[keep], keep.sum(1), num_prefix, attention,
-                                        None if weights is None else weights[keep], has_class_token)
+                                        None if weights is None else weights[keep], has_class_token, grid)
 
     @property
     def batch_size(self) -> int:
@@ -539,7 +582,7 @@ class PackedTokens(Tokens):
         counts = torch.zeros_like(self.counts).index_add_(0, self.image, keep.long())
         weights = None if self.weights is None else self.weights[keep]
         return PackedTokens.from_counts(self.data[keep], self.index[keep], counts, self.num_prefix, self.attention,
-                                        weights, self.has_class_token)
+                                        weights, self.has_class_token, self._grid_at_selection())
 
     def scatter(self, values, total, fill=0.0):
         out = values.new_full((self.batch_size, total), fill)
@@ -584,6 +627,12 @@ class PackedTokens(Tokens):
             return self._attend_bucketed(q, k, v, counts)
         return self._attend_loop(q, k, v, counts)
 
+    def attend_keys(self, q, k, v, bias=None):
+        # Every image has its own queries but a full set of keys: pad the queries per image (padding
+        # queries compute something nobody reads), one batched SDPA, real rows back out.
+        padded = super().attend_keys(self.pad_rows(q), k, v, None if bias is None else self.pad_rows(bias))
+        return padded[self.image, self.positions()]
+
     def attention_map(self, weights):
         padded = self.to_padded()
         return AttentionMap(weights, padded.index, padded.mask)
@@ -598,7 +647,8 @@ class PackedTokens(Tokens):
         index = torch.zeros(self.batch_size, width, dtype=self.index.dtype, device=self.data.device)
         index[self.image, pos] = self.index
         weights = None if self.weights is None else self.pad_rows(self.weights)
-        return PaddedTokens(data, index, self.num_prefix, self.attention, weights, self.has_class_token, mask=mask)
+        return PaddedTokens(data, index, self.num_prefix, self.attention, weights, self.has_class_token, self.grid,
+                            mask=mask)
 
     def pad_rows(self, rows: Tensor) -> Tensor:
         """Token-aligned ``(T, ...)`` -> ``(B, N_max, ...)``, zeros in the padding."""

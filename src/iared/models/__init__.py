@@ -14,11 +14,15 @@ from pathlib import Path
 from torch import nn
 
 from iared.checkpoint import CheckpointError, extract_state_dict, load_weights, read_checkpoint
+from iared.models.mvit import MVIT_CONFIGS, MultiScaleViT, MViTConfig, build_mvit
 from iared.models.vit import Block, VisionTransformer, ViTConfig, adapt_state_dict
 
 __all__ = [
     "EMBEDDED_CHECKPOINT",
+    "MODEL_BUILDERS",
     "MODEL_CONFIGS",
+    "MViTConfig",
+    "MultiScaleViT",
     "Block",
     "ViTConfig",
     "VisionTransformer",
@@ -60,12 +64,16 @@ MODEL_CONFIGS: dict[str, dict] = {
     "digits_natural_vit": {**DIGITS_VIT, "in_chans": 3, "mean": (0.0,) * 3, "std": (1.0,) * 3},
 }
 
+# The other families' names: name -> (builder, config). ``create_model`` builds MODEL_CONFIGS' names
+# as VisionTransformers (their users read them as ViTConfig fields) and these with their builder.
+MODEL_BUILDERS: dict[str, tuple] = {name: (build_mvit, cfg) for name, cfg in MVIT_CONFIGS.items()}
+
 # A backbone for the embedded task that this project trained itself (the commands that reproduce it: src/iared/train/backbone.py's docstring).
 EMBEDDED_CHECKPOINT = "digits_vit.safetensors"
 
 
 def list_models() -> list[str]:
-    return sorted(MODEL_CONFIGS)
+    return sorted([*MODEL_CONFIGS, *MODEL_BUILDERS])
 
 
 def create_model(name: str, *, pretrained: bool = False, checkpoint: str | os.PathLike | None = None,
@@ -77,6 +85,9 @@ def create_model(name: str, *, pretrained: bool = False, checkpoint: str | os.Pa
     official DeiT / DeiT-III, safetensors or iared layout). Weights made at another image size
     (``img_size=...`` override) get their position table resampled as timm does.
     """
+    if name in MODEL_BUILDERS:  # another family (MViTv2): overrides are its config's fields
+        builder, config = MODEL_BUILDERS[name]
+        return builder(name, config, pretrained=pretrained, checkpoint=checkpoint, **overrides)
     if name not in MODEL_CONFIGS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
     model = VisionTransformer(ViTConfig(**{**MODEL_CONFIGS[name], **overrides}))

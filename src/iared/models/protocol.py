@@ -22,6 +22,12 @@ class Backbone(Protocol):
     ``blocks[i](tokens, record=None) -> tokens``: a block runs on whatever tokens are alive; when
     given a :class:`iared.models.vit.BlockRecord` it fills it with what reducers read (class
     attention, keys). ``num_prefix_tokens`` tokens at the front of every image are never removed.
+
+    Blocks need not be alike: a multiscale backbone (MViTv2) changes width and grid from block to
+    block, so the MAC count and the input shape are asked per block. A block whose output grid
+    differs from its input's (a resolution change) returns every token of the new grid, so the
+    alive count after it is ``block_input_shape(block + 1)[0]``. Optional:
+    ``default_stage_starts(num_stages)``, where reducers belong when blocks are not interchangeable.
     """
 
     blocks: Sequence[nn.Module]
@@ -40,7 +46,9 @@ class Backbone(Protocol):
 
     def forward_head(self, tokens: Tokens) -> Tensor: ...
 
-    def block_macs(self, n): ...  # MACs of one block on n tokens (int or (B,) tensor)
+    def block_input_shape(self, block: int) -> tuple[int, int]: ...  # (tokens, channels) entering it, none dropped
+
+    def block_macs(self, n, block: int): ...  # MACs of block `block` on n alive tokens (int or (B,) tensor)
 
     def fixed_macs(self) -> float: ...  # embedding + head
 

@@ -289,11 +289,15 @@ class VisionTransformer(nn.Module):
         """Layout of the patch tokens: ``(rows, cols)``, row-major after the prefix tokens."""
         return (self.cfg.grid_size, self.cfg.grid_size)
 
-    def block_macs(self, n):
-        """MACs of one block on ``n`` tokens (int or ``(B,)`` tensor)."""
+    def block_macs(self, n, block: int | None = None):
+        """MACs of a block on ``n`` tokens (int or ``(B,)`` tensor); every block costs the same."""
         from iared import flops
 
         return flops.block_macs(n, self.cfg.embed_dim, self.cfg.mlp_ratio)
+
+    def block_input_shape(self, block: int) -> tuple[int, int]:
+        """``(tokens, channels)`` entering any block when nothing was dropped (prefix included)."""
+        return self.num_tokens, self.cfg.embed_dim
 
     def fixed_macs(self) -> float:
         """MACs that do not depend on the token count: patch embedding and head."""

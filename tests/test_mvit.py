@@ -1,0 +1,148 @@
+"""MViTv2 (iared.models.mvit) against timm itself, and IA-RED² on its grid.
+
+timm models are random-initialised and then perturbed (norms, biases and relative-position tables
+included), so a swapped, transposed or ignored tensor changes the logits. The pruning tests check
+the documented rule: a dropped token is frozen on the grid cache, alive tokens are computed from
+the whole grid, a stride-2 block restores the whole coarse grid.
+"""
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+
+from iared.models import create_model
+from iared.models.mvit import MultiScaleViT, MViTConfig
+from iared.pruning import IARed
+from iared.tokens import DenseTokens, PackedTokens
+
+TOL = 1e-5
+
+
+def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+SMALL = [
+    dict(depths=(1, 1, 1, 1), embed_dim=16, num_heads=1),
+    dict(depths=(1, 2), embed_dim=(16, 24), num_heads=(2, 3), stride_q=((1, 1), (2, 2))),  # per-stage widths
+    dict(depths=(2, 2, 1), embed_dim=8, num_heads=1, stride_q=((1, 1), (2, 2), (1, 1)),  # stride-1 widening
+         residual_pooling=False, mlp_ratio=2.0, qkv_bias=False),
+]
+
+
+@pytest.mark.parametrize("cfg", SMALL)
+def test_small_geometries_match_timm(cfg):
+    torch.manual_seed(0)
+    ref = perturbed(MultiScaleVit(MultiScaleVitCfg(**cfg), img_size=64, num_classes=5))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ref(x)
+    assert float(expected.std()) > 0.05
+    ours = MultiScaleViT(MViTConfig(img_size=64, num_classes=5, **cfg)).eval()
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    ours.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        assert float((ours(x) - expected).abs().max()) <= TOL
+        assert float((ours.forward_features(x) - ref.forward_features(x)).abs().max()) <= TOL
+
+
+def test_mvitv2_tiny_matches_timm_and_loads_timm_files(tmp_path):
+    torch.manual_seed(0)
+    ref = perturbed(timm.create_model("mvitv2_tiny", pretrained=False))
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ref(x)
+    assert float(expected.std()) > 0.1
+    for filename in ("plain.pt", "weights.safetensors"):  # what timm's save / export writes
+        path = tmp_path / filename
+        sd = ref.state_dict()
+        save_file(sd, path) if filename.endswith(".safetensors") else torch.save(sd, path)
+        ours = create_model("mvitv2_tiny", checkpoint=path).eval()
+        assert isinstance(ours, MultiScaleViT)
+        with torch.no_grad():
+            assert float((ours(x) - expected).abs().max()) <= TOL, filename
+    # Geometry and compute: timm reports 4.7 GMACs for mvitv2_tiny at 224.
+    assert [b.size for b in ours.blocks] == [56, 56, 28, 28, 14, 14, 14, 14, 14, 7]
+    full = ours.fixed_macs() + sum(ours.block_macs(ours.block_input_shape(i)[0], i) for i in range(10))
+    assert abs(full / 1e9 - 4.7) < 0.05
+
+
+def test_create_model_names_and_overrides():
+    small = create_model("mvitv2_small", img_size=64, num_classes=3)
+    assert small.cfg.depths == (1, 2, 11, 2) and small.cfg.embed_dim == (96, 192, 384, 768)
+    assert small(torch.zeros(1, 3, 64, 64)).shape == (1, 3)
+    with pytest.raises(ValueError, match="does not divide"):
+        MViTConfig(img_size=40)  # a 10x10 grid cannot halve three times
+
+
+def tiny_backbone(seed=0):
+    torch.manual_seed(seed)
+    cfg = MViTConfig(img_size=64, num_classes=5, depths=(1, 2, 3, 2), embed_dim=16, num_heads=1)
+    return perturbed(MultiScaleViT(cfg), seed)
+
+
+def reference_logits(backbone, x, keep):
+    """The documented rule, spelled out on whole grids: every block runs on the whole grid, an alive
+    token takes its output, a dropped token keeps its features; a stride-2 block's output is whole."""
+    model_starts = keep["starts"]
+    grid = backbone.embed(x).data
+    for stage, start in enumerate(model_starts):
+        alive = keep["masks"][stage]
+        end = model_starts[stage + 1] if stage + 1 < len(model_starts) else len(backbone.blocks)
+        for block in backbone.blocks[start:end]:
+            whole = DenseTokens.from_embeddings(grid, 0, has_class_token=False)
+            out = block(whole).data
+            if block.changes_grid:
+                grid, alive = out, torch.ones(out.shape[:2], dtype=torch.bool)
+            else:
+                grid = torch.where(alive[..., None], out, grid)
+    return backbone.head.fc(backbone.norm(grid).mean(1))
+
+
+@pytest.mark.parametrize("mode,layout", [("threshold", "packed"), ("threshold", "padded"), ("budget", "packed")])
+def test_pruned_forward_follows_the_grid_rule(mode, layout):
+    backbone = tiny_backbone()
+    model = IARed(backbone).eval()
+    assert model.stage_starts == (0, 2, 4)  # before the first stride-1 block of each resolution stage
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = model(x, mode, threshold=0.5, keep_ratio=0.6, layout=layout)
+        keep = {"starts": model.stage_starts, "masks": out.keep}
+        expected = reference_logits(backbone, x, keep)
+    kept = [float(k.float().mean()) for k in out.keep]
+    assert all(0.2 < k < 0.9 for k in kept), kept  # tokens really left at every stage
+    assert [k.shape[1] for k in out.keep] == [256, 64, 16]  # each stage reports on its own grid
+    assert float((out.logits - expected).abs().max()) <= TOL
+    if mode == "threshold":
+        assert len(set(out.keep[0].sum(1).tolist())) > 1  # images kept different counts: ragged layouts ran
+    # FLOPs follow the alive counts block by block; budget mode's prediction is the measured count.
+    assert (out.macs < model.full_macs()).all()
+    if mode == "budget":
+        assert abs(model.macs_for_ratios(0.6) - float(out.macs[0])) < 1.0
+
+
+def test_threshold_zero_reproduces_the_backbone_and_packed_whole_grid_too():
+    backbone = tiny_backbone(1)
+    model = IARed(backbone).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        full = backbone(x)
+        out = model(x, "threshold", threshold=0.0)
+        assert float((out.logits - full).abs().max()) <= TOL
+        assert all(bool(k.all()) for k in out.keep)
+        # Every token alive but packed: the alive-token path (grid writes, gathers, padded queries)
+        # must give the whole-grid path's numbers.
+        dense = backbone.embed(x)
+        tokens = PackedTokens.from_dense(dense.data, dense.index, torch.ones(2, 256, dtype=torch.bool), 0,
+                                         has_class_token=False, grid=dense.grid)
+        for block in backbone.blocks:
+            tokens = block(tokens)
+        assert float((backbone.forward_head(tokens) - full).abs().max()) <= TOL
+    assert float(out.macs[0]) == pytest.approx(model.full_macs() + sum(
+        float(r.macs(backbone.block_input_shape(s)[0])) for r, s in zip(model.reducers, model.stage_starts)))
