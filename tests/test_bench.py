@@ -120,6 +120,14 @@ def test_cli_bench_quick_to_stdout(capsys):
             assert row["efficiency"] == pytest.approx(row["speedup"] / row["ideal_speedup"])
             assert 0 <= row["interpreter_pct"] < 100
     assert "threshold-packed/bucket" in captured.err  # the table goes to stderr when JSON is on stdout
+    # batch 1 carries latency percentiles of single calls (p50 <= p90); larger batches do not
+    for run_ in report["runs"]:
+        for row in run_["rows"]:
+            if run_["batch"] == 1:
+                assert 0 < row["latency_p50_ms"] <= row["latency_p90_ms"]
+            else:
+                assert row["latency_p50_ms"] is None
+    assert "latency at batch 1" in captured.err
 
 
 def test_cli_bench_checkpoint(tmp_path, capsys):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,7 +35,17 @@ from torch import Tensor
 from iared import flops
 from iared.files import check_output_file, json_safe, write_json
 from iared.pruning import IARed, PrunedOutput
-from iared.timing import CLOCKS, machine_info, synchronize, time_interleaved  # noqa: F401  (CLOCKS: re-exported)
+from iared.timing import (  # noqa: F401  (CLOCKS, synchronize: re-exported)
+    CLOCKS,
+    LATENCY_CALLS,
+    REPEATS,
+    WARMUP,
+    latency_percentiles,
+    machine_info,
+    median_ms,
+    synchronize,
+    time_interleaved,
+)
 from iared.tokens import default_packed_attention
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,8 +71,8 @@ class BenchConfig:
     batch_sizes: tuple[int, ...] = (1, 8, 64, 256)
     strategies: tuple[str, ...] | None = None  # None: loop,bucket on CPU (nested is slow there), all on CUDA
     compile: bool = False
-    warmup: int = 2
-    repeats: int = 5
+    warmup: int = WARMUP
+    repeats: int = REPEATS
     threads: int | None = None
     clock: str = "wall"  # or "cpu": process CPU time (CPU device; meaningful with --threads 1 on a shared machine)
     interpreter_std: float | None = None  # None: sqrt(3 / embed_dim), interpreter logits of std ~3
@@ -137,18 +146,13 @@ def interpreter_share(model: IARed, out: PrunedOutput) -> float:
 # -- timing ----------------------------------------------------------------------------------------
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
-            clock: str = "wall") -> list[float]:
-    """Milliseconds of ``repeats`` calls after ``warmup`` calls (:func:`iared.timing.time_interleaved`)."""
-    return time_interleaved({"fn": fn}, device, warmup=warmup, repeats=repeats, clock=clock)["fn"]
-
-
 @dataclass
 class Row:
     config: str
     dtype: str
     batch: int
     attention: str | None = None
+    compiled: bool = False  # torch.compile'd (threshold modes with dynamic shapes: counts vary per batch)
     ms_median: float | None = None
     ms_all: list[float] = field(default_factory=list)
     images_per_s: float | None = None
@@ -156,16 +160,19 @@ class Row:
     mean_kept: list[float] = field(default_factory=list)  # mean patch tokens alive after each stage
     kept_std: list[float] = field(default_factory=list)  # spread of that count over images
     ideal_speedup: float | None = None
-    speedup: float | None = None
+    speedup: float | None = None  # against the unpruned backbone run the same way (eager or compiled)
     efficiency: float | None = None
     interpreter_pct: float | None = None  # interpreter MACs as % of backbone MACs
     vs_budget: float | None = None  # this row's throughput / budget mode's
     error: str | None = None
     ms_min: float | None = None
+    latency_p50_ms: float | None = None  # batch 1 only: single calls
+    latency_p90_ms: float | None = None
+    compile_gain: float | None = None  # compiled rows: eager ms / compiled ms of the same configuration
 
     @property
     def label(self) -> str:
-        return self.config + (f"/{self.attention}" if self.attention else "")
+        return self.config + (f"/{self.attention}" if self.attention else "") + ("+compile" if self.compiled else "")
 
 
 def _log(msg: str) -> None:
@@ -173,9 +180,13 @@ def _log(msg: str) -> None:
 
 
 def bench_model(model: IARed, images: Tensor, *, thresholds: Sequence[float], strategies: Sequence[str] = STRATEGIES,
-                compile: bool = False, warmup: int = 2, repeats: int = 5, dtype_name: str = "float32",
-                clock: str = "wall", progress: Callable[[str], None] = _log) -> list[Row]:
-    """Time every configuration on ``images`` (already on the model's device and dtype)."""
+                compile: bool = False, warmup: int = WARMUP, repeats: int = REPEATS, dtype_name: str = "float32",
+                clock: str = "wall", latency_calls: int = LATENCY_CALLS,
+                progress: Callable[[str], None] = _log) -> list[Row]:
+    """Time every configuration on ``images`` (already on the model's device and dtype).
+
+    ``compile``: every configuration is timed twice, eager and ``torch.compile``'d, in the same
+    interleaved rounds. At batch 1 the rows also get p50 / p90 latency of ``latency_calls`` single calls."""
     device = images.device
     batch = images.shape[0]
     cfg = model.backbone.cfg
@@ -185,81 +196,87 @@ def bench_model(model: IARed, images: Tensor, *, thresholds: Sequence[float], st
         ref = model(images, "threshold", threshold=list(thresholds))
     ratios = budget_ratios(ref, cfg.num_patches)
 
-    def runner(kind: str, attention: str = "auto") -> Callable[[], object]:
+    def runner(kind: str, attention: str, compiled: bool) -> Callable[[], object]:
         if kind == "unpruned":
-            fn = model.backbone
-            return _wrap(fn, compile, lambda f: f(images))
+            return _wrap(model.backbone, compiled, lambda f: f(images))
         if kind == "budget":
-            return _wrap(model, compile, lambda f: f(images, "budget", keep_ratio=ratios))
+            return _wrap(model, compiled, lambda f: f(images, "budget", keep_ratio=ratios))
         layout = "padded" if kind == "threshold-padded" else "packed"
-        return _wrap(model, compile, lambda f: f(images, "threshold", threshold=list(thresholds), layout=layout,
-                                                 attention=attention))
+        # dynamic: the per-image counts change with every batch; without it each new count recompiles
+        return _wrap(model, compiled, lambda f: f(images, "threshold", threshold=list(thresholds), layout=layout,
+                                                  attention=attention), dynamic=True)
 
     plan = [("unpruned", None), ("budget", None), ("threshold-padded", None)]
     plan += [("threshold-packed", s) for s in strategies]
     rows: list[Row] = []
-    fns: list[Callable[[], object] | None] = []
-    for kind, attention in plan:
-        row = Row(kind, dtype_name, batch, attention)
-        rows.append(row)
-        fns.append(None)
-        try:
-            fn = runner(kind, attention or "auto")
-            with torch.inference_mode():
-                out = fn()
-        except Exception as e:  # noqa: BLE001 -- one failing configuration must not end the run
-            row.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-            progress(f"  {row.label}: failed: {row.error}")
-            continue
-        fns[-1] = fn
-        if kind == "unpruned":
-            macs = full
-            row.interpreter_pct = 0.0
-        else:
-            macs = float(out.macs.mean())
-            row.interpreter_pct = 100 * interpreter_share(model, out)
-            kept = torch.stack([k[:, out.num_prefix:].float().sum(1) for k in out.keep], 1)
-            row.mean_kept = [round(float(x), 2) for x in kept.mean(0)]
-            row.kept_std = [round(float(x), 2) for x in kept.std(0, correction=0)]
-        row.gmacs_per_image = macs / 1e9
-        row.ideal_speedup = full / macs
+    fns: dict[str, Callable[[], object]] = {}
+    for compiled in (False, True) if compile else (False,):
+        for kind, attention in plan:
+            row = Row(kind, dtype_name, batch, attention, compiled)
+            rows.append(row)
+            try:
+                fn = runner(kind, attention or "auto", compiled)
+                if compiled:
+                    progress(f"  compiling {row.label}")
+                with torch.inference_mode():
+                    out = fn()
+            except Exception as e:  # noqa: BLE001 -- one failing configuration must not end the run
+                row.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                progress(f"  {row.label}: failed: {row.error}")
+                continue
+            fns[row.label] = fn
+            if kind == "unpruned":
+                macs = full
+                row.interpreter_pct = 0.0
+            else:
+                macs = float(out.macs.mean())
+                row.interpreter_pct = 100 * interpreter_share(model, out)
+                kept = torch.stack([k[:, out.num_prefix:].float().sum(1) for k in out.keep], 1)
+                row.mean_kept = [round(float(x), 2) for x in kept.mean(0)]
+                row.kept_std = [round(float(x), 2) for x in kept.std(0, correction=0)]
+            row.gmacs_per_image = macs / 1e9
+            row.ideal_speedup = full / macs
 
-    # Interleaved: every round times each configuration once, so a burst of load from other
-    # processes on a shared machine lands on all of them rather than on one.
+    def report_round(i: int, times: dict[str, list[float]]) -> None:
+        progress(f"  round {i}/{repeats}: " + ", ".join(f"{name} {t[-1]:.1f}" for name, t in times.items()))
+
+    # Interleaved (iared.timing): every round times each configuration once, so a burst of load from
+    # other processes on a shared machine lands on all of them rather than on one.
     with torch.inference_mode():
-        for i in range(warmup):
-            for fn in fns:
-                if fn is not None:
-                    fn()
-        for i in range(repeats):
-            for row, fn in zip(rows, fns):
-                if fn is not None:
-                    row.ms_all += time_fn(fn, device, 0, 1, clock)
-            progress(f"  round {i + 1}/{repeats}: " + ", ".join(
-                f"{r.label} {r.ms_all[-1]:.1f}" for r in rows if r.ms_all))
-    for row in rows:
-        if row.ms_all:
-            row.ms_median = statistics.median(row.ms_all)
-            row.ms_min = min(row.ms_all)
-            row.images_per_s = batch / row.ms_median * 1e3
+        times = time_interleaved(fns, device, warmup=warmup, repeats=repeats, clock=clock, on_round=report_round)
+        latency = latency_percentiles(fns, device, calls=latency_calls, warmup=0, clock=clock) \
+            if batch == 1 and latency_calls > 0 else {}
+    by_label = {r.label: r for r in rows}
+    for label, ms in times.items():
+        row = by_label[label]
+        row.ms_all = ms
+        row.ms_median = median_ms(ms)
+        row.ms_min = min(ms)
+        row.images_per_s = batch / row.ms_median * 1e3
+        if label in latency:
+            row.latency_p50_ms, row.latency_p90_ms = latency[label]["p50_ms"], latency[label]["p90_ms"]
 
-    base = next((r for r in rows if r.config == "unpruned" and r.ms_median), None)
-    budget = next((r for r in rows if r.config == "budget" and r.ms_median), None)
-    for r in rows:
-        if r.ms_median is None:
-            continue
-        if base is not None:
-            r.speedup = base.ms_median / r.ms_median
-            r.efficiency = r.speedup / r.ideal_speedup
-        if budget is not None and r.config != "unpruned":
-            r.vs_budget = budget.ms_median / r.ms_median
+    for compiled in (False, True):
+        group = [r for r in rows if r.compiled == compiled and r.ms_median]
+        base = next((r for r in group if r.config == "unpruned"), None)
+        budget = next((r for r in group if r.config == "budget"), None)
+        for r in group:
+            if base is not None:
+                r.speedup = base.ms_median / r.ms_median
+                r.efficiency = r.speedup / r.ideal_speedup
+            if budget is not None and r.config != "unpruned":
+                r.vs_budget = budget.ms_median / r.ms_median
+            if compiled:
+                eager = by_label.get(r.label.removesuffix("+compile"))
+                if eager is not None and eager.ms_median:
+                    r.compile_gain = eager.ms_median / r.ms_median
     return rows
 
 
-def _wrap(module, compile: bool, call: Callable):
+def _wrap(module, compile: bool, call: Callable, dynamic: bool | None = None):
     if not compile:
         return lambda: call(module)
-    compiled = torch.compile(module)
+    compiled = torch.compile(module, dynamic=dynamic)
     return lambda: call(compiled)
 
 
@@ -365,7 +382,8 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = _log) -> dict:
                 thresholds = fixed or calibrate_thresholds(model, images, cfg.keep)
                 rows = bench_model(model, images, thresholds=thresholds, strategies=cfg.strategies,
                                    compile=cfg.compile, warmup=cfg.warmup, repeats=cfg.repeats,
-                                   dtype_name=dtype_name, clock=cfg.clock, progress=progress)
+                                   dtype_name=dtype_name, clock=cfg.clock, progress=progress,
+                                   latency_calls=5 if cfg.quick else LATENCY_CALLS)
             except torch.OutOfMemoryError as e:
                 progress(f"  out of memory at batch {batch}: skipped")
                 report["runs"].append({"dtype": dtype_name, "batch": batch, "error": f"out of memory: {e}"[:300]})
@@ -391,8 +409,8 @@ def format_table(report: dict) -> str:
              f" | keep {report['config']['keep']} | {m['device_name']} ({m['cpu_cores']} cores, {m['threads']} threads)"
              f" | torch {m['torch']} | {report['config'].get('clock', 'wall')} clock"
              + (f" | load avg {m['load_avg_1m_at_start']} at start" if "load_avg_1m_at_start" in m else "")]
-    head = (f"{'dtype':9} {'batch':>5} {'config':22} {'ms/batch':>9} {'min ms':>9} {'img/s':>8} {'GMACs':>6} {'ideal':>6} "
-            f"{'speedup':>7} {'eff':>5} {'vs bud':>6} {'interp%':>7}  kept/stage (±std)")
+    head = (f"{'dtype':9} {'batch':>5} {'config':30} {'ms/batch':>9} {'min ms':>9} {'img/s':>8} {'GMACs':>6} {'ideal':>6} "
+            f"{'speedup':>7} {'eff':>5} {'vs bud':>6} {'interp%':>7} {'compile':>7}  kept/stage (±std)")
     lines += [head, "-" * len(head)]
 
     def f(x, spec):
@@ -403,16 +421,21 @@ def format_table(report: dict) -> str:
             lines.append(f"{run_['dtype']:9} {run_['batch']:>5} {run_.get('error', '')}")
             continue
         for r in run_["rows"]:
-            name = r["config"] + (f"/{r['attention']}" if r["attention"] else "")
+            name = _label(r)
             if r["error"]:
-                lines.append(f"{r['dtype']:9} {r['batch']:>5} {name:22} error: {r['error'][:70]}")
+                lines.append(f"{r['dtype']:9} {r['batch']:>5} {name:30} error: {r['error'][:70]}")
                 continue
             kept = " ".join(f"{k:.1f}±{s:.1f}" for k, s in zip(r["mean_kept"], r["kept_std"]))
             lines.append(
-                f"{r['dtype']:9} {r['batch']:>5} {name:22} {f(r['ms_median'], '9.1f')} {f(r.get('ms_min'), '9.1f')} {f(r['images_per_s'], '8.1f')} "
+                f"{r['dtype']:9} {r['batch']:>5} {name:30} {f(r['ms_median'], '9.1f')} {f(r.get('ms_min'), '9.1f')} {f(r['images_per_s'], '8.1f')} "
                 f"{f(r['gmacs_per_image'], '6.2f')} {f(r['ideal_speedup'], '6.2f')} {f(r['speedup'], '7.2f')} "
-                f"{f(r['efficiency'], '5.2f')} {f(r['vs_budget'], '6.2f')} {f(r['interpreter_pct'], '7.2f')}  {kept}"
+                f"{f(r['efficiency'], '5.2f')} {f(r['vs_budget'], '6.2f')} {f(r['interpreter_pct'], '7.2f')} "
+                f"{f(r.get('compile_gain'), '6.2f') + 'x' if r.get('compile_gain') else '      -'}  {kept}"
             )
+    latency = latency_table(report)
+    if latency:
+        lines.append("")
+        lines += latency
     summary = summarize(report)
     if summary:
         lines.append("")
@@ -420,12 +443,34 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _label(row: dict) -> str:
+    return row["config"] + (f"/{row['attention']}" if row["attention"] else "") + ("+compile" if row.get("compiled") else "")
+
+
+def latency_table(report: dict) -> list[str]:
+    """Batch-1 latency, single calls: p50 / p90 ms per configuration and dtype."""
+    lines = []
+    for run_ in report["runs"]:
+        rows = [r for r in run_.get("rows", []) if r.get("latency_p50_ms") is not None]
+        if not rows:
+            continue
+        if not lines:
+            lines = [f"latency at batch 1 (single calls): {'config':30} {'p50 ms':>8} {'p90 ms':>8} {'vs unpruned p50':>15}"]
+        base = next((r for r in rows if r["config"] == "unpruned" and not r.get("compiled")), None)
+        for r in rows:
+            ratio = base["latency_p50_ms"] / r["latency_p50_ms"] if base else None
+            lines.append(f"  {run_['dtype']:9} {'':22} {_label(r):30} {r['latency_p50_ms']:8.2f} {r['latency_p90_ms']:8.2f} "
+                         f"{format(ratio, '14.2f') + 'x' if ratio else '-':>15}")
+    return lines
+
+
 def summarize(report: dict) -> list[str]:
     """One line per (dtype, batch): the default packed strategy's efficiency, packed vs budget, interpreter share."""
     default = report.get("default_attention")
     lines = []
     for run_ in report["runs"]:
-        rows = [r for r in run_.get("rows", []) if r["config"] == "threshold-packed" and r["efficiency"] is not None]
+        rows = [r for r in run_.get("rows", []) if r["config"] == "threshold-packed" and r["efficiency"] is not None
+                and not r.get("compiled")]
         if not rows:
             continue
         row = next((r for r in rows if r["attention"] == default), None) or max(rows, key=lambda r: r["efficiency"])
@@ -433,6 +478,11 @@ def summarize(report: dict) -> list[str]:
                      f"{row['efficiency']:.2f} (measured {row['speedup']:.2f}x of ideal {row['ideal_speedup']:.2f}x), "
                      f"vs budget {row['vs_budget'] if row['vs_budget'] is None else format(row['vs_budget'], '.2f')}, "
                      f"interpreter FLOPs {row['interpreter_pct']:.2f}% of backbone")
+        gains = {r["config"] + (f"/{r['attention']}" if r["attention"] else ""): r["compile_gain"]
+                 for r in run_.get("rows", []) if r.get("compile_gain")}
+        if gains:
+            lines.append(f"{run_['dtype']} batch {run_['batch']}: torch.compile buys "
+                         + ", ".join(f"{k} {v:.2f}x" for k, v in gains.items()) + " (eager ms / compiled ms)")
     if default:
         lines.append(f"default packed attention on {report['machine']['device']}: {default}")
     return lines

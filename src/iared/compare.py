@@ -31,7 +31,7 @@ from torch import Tensor
 
 from iared.files import save_figure, write_json, write_text
 from iared.stages import ReducedModel, ReducedOutput
-from iared.timing import machine_info, median_ms, time_interleaved
+from iared.timing import REPEATS, machine_info, median_ms, time_interleaved
 
 LOSS_LEVELS = (0.5, 1.0)  # points of top-1 lost, for the best_speedup_at_loss summary
 FLOOR_METHODS = ("random", "pixel")
@@ -52,7 +52,7 @@ class CompareConfig:
     dynamicvit_ratios: tuple[float, ...] = (0.7, 0.5)  # one DynamicViT trained per keep ratio (it learns one budget)
     test_samples: int = 1000
     batch_sizes: tuple[int, ...] = (64, 1)
-    repeats: int = 5
+    repeats: int = REPEATS
     seed: int = 0
     out: str = "compare-out"
     quick: bool = False  # CI smoke run: few images, few steps, one knob value per method, 1 repeat
@@ -148,7 +148,7 @@ def time_candidates(candidates: Sequence[Candidate], unpruned: Callable[[Tensor]
         for i, c in enumerate(candidates):
             fns[str(i)] = cycling(c.run)
         progress(f"timing {len(fns)} models at batch {batch}, {repeats} interleaved repeats")
-        times = time_interleaved(fns, x.device, warmup=2, repeats=repeats, min_ms=20.0 if batch == 1 else 0.0)
+        times = time_interleaved(fns, x.device, repeats=repeats)
         base = batch * 1e3 / median_ms(times["unpruned"])
         result[str(batch)] = base
         for i, c in enumerate(candidates):
@@ -395,7 +395,7 @@ def plot(result: dict, path) -> None:
 
 
 @torch.inference_mode()
-def measure_overhead(backbone, keep: float = 0.7, batch_sizes: Sequence[int] = (64, 1), repeats: int = 5,
+def measure_overhead(backbone, keep: float = 0.7, batch_sizes: Sequence[int] = (64, 1), repeats: int = REPEATS,
                      seed: int = 0, progress: Callable[[str], None] = _log) -> dict:
     """What each way of reducing costs beyond the blocks it saves: every method at the same stages
     (``quarter_locations``: DeiT's 3, 6, 9) keeping ``keep`` of the alive patches at each, so the
@@ -446,7 +446,7 @@ def measure_overhead(backbone, keep: float = 0.7, batch_sizes: Sequence[int] = (
                           "gmacs": round(float(out.macs.float().mean()) / 1e9, 4)}
             fns[name] = lambda model=model, kw=kw, x=x: model(x, **kw)
         progress(f"overhead: timing {len(fns)} models at batch {batch}, {repeats} interleaved repeats")
-        times = time_interleaved(fns, x.device, warmup=2, repeats=repeats, min_ms=20.0 if batch == 1 else 0.0)
+        times = time_interleaved(fns, x.device, repeats=repeats)
         drop = median_ms(times["drop (random scores)"])
         for name in models:
             ms = median_ms(times[name])

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from iared.timing import REPEATS
+
 __all__ = [
     "DEFAULT_BACKBONES",
     "build_loader",
@@ -134,7 +136,7 @@ def _reference_model(spec: str, model):
 def evaluate_pruned(pruned: str, *, threshold: float | Sequence[float] | None = None, reference: str | None = None,
                     task: str = "digits-clutter", split: str = "test", batch_size: int = 256, workers: int = 0,
                     limit: int | None = None, device: str = "auto", throughput_batch: int = 64,
-                    repeats: int = 5) -> dict[str, Any]:
+                    repeats: int = REPEATS) -> dict[str, Any]:
     """An IA-RED² checkpoint vs its own backbone (or ``reference``), one run, the same data.
 
     Accuracy and compute come from :func:`iared.measure.accuracy_and_compute`, called per loader

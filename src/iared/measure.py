@@ -11,7 +11,7 @@ from torch import Tensor
 
 from iared import flops
 from iared.pruning import IARed
-from iared.timing import median_ms, synchronize, time_interleaved  # noqa: F401  (synchronize: re-exported)
+from iared.timing import REPEATS, median_ms, synchronize, time_interleaved  # noqa: F401  (synchronize: re-exported)
 
 
 @torch.no_grad()
@@ -58,15 +58,15 @@ def accuracy_and_compute(model: IARed, images: Tensor, labels: Tensor, *, thresh
     return result
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as iared bench times: the same model and batch give the same number
 def compare_throughput(model: IARed, images: Tensor, *, threshold: float = 0.5, batch_size: int = 64,
-                       repeats: int = 7) -> dict:
+                       repeats: int = REPEATS) -> dict:
     """Measured images/s of the unpruned backbone and the pruned model (packed threshold mode),
     timed interleaved by :func:`iared.timing.time_interleaved` (median of ``repeats``)."""
     model.eval()
     batch = images[:batch_size]
     runs = {"full": lambda: model.backbone(batch), "pruned": lambda: model(batch, threshold=threshold)}
-    times = time_interleaved(runs, batch.device, warmup=2, repeats=repeats)
+    times = time_interleaved(runs, batch.device, repeats=repeats)
     full, pruned = (len(batch) * 1e3 / median_ms(times[n]) for n in ("full", "pruned"))
     return {"batch_size": len(batch), "device": str(batch.device), "threads": torch.get_num_threads(),
             "throughput_full": full, "throughput_pruned": pruned, "speedup": pruned / full}

@@ -5,7 +5,13 @@ Rules, so that two commands give the same number for the same model and batch:
 - the candidates are timed *interleaved*, call by call, so a change in machine load (another
   process, CPU frequency) hits all of them alike;
 - each figure is the median of ``repeats`` calls; the device is synchronised around every call;
+- a call shorter than ``MIN_CALL_MS`` is repeated inside one measurement (batch-1 calls of small
+  models last well under a millisecond, where timer resolution and scheduling noise dominate);
 - the thread count and the machine are recorded next to the figures (:func:`machine_info`).
+
+The defaults below are the rules: commands pass only what their user changed (``--repeats``).
+Latency (:func:`latency_percentiles`) is the exception that times single calls, because a
+percentile of per-call times is what a latency budget means.
 """
 
 from __future__ import annotations
@@ -19,6 +25,10 @@ from collections.abc import Callable, Mapping
 import torch
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+WARMUP = 3  # calls per candidate before timing: allocator, bucket plans, lazy init, compilation
+REPEATS = 7  # timed measurements per candidate; the median is reported
+MIN_CALL_MS = 20.0  # shorter calls are repeated inside one measurement
+LATENCY_CALLS = 50  # single calls per candidate for latency percentiles
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -29,15 +39,16 @@ def synchronize(device: torch.device | str) -> None:
 
 
 def time_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.device | str = "cpu", *,
-                     warmup: int = 2, repeats: int = 5, clock: str = "wall",
-                     min_ms: float = 0.0) -> dict[str, list[float]]:
+                     warmup: int = WARMUP, repeats: int = REPEATS, clock: str = "wall",
+                     min_ms: float = MIN_CALL_MS,
+                     on_round: Callable[[int, dict[str, list[float]]], None] | None = None) -> dict[str, list[float]]:
     """Milliseconds per call of every function in ``fns``, timed round-robin after ``warmup`` calls each.
 
     ``min_ms``: a call shorter than this is repeated inside one measurement until the time passes it
-    (the figure stays per call): batch-1 calls of small models last well under a millisecond, where
-    timer resolution and scheduling noise dominate a single call.
+    (the figure stays per call); 0 times every call alone.
     ``clock``: ``wall`` (elapsed) or ``cpu`` (this process's CPU time; on a shared CPU with one
     thread it counts only the work done).
+    ``on_round(i, times)``: called after every round (progress lines of long benchmarks).
     """
     if clock not in CLOCKS:
         raise ValueError(f"unknown clock {clock!r}; expected one of {sorted(CLOCKS)}")
@@ -63,7 +74,28 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.devi
                 fn()
             synchronize(device)
             times[name].append((now() - t0) * 1e3 / inner[name])
+        if on_round is not None:
+            on_round(len(next(iter(times.values()), [])), times)
     return times
+
+
+def latency_percentiles(fns: Mapping[str, Callable[[], object]], device: torch.device | str = "cpu", *,
+                        calls: int = LATENCY_CALLS, warmup: int = WARMUP, clock: str = "wall") -> dict[str, dict]:
+    """``{name: {"p50_ms", "p90_ms", "calls"}}`` from single calls, interleaved like every timing here."""
+    times = time_interleaved(fns, device, warmup=warmup, repeats=calls, clock=clock, min_ms=0.0)
+    return {name: {"p50_ms": percentile(t, 50), "p90_ms": percentile(t, 90), "calls": len(t)}
+            for name, t in times.items()}
+
+
+def percentile(times: list[float], q: float) -> float:
+    """The ``q``-th percentile (linear interpolation between order statistics, as numpy's default)."""
+    if not times:
+        raise ValueError("percentile of no measurements")
+    ordered = sorted(times)
+    pos = (len(ordered) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return float(ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo))
 
 
 def median_ms(times: list[float]) -> float:

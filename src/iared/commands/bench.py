@@ -39,7 +39,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--strategies", type=_csv(str), default=BenchConfig.strategies,
                    help="packed-attention strategies to time (default: loop,bucket on CPU, where torch's nested SDPA "
                         "has only a slow math path; loop,bucket,nested on CUDA)")
-    p.add_argument("--compile", action="store_true", help="torch.compile every configuration")
+    p.add_argument("--compile", action="store_true",
+                   help="also time every configuration torch.compile'd (threshold modes with dynamic shapes), "
+                        "interleaved with the eager runs; the compile column is eager ms / compiled ms")
     p.add_argument("--warmup", type=int, default=BenchConfig.warmup)
     p.add_argument("--repeats", type=int, default=BenchConfig.repeats, help="timed calls; the median is reported")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")

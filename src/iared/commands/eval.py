@@ -13,6 +13,7 @@ import sys
 from iared.commands import add_model_arguments, model_options
 from iared.evaluate import evaluate_backbone, evaluate_pruned, format_backbone, format_pruned
 from iared.files import json_safe
+from iared.timing import REPEATS
 
 
 def _thresholds(text: str) -> float | list[float]:
@@ -57,7 +58,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--throughput-batch", type=int, default=64, metavar="B",
                    help="batch size of the throughput measurement (default: 64; the first images of the data, "
                         "repeated if fewer)")
-    g.add_argument("--repeats", type=int, default=5, help="timed calls per throughput figure (median; default: 5)")
+    g.add_argument("--repeats", type=int, default=REPEATS,
+                   help=f"timed calls per throughput figure (median; default: {REPEATS})")
     p.set_defaults(func=main)
     return p
 
