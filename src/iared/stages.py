@@ -9,6 +9,10 @@
         tokens   = blocks(tokens)
     logits = backbone.forward_head(tokens)
 
+A dense head (:mod:`iared.heads.dpt`) asks for ``features_at``: the loop then also returns, after
+each of those blocks, every token's features on the full grid, dropped tokens restored from the
+features they had when they were dropped (:meth:`iared.tokens.Tokens.keeping_grid`).
+
 Training, evaluation, the bench, ``compare`` and ONNX export all run this loop
 (:meth:`ReducedModel.forward`); nothing else iterates over blocks.
 """
@@ -66,6 +70,7 @@ class ReducedOutput:
     num_prefix: int = 1
     tokens_per_block: list[Tensor] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
+    features: list[Tensor] = field(default_factory=list)  # (B, N0, C) per block of ``features_at``
 
     @property
     def gflops(self) -> Tensor:
@@ -108,7 +113,8 @@ class ReducedModel(nn.Module):
                 threshold: float | Sequence[float] = 0.5, keep_ratio: float | Sequence[float] | None = None,
                 flops_ratio: float | None = None, layout: RaggedLayout = "packed",
                 attention: PackedAttention = "auto", exploration: float = 0.0,
-                attention_out: list | None = None, noise: Tensor | None = None) -> ReducedOutput:
+                attention_out: list | None = None, noise: Tensor | None = None,
+                features_at: Sequence[int] = ()) -> ReducedOutput:
         """Run the reduced model on ``inputs`` (``(B, C, H, W)`` images, or what the backbone embeds).
 
         mode: one of ``MODES`` or one per stage; threshold: one value or one per stage.
@@ -117,6 +123,9 @@ class ReducedModel(nn.Module):
         layout: how ragged batches are held (``packed`` concatenates, ``padded`` pads + masks).
         exploration: sample mode draws from ``eps + (1 - 2 eps) * score``.
         noise: sample mode's uniform draws ``(B, N0)`` in original token positions (default: torch's RNG).
+        features_at: block indices whose outputs a dense head reads; ``output.features[i]`` is
+        ``(B, N0, C)`` after block ``features_at[i]`` (sorted order), prefix tokens included: alive tokens'
+        current features, dropped tokens' features from the last block they were alive in.
         attention_out: pass a list to receive one :class:`iared.tokens.AttentionMap` per block, the
         attention the pruned model really computed (explainers; runs the explicit-attention path).
         """
@@ -124,6 +133,8 @@ class ReducedModel(nn.Module):
         tokens = self.backbone.embed(inputs)
         if attention != "auto":
             tokens = replace(tokens, attention=attention)
+        if features_at:
+            tokens = tokens.keeping_grid()
         trace = _Trace()
         record = None
         for stage in range(self.num_stages):
@@ -147,10 +158,12 @@ class ReducedModel(nn.Module):
                     weights: list = []
                     before, tokens = tokens, block(tokens, weights, record=record)
                     attention_out.append(before.attention_map(weights[0]))
+                if self.stage_starts[stage] + i in features_at:
+                    trace.features.append(tokens.on_grid())
         logits = self.backbone.forward_head(tokens)
         macs = self._macs(trace).to(logits.device)
         return ReducedOutput(logits, trace.scores, trace.keep, macs, trace.log_prob,
-                             self.backbone.num_prefix_tokens, trace.tokens_per_block)
+                             self.backbone.num_prefix_tokens, trace.tokens_per_block, features=trace.features)
 
     # -- settings ------------------------------------------------------------------------------
 
@@ -241,6 +254,7 @@ class _Trace:
         self.log_prob: Tensor | None = None
         self.reducer_macs: list = []
         self.tokens_per_block: list[Tensor] = []
+        self.features: list[Tensor] = []
 
     def decided(self, tokens, decision, n0: int) -> None:
         if decision is None:

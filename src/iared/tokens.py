@@ -30,7 +30,9 @@ tokens that were dropped. Their batches carry ``grid``: ``(B, N_grid, C)``, one 
 the current token grid (``index`` is then the position on that grid). A selection writes the
 current features of the tokens it drops into ``grid`` (:meth:`Tokens.on_grid`): a dropped token's
 row keeps its last features, rows of alive tokens go stale and are rewritten whenever a block reads
-the grid. ViT batches carry no grid (None) and never pay for one.
+the grid. ViT batches carry no grid (None) and never pay for one, unless a dense head needs every
+position's features (:meth:`Tokens.keeping_grid`, DPT in :mod:`iared.heads.dpt`): the same cache
+then restores dropped tokens, each with the features it had when it was dropped.
 """
 
 from __future__ import annotations
@@ -226,6 +228,17 @@ class Tokens:
         if valid is not None:
             ids, index, data = ids[valid], index[valid], data[valid]
         return self.grid.index_put((ids, index), data.to(self.grid.dtype))
+
+    def keeping_grid(self) -> Tokens:
+        """These tokens, from now on caching every position's last features in ``grid`` (a dense head
+        reads them with :meth:`on_grid`): a token that a later selection drops keeps the features it
+        had when it was dropped, in every layout. Needs the whole grid, as :meth:`embed` makes it."""
+        if self.grid is not None:
+            return self
+        n = self.uniform_length()
+        if n is None or not bool((self.index == torch.arange(n, device=self.index.device)).all()):
+            raise ValueError("keeping_grid: start from the dense batch of every token (after embed)")
+        return replace(self, grid=self.data)
 
     def from_grid(self, values: Tensor) -> Tensor:
         """Token-aligned rows of a per-image grid tensor ``(B, N_grid, ...)`` at the tokens' positions
