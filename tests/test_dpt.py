@@ -3,19 +3,19 @@
 import pytest
 import torch
 
-from iared.dense import DenseModel, image_miou, scores_from_confusion, confusion_matrix, segmentation_target
-from iared.heads.dpt import DPTConfig, DPTHead, default_depths, from_hf_dpt, head_macs
+from iared.dense import DenseModel, confusion_matrix, image_miou, scores_from_confusion, segmentation_target
+from iared.heads.dpt import DPTConfig, default_depths, from_hf_dpt, head_macs
 from iared.models.vit import VisionTransformer, ViTConfig
 from iared.pruning import IARed
-from iared.tokens import Decision
 from iared.stages import ReducedModel
+from iared.tokens import Decision
 
 
 def _tiny_vit(**kw):
     torch.manual_seed(0)
-    cfg = dict(img_size=32, patch_size=8, in_chans=1, num_classes=10, embed_dim=32, depth=4, num_heads=2,
-               mean=(0.0,), std=(1.0,))
-    return VisionTransformer(ViTConfig(**{**cfg, **kw})).eval()
+    cfg = ViTConfig(img_size=32, patch_size=8, in_chans=1, num_classes=10, embed_dim=32, depth=4, num_heads=2,
+                    mean=(0.0,), std=(1.0,), **kw)
+    return VisionTransformer(cfg).eval()
 
 
 TINY_DPT = DPTConfig(num_classes=5, neck_hidden_sizes=(8, 16, 16, 24), fusion_hidden_size=16,

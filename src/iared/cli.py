@@ -25,6 +25,8 @@ COMMANDS = {
     "explain-eval": "iared.commands.explain_eval",
     "make-dataset": "iared.commands.make_dataset",
     "compare": "iared.commands.compare",
+    "train-dense": "iared.commands.train_dense",
+    "eval-dense": "iared.commands.eval_dense",
 }
 
 

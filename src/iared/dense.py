@@ -137,7 +137,13 @@ def save_dense(model: DenseModel, path, extra: dict | None = None, threshold: fl
 def load_dense(path: str | os.PathLike) -> DenseModel:
     """A :class:`DenseModel` from :func:`save_dense`'s file, or the final state of ``iared train-dense``
     (its ``checkpoint.pt``); every problem is one :class:`iared.checkpoint.CheckpointError` line."""
-    from iared.checkpoint import CheckpointError, config_from_dict, extract_state_dict, load_weights, read_checkpoint
+    from iared.checkpoint import (
+        CheckpointError,
+        config_from_dict,
+        extract_state_dict,
+        load_weights,
+        read_checkpoint,
+    )
     from iared.models.vit import VisionTransformer, ViTConfig
     from iared.pruning import IARed, IARedConfig, InferenceSettings
 
@@ -180,7 +186,7 @@ def scores_from_confusion(confusion: Tensor) -> dict[str, Any]:
     present = union > 0
     iou = torch.where(present, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
     return {"miou": float(iou[present].mean()), "pixel_accuracy": float(tp.sum() / c.sum().clamp_min(1)),
-            "iou_per_class": [None if v != v else round(float(v), 4) for v in iou]}
+            "iou_per_class": [None if torch.isnan(v) else round(float(v), 4) for v in iou]}
 
 
 def image_miou(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:

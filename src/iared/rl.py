@@ -7,6 +7,8 @@ Our choice, documented in the README ("Reward"):
   fraction (pruned MACs / unpruned MACs, interpreters included) and ``w_d`` a per-stage weight.
   Squaring ``f`` makes the last tokens the cheapest to keep: the policy is pushed hard away from
   "keep everything" and gently near the point where accuracy starts to break.
+* Dense models (``iared train-dense``): the accuracy term is the image's segmentation quality
+  (:func:`segmentation_reward`).
 * REINFORCE with a baseline ``b``: loss = -mean((R - b) * log pi(keep decisions)). Two
   baselines, both measured (README): *self-critical* (b = reward of the same image under the
   greedy threshold policy, one extra forward without gradient) and a *running mean* of R.
@@ -26,6 +28,19 @@ Baseline = Literal["self-critical", "mean"]
 def blockdrop_reward(correct: Tensor, compute_fraction: Tensor, tau: float, weight: float = 1.0) -> Tensor:
     """``(B,)`` rewards: ``1 - weight * f^2`` if correct else ``-tau``."""
     return torch.where(correct, 1.0 - weight * compute_fraction.float() ** 2, torch.full_like(compute_fraction.float(), -tau))
+
+
+def segmentation_reward(quality: Tensor, compute_fraction: Tensor, tau: float, weight: float = 1.0) -> Tensor:
+    """``(B,)`` rewards of a dense model: ``1 - weight * f^2 - tau * (1 - q)``, ``q`` in [0, 1] the image's
+    segmentation quality (its mIoU against the ground truth, :func:`iared.dense.image_miou`).
+
+    The continuous form of :func:`blockdrop_reward`: a perfect image (q = 1) earns the "correct"
+    reward, an image with nothing right (q = 0) about ``-tau``. Classification correctness would
+    say nothing about the pixels of a dense model, and a 0/1 cut of q would discard how much of
+    the mask a dropped token cost; the per-image mIoU prices exactly what pruning takes away.
+    """
+    f = compute_fraction.float()
+    return 1.0 - weight * f**2 - tau * (1.0 - quality.float())
 
 
 def policy_gradient_loss(log_prob: Tensor, reward: Tensor, baseline: Tensor | float) -> Tensor:

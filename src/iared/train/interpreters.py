@@ -63,7 +63,8 @@ class InterpreterTrainConfig:
     stage_weights: tuple[float, ...] = (1.0, 1.0, 1.0)  # weight of the compute term, per stage
     baseline: Baseline = "self-critical"
     exploration: float = 0.05  # sample from eps + (1 - 2 eps) * score
-    initial_score: float = 0.9  # each stage starts from "keep ~all" (MultiHeadInterpreter.set_initial_score)
+    initial_score: float | None = 0.9  # each stage starts from "keep ~all" (MultiHeadInterpreter.set_initial_score);
+    # None: each stage starts from the interpreter as it is (retraining trained interpreters for another reward)
     threshold: float = 0.5
     num_stages: int = 3
     interpreter_heads: int = 6
@@ -93,7 +94,10 @@ def sample_noise(batch_size: int, num_tokens: int, seed: int, stage: int, step: 
 
 
 def stack_batch(dataset, indices: Tensor) -> tuple[Tensor, Tensor]:
+    """Images and targets of ``indices``: class labels ``(B,)``, or stacked tensor targets (dense masks)."""
     items = [dataset[int(i)] for i in indices]
+    if items and isinstance(items[0][1], Tensor):
+        return torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items])
     return torch.stack([it[0] for it in items]), torch.as_tensor([int(it[1]) for it in items])
 
 
@@ -160,6 +164,10 @@ class InterpreterTrainer:
         correct = logits.argmax(-1) == labels
         return blockdrop_reward(correct, macs / self.full_macs, self.cfg.tau, self.cfg.stage_weights[stage])
 
+    def accuracy(self, logits: Tensor, labels: Tensor) -> float:
+        """The batch's accuracy term for the logs (top-1 here; a dense trainer reports its own)."""
+        return float((logits.argmax(-1) == labels).float().mean())
+
     def train_step(self, images: Tensor, labels: Tensor) -> dict:
         cfg, model, stage = self.cfg, self.model, self.stage
         # Training runs padded + masked: exact like packed, and one batched attention call per block
@@ -187,7 +195,7 @@ class InterpreterTrainer:
         if self.guard.check(self.step + 1, loss, params, self.optimizer):
             self.optimizer.step()
         return {"reward": float(reward.mean()), "kept": float(out.kept_fraction()[:, stage].mean()),
-                "accuracy": float((out.logits.argmax(-1) == labels).float().mean()),
+                "accuracy": self.accuracy(out.logits, labels),
                 "gflops": float(out.gflops.mean())}
 
     # -- the loop ------------------------------------------------------------------------------
@@ -200,7 +208,7 @@ class InterpreterTrainer:
         if self.optimizer is None and self.stage < model.num_stages:
             self.optimizer = self._new_optimizer(self.stage)
         while self.stage < model.num_stages:
-            if self.step == 0:  # a fresh stage (untouched on resume: only the bias changes, idempotently)
+            if self.step == 0 and cfg.initial_score is not None:  # a fresh stage (idempotent on resume)
                 model.interpreters[self.stage].set_initial_score(cfg.initial_score)
             bar = tqdm(total=cfg.steps_per_stage, initial=self.step, desc=f"stage {self.stage + 1}/{model.num_stages}",
                        disable=not (self.progress and is_main()), file=sys.stderr, dynamic_ncols=True)

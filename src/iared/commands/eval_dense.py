@@ -1,0 +1,65 @@
+"""``iared eval-dense``: mIoU, pixel accuracy, GFLOPs and measured speed of a dense (DPT) model,
+unpruned against IA-RED²-pruned on the same images (:func:`iared.evaluate_dense.evaluate_dense`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from iared.commands.eval import _thresholds
+from iared.evaluate_dense import evaluate_dense
+from iared.files import check_output_dir, json_safe, write_json
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("eval-dense", help="segmentation quality and speed of a DPT model, unpruned vs pruned",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, metavar="FILE",
+                   help="dense checkpoint: train-dense's DIR/dense.pt (or its DIR/checkpoint.pt)")
+    p.add_argument("--task", default="digits-clutter")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--limit", type=int, metavar="N", help="evaluate the first N images only")
+    p.add_argument("--threshold", type=_thresholds, metavar="T[,T...]",
+                   help="interpreter threshold (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--throughput-batch", type=int, default=64, metavar="B")
+    p.add_argument("--repeats", type=int, default=7, help="timed calls per throughput figure (median)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--png-dir", metavar="DIR", help="also write one PNG per image: truth, predictions, kept tokens")
+    p.add_argument("--png-count", type=int, default=8)
+    p.add_argument("--save-json", metavar="FILE", help="also write the report to FILE")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(func=main)
+    return p
+
+
+def format_report(r: dict) -> str:
+    u, p = r["unpruned"], r["pruned"]
+    lines = [f"{r['task']} {r['split']} (n={r['n']}, threshold {r['threshold']})",
+             (f"  unpruned: mIoU {100 * u['miou']:.2f}  pixel acc {100 * u['pixel_accuracy']:.2f}  "
+              f"{u['gflops']:.4f} GFLOPs"),
+             (f"  pruned:   mIoU {100 * p['miou']:.2f}  pixel acc {100 * p['pixel_accuracy']:.2f}  "
+              f"{p['gflops']:.4f} GFLOPs  kept {p['kept_fraction']}")]
+    t = r.get("throughput")
+    if t:
+        lines.append(f"  batch {t['batch_size']}, {t['threads']} threads: {t['throughput_unpruned']:.0f} -> "
+                     f"{t['throughput_pruned']:.0f} img/s ({t['speedup']:.2f}x)")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.png_dir:
+        check_output_dir(args.png_dir, "--png-dir folder")
+    report = evaluate_dense(args.checkpoint, task=args.task, split=args.split, limit=args.limit,
+                            threshold=args.threshold, throughput_batch=args.throughput_batch, repeats=args.repeats,
+                            device=args.device, batch_size=args.batch_size, png_dir=args.png_dir,
+                            png_count=args.png_count)
+    if args.save_json:
+        write_json(args.save_json, json_safe(report))
+    print(json.dumps(json_safe(report)) if args.json else format_report(report))
+    return 0
