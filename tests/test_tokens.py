@@ -193,3 +193,30 @@ def test_packed_select_then_scatter_round_trip():
     assert isinstance(padded, PaddedTokens)
     assert torch.equal(padded.scatter(torch.ones(padded.index.shape), 6) > 0, keep)
     assert torch.equal(replace(tokens, attention="bucket").lengths(), torch.tensor([3, 2, 5]))
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_patch_mean_and_summary_per_image(layout):
+    """patch_mean: the mean of each image's alive patch tokens (prefix and padding left out), in
+    every layout; a merge (sizes as weights) leaves it unchanged. summary: the class token's row,
+    or the patch mean without a class token."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2 + 6, 4, generator=g)
+    keep = torch.rand(3, 8, generator=g) > 0.4
+    keep[:, 2] = True  # at least one patch per image
+    for has_class in (True, False):
+        dense = DenseTokens.from_embeddings(x, num_prefix=2, has_class_token=has_class)
+        tokens = dense.select(keep, ragged=layout)
+        expected = torch.stack([x[i, 2:][keep[i, 2:]].mean(0) for i in range(3)])
+        assert torch.allclose(tokens.patch_mean(), expected, atol=1e-6)
+        assert torch.allclose(dense.patch_mean(), x[:, 2:].mean(1), atol=1e-6)
+        assert torch.allclose(tokens.summary(tokens.data), x[:, 0] if has_class else expected, atol=1e-6)
+    # Merge every image's second patch token into its first: weighted by sizes, the mean is kept.
+    into = dense.positions().clone()
+    into[:, 3] = 2
+    merged = dense.merge(into, ragged=layout)
+    assert merged.lengths().tolist() == [7, 7, 7]
+    assert torch.allclose(merged.patch_mean(), x[:, 2:].mean(1), atol=1e-6)
+    # A gated-out token does not count.
+    gated = replace(dense, weights=torch.ones(3, 8).index_fill(1, torch.tensor([7]), 0.0))
+    assert torch.allclose(gated.patch_mean(), x[:, 2:7].mean(1), atol=1e-6)

@@ -7,6 +7,7 @@ is left out, as fvcore-style counters do.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,31 @@ if TYPE_CHECKING:  # models import this module for their MAC counts
 def block_macs(n, dim: int, mlp_ratio: float):
     """One block on ``n`` tokens (int or tensor): qkv + proj + MLP (linear in n), QK^T + AV (quadratic)."""
     return n * dim * dim * (4 + 2 * mlp_ratio) + 2 * n * n * dim
+
+
+def rfft_macs(length: int) -> float:
+    """A real FFT (or its inverse) of ``length`` points: ``length * log2(length)`` real
+    multiply-accumulates (a complex FFT of half the length, (m/2) log2 m complex products of 4)."""
+    return length * math.log2(length) if length > 1 else 0.0
+
+
+def aug_shortcut_macs(n, dim: int, blocks: int):
+    """One augmented shortcut on ``n`` tokens: its block-circulant product through the FFT
+    (:func:`iared.models.vit.block_circulant_matmul`), ``blocks`` x ``blocks`` circulant blocks of
+    ``b = dim / blocks``: per token, ``blocks`` forward and ``blocks`` inverse real FFTs of b points
+    and ``blocks**2 * (b // 2 + 1)`` complex products (4 real each). The weights' own spectra are
+    computed once per forward pass, not per token, and left out (as the bias and the GELU)."""
+    b = dim // blocks
+    return n * (2 * blocks * rfft_macs(b) + 4 * blocks * blocks * (b // 2 + 1))
+
+
+def vit_block_macs(n, cfg: ViTConfig):
+    """One block of a ViT of ``cfg`` on ``n`` tokens: :func:`block_macs` plus its augmented
+    shortcuts (``cfg.aug_shortcuts`` beside the attention and as many beside the MLP)."""
+    macs = block_macs(n, cfg.embed_dim, cfg.mlp_ratio)
+    if cfg.aug_shortcuts:
+        macs = macs + 2 * cfg.aug_shortcuts * aug_shortcut_macs(n, cfg.embed_dim, cfg.aug_circulant_blocks)
+    return macs
 
 
 def interpreter_macs(n, dim: int):
@@ -66,7 +92,7 @@ def vit_macs(cfg: ViTConfig, tokens_per_block: Sequence | Tensor | None = None,
         raise ValueError(f"need {cfg.depth} token counts, got {len(tokens_per_block)}")
     total = torch.as_tensor(float(embed_macs(cfg) + head_macs(cfg)), dtype=torch.float64)
     for n in tokens_per_block:
-        total = total + block_macs(torch.as_tensor(n, dtype=torch.float64), cfg.embed_dim, cfg.mlp_ratio)
+        total = total + vit_block_macs(torch.as_tensor(n, dtype=torch.float64), cfg)
     for n in interpreter_tokens:
         total = total + interpreter_macs(torch.as_tensor(n, dtype=torch.float64), cfg.embed_dim)
     return total

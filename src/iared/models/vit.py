@@ -12,6 +12,11 @@ pre-norm (``pre_norm``), layer scale (``init_values``), no final norm (``final_n
 A checkpoint made at another image size loads with its position table resampled as timm
 resamples it (:func:`adapt_state_dict`).
 
+Augmented shortcuts (Tang et al., "Augmented Shortcuts for Vision Transformers", NeurIPS 2021;
+``aug_shortcuts=N``) are ours: timm has no such layer. Their keys, beside timm's, are
+``blocks.{i}.attn_shortcuts.{j}.weight`` / ``.bias`` and ``blocks.{i}.mlp_shortcuts.{j}.weight`` /
+``.bias`` (see :class:`AugmentedShortcut`); a model without them has exactly timm's keys.
+
 The forward pass differs from timm's in one way that matters: blocks receive a
 :class:`iared.tokens.Tokens` batch rather than a ``(B, N, C)`` tensor, so tokens can leave the
 computation between blocks (see :mod:`iared.pruning`), in whatever layout suits the device.
@@ -54,6 +59,8 @@ class ViTConfig:
     fc_norm: bool | None = None  # the final norm after pooling; None: with "avg" pooling (timm's rule)
     pre_norm: bool = False  # LayerNorm on the embeddings (CLIP); the patch projection then has no bias
     final_norm: bool = True
+    aug_shortcuts: int = 0  # augmented shortcuts beside each attention and each MLP (Tang et al. 2021)
+    aug_circulant_blocks: int = 4  # their projection: a grid of k x k circulant blocks of size embed_dim / k
     mean: tuple[float, ...] = field(default=IMAGENET_MEAN)
     std: tuple[float, ...] = field(default=IMAGENET_STD)
 
@@ -68,6 +75,10 @@ class ViTConfig:
             raise ValueError("global_pool='token' needs the class token: use global_pool='avg' with class_token=False")
         if self.reg_tokens < 0:
             raise ValueError(f"reg_tokens must be >= 0, got {self.reg_tokens}")
+        if self.aug_shortcuts < 0:
+            raise ValueError(f"aug_shortcuts must be >= 0, got {self.aug_shortcuts}")
+        if self.aug_shortcuts and (self.aug_circulant_blocks < 1 or self.embed_dim % self.aug_circulant_blocks):
+            raise ValueError(f"aug_circulant_blocks {self.aug_circulant_blocks} must divide embed_dim {self.embed_dim}")
         if self.distilled and (not self.class_token or self.reg_tokens or self.global_pool != "token"
                                or self.use_fc_norm):
             raise ValueError("distilled (DeiT) models read the class and distillation tokens: they need the "
@@ -190,8 +201,61 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
+def block_circulant_matmul(x: Tensor, weight: Tensor) -> Tensor:
+    """``x @ W.T`` for the block-circulant ``W`` that ``weight`` describes, through the FFT.
+
+    ``x``: ``(..., k * b)``; ``weight``: ``(k_out, k_in, b)``, the first column of every ``b x b``
+    circulant block: ``W[I*b + r, J*b + c] = weight[I, J, (r - c) mod b]``. Block (I, J) times a
+    piece of ``x`` is a circular convolution, a product of spectra: ``y_I = irfft(sum_J rfft(w_IJ)
+    rfft(x_J))``, O(k^2 b + k b log b) per token instead of the dense O(k^2 b^2).
+    Half precision inputs are computed in float32 (FFTs in half precision need power-of-two lengths).
+    """
+    k_out, k_in, b = weight.shape
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    spectrum_x = torch.fft.rfft(x.to(dtype).unflatten(-1, (k_in, b)), dim=-1)  # (..., k_in, b // 2 + 1)
+    spectrum_w = torch.fft.rfft(weight.to(dtype), dim=-1)  # (k_out, k_in, b // 2 + 1)
+    spectrum_y = torch.einsum("...jf,ijf->...if", spectrum_x, spectrum_w)
+    return torch.fft.irfft(spectrum_y, n=b, dim=-1).flatten(-2).to(x.dtype)
+
+
+def block_circulant_dense(weight: Tensor) -> Tensor:
+    """The ``(k_out * b, k_in * b)`` matrix that ``weight`` ``(k_out, k_in, b)`` describes (see
+    :func:`block_circulant_matmul`): for checks and for readers, never for the forward pass."""
+    k_out, k_in, b = weight.shape
+    r = torch.arange(b, device=weight.device)
+    offsets = (r[:, None] - r[None, :]) % b  # (b, b): which entry of the first column sits at (r, c)
+    blocks = weight[:, :, offsets]  # (k_out, k_in, b, b)
+    return blocks.permute(0, 2, 1, 3).reshape(k_out * b, k_in * b)
+
+
+class AugmentedShortcut(nn.Module):
+    """One augmented shortcut ``T(x) = GELU(x W^T + bias)`` with a block-circulant ``W``.
+
+    Tang et al. (NeurIPS 2021, Eq. 6 and Sec. 3.3): ``T(Z) = sigma(Z Theta)`` with sigma a
+    non-linearity (GELU), ``Theta`` block-circulant so that it costs O(d log b) per token through the
+    FFT. Keys: ``weight`` ``(k, k, d / k)`` (the first column of each circulant block, see
+    :func:`block_circulant_matmul`), ``bias`` ``(d,)``. It reads one token at a time, so it runs on
+    any token layout.
+    """
+
+    def __init__(self, dim: int, blocks: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(blocks, blocks, dim // blocks))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        nn.init.trunc_normal_(self.weight, std=0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.gelu(block_circulant_matmul(x, self.weight) + self.bias.to(x.dtype))
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block on any token layout."""
+    """Pre-norm transformer block on any token layout.
+
+    With augmented shortcuts (``cfg.aug_shortcuts = N``) each module gets N parallel paths beside
+    the identity: ``x + ls(attn(LN1 x)) + sum_i T_i(LN1 x)``, the same for the MLP. The shortcuts
+    read the module's LayerNorm output, as the authors' code does (the paper's equations leave
+    LayerNorm out), and sit outside layer scale.
+    """
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
@@ -202,11 +266,22 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio))
         self.ls2 = LayerScale(dim, cfg.init_values) if cfg.init_values else nn.Identity()
+        # Empty lists without shortcuts: no keys, timm's state dict exactly.
+        self.attn_shortcuts = nn.ModuleList(AugmentedShortcut(dim, cfg.aug_circulant_blocks)
+                                            for _ in range(cfg.aug_shortcuts))
+        self.mlp_shortcuts = nn.ModuleList(AugmentedShortcut(dim, cfg.aug_circulant_blocks)
+                                           for _ in range(cfg.aug_shortcuts))
 
     def forward(self, tokens: Tokens, weights_out: list | None = None, record: BlockRecord | None = None) -> Tokens:
         x = tokens.data
-        x = x + self.ls1(self.attn(self.norm1(x), tokens, weights_out, record))
-        x = x + self.ls2(self.mlp(self.norm2(x)))
+        h = self.norm1(x)
+        x = x + self.ls1(self.attn(h, tokens, weights_out, record))
+        for shortcut in self.attn_shortcuts:
+            x = x + shortcut(h)
+        h = self.norm2(x)
+        x = x + self.ls2(self.mlp(h))
+        for shortcut in self.mlp_shortcuts:
+            x = x + shortcut(h)
         return tokens.with_data(x)
 
 
@@ -251,7 +326,7 @@ class VisionTransformer(nn.Module):
         if self.dist_token is not None:
             nn.init.trunc_normal_(self.dist_token, std=0.02)
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, (nn.Linear, AugmentedShortcut)):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias) if m.bias is not None else None
         w = self.patch_embed.proj.weight
@@ -293,7 +368,7 @@ class VisionTransformer(nn.Module):
         """MACs of a block on ``n`` tokens (int or ``(B,)`` tensor); every block costs the same."""
         from iared import flops
 
-        return flops.block_macs(n, self.cfg.embed_dim, self.cfg.mlp_ratio)
+        return flops.vit_block_macs(n, self.cfg)
 
     def block_input_shape(self, block: int) -> tuple[int, int]:
         """``(tokens, channels)`` entering any block when nothing was dropped (prefix included)."""
