@@ -108,6 +108,16 @@ def test_state_dict_keys_round_trip_and_refusal(tmp_path):
 
     with pytest.raises((CheckpointError, ValueError), match="attn_shortcuts"):
         create_model("digits_vit", checkpoint=path, **{**geometry, "aug_shortcuts": 1})
+    # A bare state dict (no config): the shortcuts are read off the keys.
+    from safetensors.torch import save_file
+
+    from iared.loading import load_backbone
+
+    save_file(sd, tmp_path / "bare.safetensors")
+    bare = load_backbone(checkpoint=tmp_path / "bare.safetensors", overrides={"num_heads": 3}).eval()
+    assert (bare.cfg.aug_shortcuts, bare.cfg.aug_circulant_blocks) == (2, 4)
+    with torch.no_grad():
+        assert torch.allclose(bare(x), model(x), atol=TOL)
 
 
 def test_threshold_zero_is_unpruned_and_pruning_runs_in_every_layout():

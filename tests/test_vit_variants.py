@@ -16,7 +16,13 @@ from timm.models.vision_transformer import VisionTransformer as TimmViT
 from iared.interpreter import MultiHeadInterpreter
 from iared.loading import infer_vit_config, load_backbone
 from iared.models import MODEL_CONFIGS, create_model, from_timm, load_model
-from iared.models.vit import BlockRecord, VisionTransformer, ViTConfig, rename_official_keys, resample_pos_embed
+from iared.models.vit import (
+    BlockRecord,
+    VisionTransformer,
+    ViTConfig,
+    rename_official_keys,
+    resample_pos_embed,
+)
 from iared.pruning import IARed
 from iared.reducers.registry import build_reduced
 from iared.tokens import DenseTokens

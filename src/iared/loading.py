@@ -8,7 +8,7 @@ One rule for all commands (``train``, ``train-interpreters``, ``eval``, ``bench`
   ``{"model": state_dict}`` layout, plain state dicts, safetensors) have their geometry read off
   the weights (:func:`infer_vit_config`): width, depth, patch and image size, channels, classes,
   distillation / class / register tokens, DeiT-III's position table, average pooling (fc_norm),
-  pre-norm, layer scale; the head count, which weights do not show, comes from the registered
+  pre-norm, layer scale, augmented shortcuts; the head count, which weights do not show, comes from the registered
   model of that width (DeiT-Ti 3, -S 6, -B 12), else width / 64.
 - ``--model NAME --checkpoint FILE``: built as ``NAME`` (plus overrides), then the file's weights,
   strictly (every missing, unexpected or mis-shaped key listed, naming the file).
@@ -71,7 +71,7 @@ def infer_vit_config(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
     # The table covers prefix + patches, or (DeiT-III's no_embed_class) the patches only.
     no_embed_class = not _is_square(positions - prefix) and _is_square(positions)
     tokens = positions if no_embed_class else positions - prefix
-    grid = int(round(max(tokens, 0) ** 0.5))
+    grid = round(max(tokens, 0) ** 0.5)
     if not _is_square(tokens):
         raise CheckpointError(f"bad checkpoint {path}: pos_embed holds {positions} positions for {prefix} prefix "
                               "tokens: not a square grid of patches")
@@ -95,6 +95,11 @@ def infer_vit_config(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
         pre_norm="norm_pre.weight" in state_dict,
         final_norm="norm.weight" in state_dict or "fc_norm.weight" in state_dict,
     )
+    shortcut_key = re.compile(r"blocks\.0\.attn_shortcuts\.(\d+)\.weight$")
+    shortcuts = {int(m.group(1)) for k in state_dict if (m := shortcut_key.match(k))}
+    if shortcuts:  # augmented shortcuts (iared's own keys): how many, and the circulant grid of their weights
+        values.update(aug_shortcuts=len(shortcuts),
+                      aug_circulant_blocks=int(state_dict["blocks.0.attn_shortcuts.0.weight"].shape[0]))
     if in_chans != 3:  # ImageNet statistics mean nothing for other channel counts
         values.update(mean=(0.0,) * in_chans, std=(1.0,) * in_chans)
     return config_from_dict(ViTConfig, values, path, "inferred model")

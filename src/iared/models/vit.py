@@ -210,7 +210,7 @@ def block_circulant_matmul(x: Tensor, weight: Tensor) -> Tensor:
     rfft(x_J))``, O(k^2 b + k b log b) per token instead of the dense O(k^2 b^2).
     Half precision inputs are computed in float32 (FFTs in half precision need power-of-two lengths).
     """
-    k_out, k_in, b = weight.shape
+    _, k_in, b = weight.shape
     dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     spectrum_x = torch.fft.rfft(x.to(dtype).unflatten(-1, (k_in, b)), dim=-1)  # (..., k_in, b // 2 + 1)
     spectrum_w = torch.fft.rfft(weight.to(dtype), dim=-1)  # (k_out, k_in, b // 2 + 1)
