@@ -162,3 +162,23 @@ def test_segmentation_metrics():
     assert s["miou"] == pytest.approx((0.5 + 2 / 3) / 2)
     assert s["pixel_accuracy"] == pytest.approx(0.75)
     assert image_miou(pred, target, 3).item() == pytest.approx((0.5 + 2 / 3) / 2)
+
+
+def test_pixel_refinement_is_counted_and_off_by_default():
+    from dataclasses import replace
+
+    vit = _tiny_vit()
+    plain = DenseModel(ReducedModel(vit, [None], [0]), TINY_DPT)
+    refined = DenseModel(ReducedModel(vit, [None], [0]), replace(TINY_DPT, pixel_refinement=4, in_chans=1)).eval()
+    assert plain.dpt.refine is None and not any(k.startswith("refine") for k in plain.dpt.state_dict())
+    # two 3x3 convs at 32x32: (5 classes + 1 channel) -> 4 -> 5 classes
+    assert refined.head_macs - plain.head_macs == 32 * 32 * 9 * ((5 + 1) * 4 + 4 * 5)
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        out = refined(x, "all").logits
+        base = refined.dpt(refined.reduced(x, "all", features_at=refined.depths).features, (4, 4), 1)
+    assert out.shape == (2, 5, 32, 32)
+    # the refinement is a residual on the upsampled DPT logits
+    with torch.no_grad():
+        up = torch.nn.functional.interpolate(base, size=(32, 32), mode="bilinear", align_corners=False)
+        assert torch.allclose(out, refined.dpt.refine(up, x))

@@ -86,7 +86,9 @@ class DenseModel(nn.Module):
         self.dpt_cfg = dpt_cfg
         self.depths = dpt_cfg.resolved_depths(len(backbone.blocks))
         self.dpt = DPTHead(backbone.token_dim, dpt_cfg)
-        self.head_macs = head_macs(self.dpt, backbone.token_dim, backbone.token_grid, backbone.num_prefix_tokens)
+        self.image_size = backbone.cfg.img_size
+        self.head_macs = head_macs(self.dpt, backbone.token_dim, backbone.token_grid, backbone.num_prefix_tokens,
+                                   self.image_size)
 
     # what the interpreter trainer reads off an IARed
     @property
@@ -113,9 +115,7 @@ class DenseModel(nn.Module):
         ``all``: the unpruned model)."""
         out = self.reduced(images, mode, features_at=self.depths, **kw)
         backbone = self.reduced.backbone
-        logits = self.dpt(out.features, backbone.token_grid, backbone.num_prefix_tokens)
-        if logits.shape[-2:] != images.shape[-2:]:
-            logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        logits = self.dpt(out.features, backbone.token_grid, backbone.num_prefix_tokens, images)
         return DenseOutput(logits, out, out.macs + self.head_macs)
 
 

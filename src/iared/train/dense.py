@@ -75,6 +75,7 @@ class DenseTrainConfig:
     reassemble_factors: tuple[float, ...] = (2, 1, 0.5, 0.25)
     readout: str = "project"
     upsample: int = 2
+    pixel_refinement: int = 0  # not DPT: channels of the refinement that sees the input pixels (0: off)
     finetune_backbone: bool = False
     backbone_lr_scale: float = 0.1
     pruned_fraction: float = 0.0
@@ -120,6 +121,8 @@ HELP = {
     "reassemble_factors": "resampling of each reassembled map (DPT: 4 2 1 0.5)",
     "readout": "class token readout: project | add | ignore",
     "upsample": "final bilinear upsampling of the logits",
+    "pixel_refinement": "not part of DPT: channels of two 3x3 convs that refine the logits at the input size "
+                        "from [logits, pixels] (0: off)",
     "finetune_backbone": "train the backbone too (default: frozen)",
     "backbone_lr_scale": "backbone learning rate / head learning rate when fine-tuning",
     "pruned_fraction": "fraction of steps run through the pruned model (threshold mode)",
@@ -141,12 +144,13 @@ HELP = {
 }
 
 
-def _dpt_config(cfg: DenseTrainConfig, num_classes: int):
+def _dpt_config(cfg: DenseTrainConfig, num_classes: int, in_chans: int):
     from iared.heads.dpt import DPTConfig
 
     return DPTConfig(num_classes=num_classes, depths=cfg.depths, neck_hidden_sizes=cfg.neck_hidden_sizes,
                      fusion_hidden_size=cfg.fusion_hidden_size, reassemble_factors=cfg.reassemble_factors,
-                     readout=cfg.readout, upsample=cfg.upsample)
+                     readout=cfg.readout, upsample=cfg.upsample, pixel_refinement=cfg.pixel_refinement,
+                     in_chans=in_chans)
 
 
 def build_dense_model(cfg: DenseTrainConfig, num_classes: int):
@@ -166,7 +170,7 @@ def build_dense_model(cfg: DenseTrainConfig, num_classes: int):
         return model
     default = str(resources.files("iared") / "assets" / SHIPPED_PRUNED)
     reduced = load_iared(cfg.checkpoint, cfg.model, cfg.pretrained, cfg.model_overrides, default=default)
-    return DenseModel(reduced, _dpt_config(cfg, num_classes))
+    return DenseModel(reduced, _dpt_config(cfg, num_classes, reduced.backbone.cfg.in_chans))
 
 
 def _is_pruned_step(cfg: DenseTrainConfig, step: int) -> bool:
