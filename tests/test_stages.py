@@ -142,3 +142,33 @@ def test_trained_threshold_is_recorded_for_every_command(tmp_path):
                                  eval_samples=4, threshold=0.7)
     train_from_config(cfg, progress=False)
     assert load_pruned(tmp_path / "run" / "pruned.pt").inference.threshold == 0.7
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_accounting_is_deferred_and_holds_no_features(layout):
+    """The loop records layouts and decisions only; keeps, scores, counts and MACs are worked out when
+    read, and equal what the pass did: per-image alive counts before every block, MACs by formula."""
+    backbone = tiny_backbone(depth=4)
+    model = IARed(backbone, stage_starts=[0, 2])
+    for interpreter in model.interpreters:  # scores spread: counts differ from image to image
+        torch.nn.init.normal_(interpreter.qk.weight, std=0.5)
+    x = torch.randn(5, 3, 32, 32)
+    with torch.inference_mode():
+        out = model(x, threshold=0.5, layout=layout)
+        assert not {"macs", "keep", "scores", "tokens_per_block"} & set(vars(out))  # nothing computed yet
+        # the trace keeps token positions, never features (a pass's activations are not held alive)
+        layouts = [t for t, _ in out.trace.alive_layouts] + list(out.trace.block_layouts)
+        assert all(t.data.shape[-1] == 0 and t.grid is None for t in layouts)
+        # blocks do not change the layout: one recorded layout per stage, shared by its blocks
+        assert len({id(t) for t in out.trace.block_layouts}) == 2
+        alive = [k.sum(1) for k in out.keep]  # class token included
+        assert alive[0].unique().numel() > 1 and (alive[1] <= alive[0]).all()
+        counts = [n.tolist() for n in out.tokens_per_block]
+        assert counts == [alive[0].tolist()] * 2 + [alive[1].tolist()] * 2
+        from iared import flops
+
+        n0, n1 = (a.double() for a in alive)
+        expected = (backbone.fixed_macs() + flops.interpreter_macs(17, 48) + 2 * flops.block_macs(n0, 48, 4.0)
+                    + flops.interpreter_macs(n0, 48) + 2 * flops.block_macs(n1, 48, 4.0))
+        assert torch.allclose(out.macs, expected)
+        assert out.macs is out.macs  # computed once

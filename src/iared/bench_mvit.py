@@ -1,6 +1,6 @@
 """IA-RED² on MViTv2: measured speed-up against the FLOPs-ideal one (random weights, budget mode).
 
-    python -m iared.bench_mvit --model mvitv2_tiny --batch 8 --keep 0.7 --threads 1 --out docs/mvit-efficiency.json
+    iared bench-mvit --model mvitv2_tiny --batch 8 --keep 0.7 --threads 1 --out docs/mvit-efficiency.json
 
 The unpruned backbone and the pruned model (one interpreter before each of the first three
 resolution stages, :meth:`iared.models.mvit.MultiScaleViT.default_stage_starts`, each keeping
@@ -12,10 +12,7 @@ interpreters. A per-block breakdown (forward hooks, CPU clock, one thread) says 
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 
@@ -80,30 +77,12 @@ def mvit_efficiency(model_name: str = "mvitv2_tiny", batch: int = 8, keep: float
     return report
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="mvitv2_tiny")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--keep", type=float, default=0.7)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--stages", type=int, default=3, help="interpreters (resolution stages pruned)")
-    p.add_argument("--note", default="", help="recorded with the figures (e.g. machine load)")
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    report = mvit_efficiency(args.model, args.batch, args.keep, args.repeats, num_stages=args.stages)
-    report["note"] = args.note
-    for clock, r in report["clocks"].items():
-        print(f"{clock:4s}: full {r['full_ms']:.0f} ms, pruned {r['pruned_ms']:.0f} ms, speed-up {r['speedup']:.3f}x "
-              f"of FLOPs-ideal {report['flops_speedup']:.3f}x -> efficiency {r['efficiency']:.2f}")
-    for row in report["blocks"]:
-        print(f"block {row['block']:2d} {row['grid']:>5s} w{row['width']:<4d} alive {row['alive']:5d}/{row['tokens']:<5d} "
-              f"MACs x{row['macs_ratio']:.2f} time x{row['time_ratio']:.2f} ({row['full_ms']:.0f} -> {row['pruned_ms']:.0f} ms)")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-
-
-if __name__ == "__main__":
-    main()
+def format_report(report: dict) -> str:
+    """The human-readable lines of a :func:`mvit_efficiency` report."""
+    lines = [f"{clock:4s}: full {r['full_ms']:.0f} ms, pruned {r['pruned_ms']:.0f} ms, speed-up {r['speedup']:.3f}x "
+             f"of FLOPs-ideal {report['flops_speedup']:.3f}x -> efficiency {r['efficiency']:.2f}"
+             for clock, r in report["clocks"].items()]
+    lines += [f"block {row['block']:2d} {row['grid']:>5s} w{row['width']:<4d} alive {row['alive']:5d}/{row['tokens']:<5d} "
+              f"MACs x{row['macs_ratio']:.2f} time x{row['time_ratio']:.2f} ({row['full_ms']:.0f} -> {row['pruned_ms']:.0f} ms)"
+              for row in report["blocks"]]
+    return "\n".join(lines)

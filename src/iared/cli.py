@@ -20,6 +20,7 @@ COMMANDS = {
     "train-interpreters": "iared.commands.train_interpreters",
     "demo": "iared.commands.demo",
     "bench": "iared.commands.bench",
+    "bench-mvit": "iared.commands.bench_mvit",
     "export": "iared.commands.export",
     "explain": "iared.commands.explain",
     "explain-eval": "iared.commands.explain_eval",

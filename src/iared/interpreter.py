@@ -66,7 +66,7 @@ class MultiHeadInterpreter(Reducer):
 
     def forward(self, x: StageInput) -> Decision:
         scores = self.score(x.tokens)
-        return keep_from_scores(x.tokens, scores, x.settings, macs=self.macs(x.tokens.lengths()))
+        return keep_from_scores(x.tokens, scores, x.settings, macs=self.macs)
 
     def macs(self, n):
         """MACs on ``n`` alive tokens (int or ``(B,)``)."""
@@ -79,7 +79,8 @@ class MultiHeadInterpreter(Reducer):
         dim = self.qk.in_features
         x = self.norm(tokens.data)
         # (B, C): the class token, or the average patch token when the backbone has no class token
-        cls = self.norm(tokens.prefix()[:, 0]) if tokens.has_class_token else tokens.patch_mean(x)
+        # (LayerNorm is per token, so the class token's row of x is its normalised features)
+        cls = tokens.summary(x)
         q = F.linear(cls, self.qk.weight[:dim], self.qk.bias[:dim]).unflatten(-1, (self.num_heads, -1))
         k = F.linear(x, self.qk.weight[dim:], self.qk.bias[dim:]).unflatten(-1, (self.num_heads, -1))
         logits = (tokens.per_token(q) * k).sum(-1) * k.shape[-1] ** -0.5

@@ -19,7 +19,8 @@ Training, evaluation, the bench, ``compare`` and ONNX export all run this loop
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -60,17 +61,36 @@ class ReducedOutput:
     the position of the token it was merged into). ``macs``: ``(B,)`` analytic MACs per input,
     reducers included. ``log_prob``: ``(B,)`` sum of the sampled decisions' log-probabilities.
     ``tokens_per_block``: ``(B,)`` alive counts before every block.
+
+    ``scores``, ``keep``, ``tokens_per_block`` and ``macs`` are worked out from the pass's trace
+    when first read: a caller that wants the logits alone (serving, timing) pays nothing for the
+    accounting, which at batch 1 was about two thirds of the extra tensor operations of a pruned pass.
     """
 
     logits: Tensor
-    scores: list[Tensor | None]
-    keep: list[Tensor]
-    macs: Tensor
+    trace: _Trace = field(repr=False)
     log_prob: Tensor | None = None
     num_prefix: int = 1
-    tokens_per_block: list[Tensor] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
     features: list[Tensor] = field(default_factory=list)  # (B, N0, C) per block of ``features_at``
+    macs_of: Callable[[_Trace], Tensor] | None = field(default=None, repr=False)
+
+    @functools.cached_property
+    def scores(self) -> list[Tensor | None]:
+        return [None if d is None or d.scores is None else before.scatter(d.scores, n0)
+                for before, d, n0 in self.trace.decisions]
+
+    @functools.cached_property
+    def keep(self) -> list[Tensor]:
+        return [_alive_on_grid(layout, n0) for layout, n0 in self.trace.alive_layouts]
+
+    @functools.cached_property
+    def tokens_per_block(self) -> list[Tensor]:
+        return [layout.lengths() for layout in self.trace.block_layouts]
+
+    @functools.cached_property
+    def macs(self) -> Tensor:
+        return self.macs_of(self.trace).to(self.logits.device)
 
     @property
     def gflops(self) -> Tensor:
@@ -96,6 +116,8 @@ class ReducedModel(nn.Module):
             raise ValueError(f"{len(reducers)} reducers for {len(self.stage_starts)} stages")
         # An nn.ModuleList cannot hold None: stages without a reducer hold an Identity placeholder.
         self.reducers = nn.ModuleList(r if r is not None else nn.Identity() for r in reducers)
+        # Each stage's blocks, sliced once: slicing an nn.ModuleList builds a new module every time.
+        self._stage_blocks = tuple(tuple(self.stage_blocks(g)) for g in range(self.num_stages))
 
     @property
     def num_stages(self) -> int:
@@ -147,11 +169,11 @@ class ReducedModel(nn.Module):
             else:
                 trace.decided(tokens, None, n0)
             trace.alive(tokens, n0)
-            blocks = self.stage_blocks(stage)
+            blocks = self._stage_blocks[stage]
             wants_record = self._next_needs_record(stage, settings)
             for i, block in enumerate(blocks):
                 record = BlockRecord() if wants_record and i == len(blocks) - 1 else None
-                trace.tokens_per_block.append(tokens.lengths())
+                trace.entering_block(tokens)
                 if attention_out is None:
                     tokens = block(tokens, record=record)
                 else:
@@ -161,9 +183,8 @@ class ReducedModel(nn.Module):
                 if self.stage_starts[stage] + i in features_at:
                     trace.features.append(tokens.on_grid())
         logits = self.backbone.forward_head(tokens)
-        macs = self._macs(trace).to(logits.device)
-        return ReducedOutput(logits, trace.scores, trace.keep, macs, trace.log_prob,
-                             self.backbone.num_prefix_tokens, trace.tokens_per_block, features=trace.features)
+        return ReducedOutput(logits, trace, trace.log_prob, self.backbone.num_prefix_tokens,
+                             features=trace.features, macs_of=self._macs)
 
     # -- settings ------------------------------------------------------------------------------
 
@@ -198,10 +219,12 @@ class ReducedModel(nn.Module):
 
     def _macs(self, trace: _Trace) -> Tensor:
         total = torch.as_tensor(self.backbone.fixed_macs(), dtype=torch.float64)
-        for block, n in enumerate(trace.tokens_per_block):
-            total = total + self.backbone.block_macs(n.to(torch.float64), block)
-        for m in trace.reducer_macs:
-            total = total + m
+        for block, layout in enumerate(trace.block_layouts):
+            total = total + self.backbone.block_macs(layout.lengths().to(torch.float64), block)
+        for before, decision, _ in trace.decisions:
+            if decision is not None:
+                m = decision.macs(before.lengths()) if callable(decision.macs) else decision.macs
+                total = total + (m.detach().double() if isinstance(m, Tensor) else float(m))
         return total
 
     def macs_for_ratios(self, ratios: float | Sequence[float]) -> float:
@@ -246,29 +269,34 @@ class ReducedModel(nn.Module):
 
 
 class _Trace:
-    """Per-stage bookkeeping of one forward pass, in original token positions."""
+    """What one forward pass leaves for its :class:`ReducedOutput`: token layouts (positions and
+    counts, no features) and decisions, recorded without arithmetic on the hot path."""
 
     def __init__(self):
-        self.scores: list[Tensor | None] = []
-        self.keep: list[Tensor] = []
+        self.decisions: list[tuple] = []  # (layout before the stage, Decision or None, N0 of its grid)
+        self.alive_layouts: list[tuple] = []  # (layout after the stage's reduction, N0)
+        self.block_layouts: list = []  # the layout entering every block
         self.log_prob: Tensor | None = None
-        self.reducer_macs: list = []
-        self.tokens_per_block: list[Tensor] = []
         self.features: list[Tensor] = []
 
     def decided(self, tokens, decision, n0: int) -> None:
-        if decision is None:
-            self.scores.append(None)
-            return
-        self.scores.append(None if decision.scores is None else tokens.scatter(decision.scores, n0))
-        if decision.log_prob is not None:
+        self.decisions.append((tokens.layout() if decision is not None else None, decision, n0))
+        if decision is not None and decision.log_prob is not None:
             self.log_prob = decision.log_prob if self.log_prob is None else self.log_prob + decision.log_prob
-        m = decision.macs
-        self.reducer_macs.append(m.detach().double() if isinstance(m, Tensor) else float(m))
 
     def alive(self, tokens, n0: int) -> None:
-        # A token gated to weight 0 (DynamicViT's training-time mask) is not alive; merged sizes are >= 1.
-        alive = torch.ones_like(tokens.index, dtype=torch.float32)
-        if tokens.weights is not None:
-            alive = (tokens.weights.detach() > 0).float()
-        self.keep.append(tokens.scatter(alive, n0) > 0)
+        self.alive_layouts.append((tokens.layout(), n0))
+
+    def entering_block(self, tokens) -> None:
+        last = self.block_layouts[-1] if self.block_layouts else None
+        # Blocks keep the layout (same index tensor): record a new one only where it changed.
+        same = last is not None and last.index is tokens.index and last.weights is tokens.weights
+        self.block_layouts.append(last if same else tokens.layout())
+
+
+def _alive_on_grid(layout, n0: int) -> Tensor:
+    # A token gated to weight 0 (DynamicViT's training-time mask) is not alive; merged sizes are >= 1.
+    alive = torch.ones_like(layout.index, dtype=torch.float32)
+    if layout.weights is not None:
+        alive = (layout.weights.detach() > 0).float()
+    return layout.scatter(alive, n0) > 0

@@ -38,6 +38,7 @@ then restores dropped tokens, each with the features it had when it was dropped.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -59,7 +60,8 @@ class Decision:
     ``track_sizes`` whether survivors carry their sizes into proportional attention.
     ``scores``: token-aligned, the method's per-token score where it has one (heatmaps).
     ``log_prob``: ``(B,)`` log-probability of sampled decisions (policy-gradient training).
-    ``macs``: the reducer's own multiply-accumulates per image (float or ``(B,)``).
+    ``macs``: the reducer's own multiply-accumulates per image (float or ``(B,)``), or a function of
+    the ``(B,)`` alive counts it decided on, called only when someone reads the pass's MACs.
     ``kept_count``: when every image keeps the same number of tokens (prefix included) and that
     number is known without reading the device (budget / top-k), the selection stays dense and
     traceable (ONNX) without a host-side count.
@@ -75,7 +77,7 @@ class Decision:
     track_sizes: bool = True
     scores: Tensor | None = None
     log_prob: Tensor | None = None
-    macs: Tensor | float = 0.0
+    macs: Tensor | float | Callable[[Tensor], Tensor | float] = 0.0
     kept_count: int | None = None
     gate: Tensor | None = None
 
@@ -127,6 +129,11 @@ class Tokens:
     def with_data(self, data: Tensor) -> Tokens:
         """The same layout with new features (what a block returns)."""
         return replace(self, data=data)
+
+    def layout(self) -> Tokens:
+        """The same layout without features (zero channels, no grid cache): what lengths, masks and
+        scatter need, cheap to keep after the pass (the stage loop's trace holds one per stage)."""
+        return replace(self, data=self.data.new_empty(*self.data.shape[:-1], 0), grid=None)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, weights_out: list | None = None) -> Tensor:
         """Softmax attention within each image.
@@ -429,6 +436,10 @@ class _RowsTokens(Tokens):
     def start_rows(self):
         B, N = self.index.shape
         return torch.arange(B, device=self.data.device) * N
+
+    def summary(self, values):
+        # the class token is row 0 of every image: a view, no index arithmetic
+        return values[:, 0] if self.has_class_token else self.patch_mean(values)
 
 
 @dataclass(frozen=True, eq=False)

@@ -106,7 +106,7 @@ class ATS(Reducer):
         sig = significance(t, rec.cls_attention, rec.values_norm)
         keep = inverse_transform_keep(t, sig, self.samples(patch_counts(t)))
         scores = torch.where(t.is_prefix(), torch.ones_like(sig), sig)
-        return Decision(keep=keep, scores=scores, macs=self.macs(t.lengths()))
+        return Decision(keep=keep, scores=scores, macs=self.macs)
 
     def macs(self, n):
         return 0.0 if self.off else flops.significance_macs(n)

@@ -59,7 +59,7 @@ class RandomReducer(Reducer):
         device = t.data.device
         u = torch.rand(t.batch_size, x.backbone.num_tokens, generator=self._generator(device), device=device)
         scores = _prefix_one(t, u[t.image_ids(), t.index].to(t.data.dtype))
-        return keep_from_scores(t, scores, x.settings, macs=self.macs(t.lengths()))
+        return keep_from_scores(t, scores, x.settings, macs=self.macs)
 
     def macs(self, n) -> float:
         return 0.0
@@ -89,7 +89,7 @@ class PixelSaliency(Reducer):
         patch_index = (t.index - t.num_prefix).clamp_min(0)
         raw = std[t.image_ids(), patch_index]
         scores = _prefix_one(t, fractional_rank(t, raw))
-        return keep_from_scores(t, scores, x.settings, macs=self.macs(t.lengths()))
+        return keep_from_scores(t, scores, x.settings, macs=self.macs)
 
     def macs(self, n) -> float:
         return 0.0  # elementwise statistics only (the MAC convention of iared.flops leaves them out)
