@@ -164,3 +164,27 @@ def test_inputs_are_converted_to_the_models_channels_and_masks_binarised(tmp_pat
     red[0, 0] = (255, 0, 0)
     Image.fromarray(red).save(tmp_path / "red.png")
     assert load_mask(tmp_path / "red.png", size=8).sum() == 4  # colour masks count, resized nearest
+
+
+def test_explain_eval_reads_the_task_the_model_fits(tmp_path, tiny_checkpoint, capsys):
+    """An RGB 64x64 model is explained on digits-natural's test split with its digit masks; asking a
+    one-channel model for digits-natural is refused in one line before any work."""
+    from safetensors.torch import save_file
+
+    from iared.models import create_model
+
+    torch.manual_seed(0)
+    weights = tmp_path / "natural_vit.safetensors"  # random weights in the shipped format
+    save_file(create_model("digits_natural_vit").state_dict(), str(weights))
+    report = tmp_path / "natural.json"
+    code, stdout, err = run(["explain-eval", "--model", "digits_natural_vit", "--checkpoint", weights,
+                             "--limit", 2, "--batch-size", 2,
+                             "--steps", 2, "--methods", "interpreter", "raw-attention", "--json", report,
+                             "--quiet"], capsys)
+    assert code == 0, err
+    results = json.loads(report.read_text())
+    assert results["n"] == 2 and results["data"] == "digits-natural test"
+    assert list(results["methods"]) == ["interpreter", "raw-attention"]
+    code, _, err = run(["explain-eval", "--checkpoint", tiny_checkpoint, "--task", "digits-natural", "--limit", 2,
+                        "--quiet"], capsys)
+    assert code != 0 and "digits-natural" in err and "input channel" in err and len(err.strip().splitlines()) == 1

@@ -19,7 +19,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description="Pixel accuracy, mIoU, mAP (ImageNet-segmentation protocol), "
                                           "pointing game, deletion and insertion AUC (RISE) for every method.")
     add_model_options(p)
-    p.add_argument("--images", help="folder of images (default: the digits-clutter test split)")
+    p.add_argument("--task", choices=("digits-clutter", "digits-natural"),
+                   help="embedded task whose test split (with its digit masks) is read (default: the one the "
+                        "model's input fits: 1 channel digits-clutter, RGB digits-natural)")
+    p.add_argument("--images", help="folder of images (default: an embedded task's test split, see --task)")
     p.add_argument("--masks", help="folder of binary masks paired with --images by file stem")
     p.add_argument("--limit", type=int, metavar="N",
                    help=f"evaluate the first N samples (default: {DIGITS_DEFAULT_LIMIT} on digits, all pairs "
@@ -52,6 +55,8 @@ def main(args: argparse.Namespace) -> int:
 
     if (args.images is None) != (args.masks is None):
         raise ValueError("--images and --masks go together: give both folders or neither")
+    if args.task and args.images is not None:
+        raise ValueError("--task and --images/--masks exclude each other: which images should be explained?")
     for flag, value in (("--limit", args.limit), ("--steps", args.steps), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be a positive integer, got {value}")
@@ -70,7 +75,7 @@ def main(args: argparse.Namespace) -> int:
         results = lib.evaluate_methods(
             model, images=args.images, masks=args.masks, pairs=pairs, limit=args.limit, batch_size=args.batch_size,
             seed=args.seed, method_names=args.methods, steps=args.steps, baseline=args.baseline,
-            tolerance=args.tolerance, threshold=args.threshold, device=args.device, progress=bar)
+            tolerance=args.tolerance, threshold=args.threshold, device=args.device, progress=bar, task=args.task)
     notes = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UndefinedMetricWarning)))
     for note in notes:  # said once, however many methods hit it
         print(f"iared explain-eval: warning: {note}", file=sys.stderr)

@@ -261,13 +261,30 @@ def explain_files(model: IARed, files: list[Path], source, out_dir, method_names
 # -- iared explain-eval -----------------------------------------------------------------------
 
 
-def _digits_batches(n: int, batch_size: int, seed: int, model: IARed):
-    from iared.data import DigitsClutter
+def embedded_task_for(model: IARed, task: str | None = None) -> str:
+    """The embedded task whose test split ``explain-eval`` reads: ``task``, checked against the model's
+    input, or (None) the one the model's input fits: one channel -> digits-clutter, RGB -> digits-natural."""
+    from iared.data import TASKS
+
+    cfg = model.backbone.cfg
+    if task is None:
+        task = {1: "digits-clutter", 3: "digits-natural"}.get(cfg.in_chans, "digits-natural")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: expected one of {', '.join(sorted(TASKS))}, or --images and --masks")
+    want = (TASKS[task].in_chans, TASKS[task].image_size)
+    if (cfg.in_chans, cfg.img_size) != want:
+        raise ValueError(f"the embedded {task} task needs a {want[1]}x{want[1]} model with {want[0]} input channel(s), "
+                         f"this one takes {cfg.img_size}x{cfg.img_size}x{cfg.in_chans}; pass --images and --masks")
+    return task
+
+
+def _task_batches(task: str, n: int, batch_size: int, seed: int, model: IARed):
+    from iared.data import TASKS
 
     cfg = model.backbone.cfg
     mean = torch.tensor(cfg.mean, dtype=torch.float32).view(-1, 1, 1)
     std = torch.tensor(cfg.std, dtype=torch.float32).view(-1, 1, 1)
-    data = DigitsClutter("test", length=n, seed=seed)
+    data = TASKS[task]("test", length=n, seed=seed)
     for start in range(0, n, batch_size):
         items = [data[i] for i in range(start, min(n, start + batch_size))]
         yield (torch.stack([(it[0] - mean) / std for it in items]), torch.stack([it[2] for it in items]))
@@ -286,9 +303,11 @@ def _folder_batches(pairs, model: IARed, batch_size: int):
 
 def evaluate_methods(model: IARed, *, images=None, masks=None, limit: int | None = None, batch_size: int = 50,
                      seed: int = 0, method_names=None, steps: int = 16, baseline="rise", tolerance: float = 0.0,
-                     threshold: float | None = None, device: str = "cpu", progress=None, pairs=None) -> dict:
-    """Every method x every metric on the digits-clutter test split (first ``limit``, default
-    500) or on the ``images`` / ``masks`` folder pair (``pairs``: already paired files).
+                     threshold: float | None = None, device: str = "cpu", progress=None, pairs=None,
+                     task: str | None = None) -> dict:
+    """Every method x every metric on an embedded task's test split (``task``, default: the one the
+    model's input fits, :func:`embedded_task_for`; first ``limit``, default 500) or on the ``images``
+    / ``masks`` folder pair (``pairs``: already paired files).
     Returns :func:`iared.explain.evaluate.evaluate_explanations`' dict plus ``data`` and
     ``environment``; degenerate masks give NaN metrics and an ``UndefinedMetricWarning``."""
     threshold = _use_threshold(model, threshold)
@@ -299,12 +318,9 @@ def evaluate_methods(model: IARed, *, images=None, masks=None, limit: int | None
         batches = _folder_batches(pairs, model, batch_size)
         data = f"{images} + {masks}"
     else:
-        cfg = model.backbone.cfg
-        if cfg.in_chans != 1 or cfg.img_size != 64:
-            raise ValueError(f"the embedded digits-clutter task needs a 64x64 one-channel model, this one takes "
-                             f"{cfg.img_size}x{cfg.img_size}x{cfg.in_chans}; pass --images and --masks")
-        batches = _digits_batches(limit or DIGITS_DEFAULT_LIMIT, batch_size, seed, model)
-        data = "digits-clutter test"
+        task = embedded_task_for(model, task)
+        batches = _task_batches(task, limit or DIGITS_DEFAULT_LIMIT, batch_size, seed, model)
+        data = f"{task} test"
     results = evaluate_explanations(model, batches, methods, steps=steps, baseline=baseline, tolerance=tolerance,
                                     threshold=threshold, device=device, progress=progress)
     return {"data": data, **results, "target": "backbone prediction",
