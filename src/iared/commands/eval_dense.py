@@ -24,6 +24,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--throughput-batch", type=int, default=64, metavar="B")
     p.add_argument("--repeats", type=int, default=7, help="timed calls per throughput figure (median)")
+    p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                   help="timing clock: wall, or this process's CPU time (steadier on a shared machine, 1 thread)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch threads")
     p.add_argument("--png-dir", metavar="DIR", help="also write one PNG per image: truth, predictions, kept tokens")
@@ -43,7 +45,7 @@ def format_report(r: dict) -> str:
               f"{p['gflops']:.4f} GFLOPs  kept {p['kept_fraction']}")]
     t = r.get("throughput")
     if t:
-        lines.append(f"  batch {t['batch_size']}, {t['threads']} threads: {t['throughput_unpruned']:.0f} -> "
+        lines.append(f"  batch {t['batch_size']}, {t['threads']} threads, {t['clock']} clock: {t['throughput_unpruned']:.0f} -> "
                      f"{t['throughput_pruned']:.0f} img/s ({t['speedup']:.2f}x)")
     return "\n".join(lines)
 
@@ -58,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
     report = evaluate_dense(args.checkpoint, task=args.task, split=args.split, limit=args.limit,
                             threshold=args.threshold, throughput_batch=args.throughput_batch, repeats=args.repeats,
                             device=args.device, batch_size=args.batch_size, png_dir=args.png_dir,
-                            png_count=args.png_count)
+                            png_count=args.png_count, clock=args.clock)
     if args.save_json:
         write_json(args.save_json, json_safe(report))
     print(json.dumps(json_safe(report)) if args.json else format_report(report))

@@ -21,6 +21,11 @@ Same machinery as ``iared train`` (:mod:`iared.train.common`): the data of a ste
 function of ``(seed, step)``, warmup + cosine, :class:`StepGuard`, atomic ``checkpoint.pt`` holding
 model, optimizer and RNG states, ``log.jsonl``; ``--resume`` continues bit for bit.
 ``DIR/dense.pt`` (:func:`iared.dense.save_dense`) is what ``iared eval-dense`` reads.
+
+The README's figures (digits-clutter test mIoU 85.93 unpruned, 86.65 pruned) come from::
+
+    iared train-dense --steps 1000 --batch-size 32 --lr 2e-3 --warmup 30 --pruned-fraction 0.5 \
+        --neck-hidden-sizes 24 32 48 64 --pixel-refinement 8 --threads 1 --out runs/dense_b
 """
 
 from __future__ import annotations
