@@ -136,7 +136,7 @@ def _reference_model(spec: str, model):
 def evaluate_pruned(pruned: str, *, threshold: float | Sequence[float] | None = None, reference: str | None = None,
                     task: str = "digits-clutter", split: str = "test", batch_size: int = 256, workers: int = 0,
                     limit: int | None = None, device: str = "auto", throughput_batch: int = 64,
-                    repeats: int = REPEATS) -> dict[str, Any]:
+                    repeats: int = REPEATS, clock: str = "wall") -> dict[str, Any]:
     """An IA-RED² checkpoint vs its own backbone (or ``reference``), one run, the same data.
 
     Accuracy and compute come from :func:`iared.measure.accuracy_and_compute`, called per loader
@@ -190,10 +190,10 @@ def evaluate_pruned(pruned: str, *, threshold: float | Sequence[float] | None = 
     if len(images) < throughput_batch:  # too few samples: cycle them to fill the batch
         images = images[torch.arange(throughput_batch) % len(images)]
     speed = compare_throughput(model, images[:throughput_batch].to(dev), threshold=threshold,
-                               batch_size=throughput_batch, repeats=repeats)
+                               batch_size=throughput_batch, repeats=repeats, clock=clock)
     result.update(throughput_full=speed["throughput_full"], throughput_pruned=speed["throughput_pruned"],
                   speedup=speed["speedup"], throughput_batch=speed["batch_size"], device=speed["device"],
-                  threads=speed["threads"])
+                  threads=speed["threads"], clock=speed["clock"])
     return result
 
 

@@ -60,11 +60,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "repeated if fewer)")
     g.add_argument("--repeats", type=int, default=REPEATS,
                    help=f"timed calls per throughput figure (median; default: {REPEATS})")
+    g.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                   help="wall: elapsed time; cpu: process CPU time (robust to other jobs with --threads 1), as in "
+                        "iared bench")
+    g.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.set_defaults(func=main)
     return p
 
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     data = dict(task=args.task, split=args.split, batch_size=args.batch_size, workers=args.workers,
                 limit=args.limit, device=args.device)
     if args.pruned is not None:
@@ -72,7 +80,8 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError("--pruned takes no --checkpoint / --model / --pretrained / --model-override "
                              "(the pruned checkpoint carries its backbone)")
         result = evaluate_pruned(args.pruned, threshold=args.threshold, reference=args.reference,
-                                 throughput_batch=args.throughput_batch, repeats=args.repeats, **data)
+                                 throughput_batch=args.throughput_batch, repeats=args.repeats, clock=args.clock,
+                                 **data)
         text = format_pruned(result)
     else:
         result = evaluate_backbone(**model_options(args), **data, progress=not args.json and sys.stderr.isatty())
