@@ -13,19 +13,11 @@ from safetensors.torch import save_file
 
 from iared.models import MODEL_CONFIGS, create_model, from_timm
 from iared.models.vit import VisionTransformer, ViTConfig
+from tests.helpers import perturbed
 
 DEIT = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
 NAMES = DEIT + [n.replace("_patch16", "_distilled_patch16") for n in DEIT]
 TOL = 1e-5
-
-
-def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random offsets on every parameter (timm starts biases at 0 and norms at 1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval()
 
 
 @torch.no_grad()

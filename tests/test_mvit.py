@@ -16,16 +16,9 @@ from iared.models import create_model
 from iared.models.mvit import MultiScaleViT, MViTConfig
 from iared.pruning import IARed
 from iared.tokens import DenseTokens, PackedTokens
+from tests.helpers import perturbed
 
 TOL = 1e-5
-
-
-def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval()
 
 
 SMALL = [

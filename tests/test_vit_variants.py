@@ -26,6 +26,7 @@ from iared.models.vit import (
 from iared.pruning import IARed
 from iared.reducers.registry import build_reduced
 from iared.tokens import DenseTokens
+from tests.helpers import perturbed
 
 TOL = 1e-5
 SMALL = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=5)
@@ -53,15 +54,6 @@ EXPECTED_CONFIG = {
     "no_class_registers_deit3_pre_norm": dict(class_token=False, reg_tokens=2, no_embed_class=True, pre_norm=True),
     "no_final_norm": dict(final_norm=False),
 }
-
-
-def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random offsets on every parameter (timm starts biases at 0, norms at 1, layer scale at 1e-6)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval()
 
 
 def timm_variant(name: str, seed: int = 0, **extra) -> TimmViT:

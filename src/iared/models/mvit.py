@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from iared.models.vit import IMAGENET_MEAN, IMAGENET_STD
+from iared.models.vit import IMAGENET_MEAN, IMAGENET_STD, Mlp
 from iared.tokens import DenseTokens, Tokens
 
 Pair = tuple[int, int]
@@ -224,17 +224,6 @@ def _distance_index(q_len: int, k_len: int, device) -> Tensor:
     qi = torch.arange(q_len, device=device)[:, None] * q_scale
     ki = torch.arange(k_len, device=device)[None, :] * k_scale
     return (qi - ki + (k_len - 1) * k_scale).long()
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, dim_out: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim_out)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class MultiScaleBlock(nn.Module):

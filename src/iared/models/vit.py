@@ -182,11 +182,13 @@ class BlockRecord:
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    """fc1 -> GELU -> fc2 (timm's keys); ``dim_out`` defaults to ``dim`` (MViT widens at stage starts)."""
+
+    def __init__(self, dim: int, hidden: int, dim_out: int | None = None):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = nn.Linear(hidden, dim if dim_out is None else dim_out)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))

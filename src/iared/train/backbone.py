@@ -51,7 +51,7 @@ from iared.train.common import (
     load_training_state,
     param_groups,
     progress,
-    restore_rng,
+    resume_training_state,
     save_atomic,
     seed_everything,
     set_lr,
@@ -219,12 +219,7 @@ def _train(cfg: BackboneTrainConfig, rank: int, world: int, device: torch.device
     model = create_model(cfg.model, checkpoint=None if state else cfg.checkpoint,
                          pretrained=cfg.pretrained and state is None, **overrides).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    step = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-        restore_rng(state["rng"])
+    step = resume_training_state(model, optimizer, state) if state is not None else 0
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 

@@ -64,6 +64,7 @@ __all__ = [
     "parse_overrides",
     "progress",
     "restore_rng",
+    "resume_training_state",
     "seed_everything",
     "set_lr",
     "training_state",
@@ -300,6 +301,14 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 # -- checkpoints ------------------------------------------------------------------------------
+
+
+def resume_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> int:
+    """Put a :func:`training_state` dict back (weights, optimizer, random generators); returns its step."""
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    restore_rng(state["rng"])
+    return int(state["step"])
 
 
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, train_cfg: Any,

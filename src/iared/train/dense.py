@@ -53,7 +53,7 @@ from iared.train.common import (
     capture_rng,
     load_training_state,
     progress,
-    restore_rng,
+    resume_training_state,
     seed_everything,
     set_lr,
     warmup_cosine,
@@ -239,12 +239,7 @@ def train_dense(cfg: DenseTrainConfig) -> dict[str, Any]:
         groups.append({"params": list(model.backbone.parameters()), "weight_decay": 0.0,
                        "lr_scale": cfg.backbone_lr_scale})
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-    step = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-        restore_rng(state["rng"])
+    step = resume_training_state(model, optimizer, state) if state is not None else 0
     threshold = cfg.threshold if cfg.threshold is not None else model.reduced.inference.threshold
     guard = StepGuard(cfg.max_bad_steps, ckpt, device=device)
     if state is not None:

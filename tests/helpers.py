@@ -1,0 +1,13 @@
+"""Helpers shared by test modules (import as ``from tests.helpers import ...``)."""
+
+import torch
+
+
+def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random offsets on every parameter, in eval mode: timm starts biases at 0, norms at 1 and layer
+    scale at 1e-6, where a wrong key mapping or a skipped term could still give equal logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
