@@ -139,3 +139,29 @@ def test_threshold_zero_reproduces_the_backbone_and_packed_whole_grid_too():
         assert float((backbone.forward_head(tokens) - full).abs().max()) <= TOL
     assert float(out.macs[0]) == pytest.approx(model.full_macs() + sum(
         float(r.macs(backbone.block_input_shape(s)[0])) for r, s in zip(model.reducers, model.stage_starts)))
+
+
+def test_pruned_mvit_checkpoint_round_trip(tmp_path):
+    """save_pruned records the backbone family; load_pruned rebuilds an MViT (not a ViT) with the same
+    logits, kept counts and MACs; a file naming an unknown family is refused in one line."""
+    from iared.checkpoint import CheckpointError
+    from iared.pruning import load_pruned, save_pruned
+
+    model = IARed(tiny_backbone()).eval()
+    for interpreter in model.interpreters:
+        torch.nn.init.normal_(interpreter.qk.weight, std=0.5)
+    path = tmp_path / "mvit_pruned.pt"
+    save_pruned(model, path)
+    loaded = load_pruned(path)
+    assert isinstance(loaded.backbone, MultiScaleViT)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        a, b = model(x, threshold=0.5), loaded(x, threshold=0.5)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.macs, b.macs)
+    assert [k.sum(1).tolist() for k in a.keep] == [k.sum(1).tolist() for k in b.keep]
+    assert model.full_macs() == loaded.full_macs()
+    obj = torch.load(path, weights_only=True)
+    obj["config"]["architecture"] = "swin"
+    torch.save(obj, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="unknown backbone architecture 'swin'"):
+        load_pruned(tmp_path / "bad.pt")

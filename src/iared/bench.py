@@ -190,7 +190,7 @@ def bench_model(model: IARed, images: Tensor, *, thresholds: Sequence[float], st
     device = images.device
     batch = images.shape[0]
     cfg = model.backbone.cfg
-    full = flops.full_macs(cfg)
+    full = model.full_macs()
 
     with torch.inference_mode():
         ref = model(images, "threshold", threshold=list(thresholds))

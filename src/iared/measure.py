@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from iared import flops
 from iared.pruning import IARed
 from iared.timing import REPEATS, median_ms, synchronize, time_interleaved  # noqa: F401  (synchronize: re-exported)
 
@@ -41,7 +40,7 @@ def accuracy_and_compute(model: IARed, images: Tensor, labels: Tensor, *, thresh
         macs.append(out.macs.cpu())
         kept.append(out.kept_fraction().cpu())
     n = len(images)
-    full_macs = flops.full_macs(model.backbone.cfg)
+    full_macs = model.full_macs()
     mean_macs = float(torch.cat(macs).mean())
     result = {
         "n": n,

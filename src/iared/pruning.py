@@ -107,7 +107,10 @@ def save_pruned(model: IARed, path, extra: dict | None = None,
     from iared.checkpoint import save_atomic
 
     inference = inference or getattr(model, "inference", None) or InferenceSettings()
-    config = {"model": model.backbone.cfg.to_dict(), "iared": model.config_dict(),
+    family = next((name for name, (cls, _) in _backbone_families().items() if isinstance(model.backbone, cls)), None)
+    if family is None:
+        raise TypeError(f"save_pruned: no checkpoint format for a {type(model.backbone).__name__} backbone")
+    config = {"architecture": family, "model": model.backbone.cfg.to_dict(), "iared": model.config_dict(),
               "reducer": model.reducers[0].describe(), "inference": asdict(inference), **(extra or {})}
     save_atomic({"format": PRUNED_FORMAT, "model": model.state_dict(), "config": config}, path)
 
@@ -119,7 +122,6 @@ def load_pruned(path) -> IARed:
     was trained with, for files written before settings were recorded).
     """
     from iared.checkpoint import CheckpointError, extract_state_dict, load_weights, read_checkpoint
-    from iared.models.vit import ViTConfig
 
     obj = read_checkpoint(path)
     config = obj.get("config") if isinstance(obj.get("config"), dict) else {}
@@ -127,8 +129,14 @@ def load_pruned(path) -> IARed:
     if (fmt != PRUNED_FORMAT and fmt not in _OLD_FORMATS) or "iared" not in config:
         raise CheckpointError(f"bad checkpoint {path}: not an IA-RED² checkpoint (no interpreters inside); "
                               "train one with `iared train-interpreters`")
+    families = _backbone_families()
+    family = config.get("architecture", "vit")  # files written before MViT hold ViTs
+    if family not in families:
+        raise CheckpointError(f"bad checkpoint {path}: unknown backbone architecture {family!r}; "
+                              f"this version reads {', '.join(families)}")
     try:
-        model = IARed(VisionTransformer(ViTConfig(**config["model"])), IARedConfig(**config["iared"]))
+        backbone_cls, config_cls = families[family]
+        model = IARed(backbone_cls(config_cls(**config["model"])), IARedConfig(**config["iared"]))
         inference = config.get("inference")
         if not isinstance(inference, dict):  # format /1: the threshold it was trained with
             train = config.get("train") if isinstance(config.get("train"), dict) else {}
@@ -142,3 +150,11 @@ def load_pruned(path) -> IARed:
         state = {("reducers." + k[len(old):] if k.startswith(old) else k): v for k, v in state.items()}
     load_weights(model, state, path)
     return model.eval()
+
+
+def _backbone_families() -> dict[str, tuple[type, type]]:
+    """Backbone classes a pruned checkpoint can hold: the name its config records -> (model, config)."""
+    from iared.models.mvit import MultiScaleViT, MViTConfig
+    from iared.models.vit import ViTConfig
+
+    return {"vit": (VisionTransformer, ViTConfig), "mvit": (MultiScaleViT, MViTConfig)}

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from iared import flops
 from iared.checkpoint import CheckpointError, read_checkpoint
 from iared.files import check_output_dir, write_json
 from iared.pruning import IARed, IARedConfig, InferenceSettings, save_pruned
@@ -114,7 +113,7 @@ class InterpreterTrainer:
         self.model, self.dataset, self.cfg, self.val_data = model, dataset, cfg, val_data
         self.progress = progress
         self.device = torch.device(cfg.device)
-        self.full_macs = flops.full_macs(model.backbone.cfg)
+        self.full_macs = model.full_macs()
         self.stage, self.step = 0, 0
         self.running = RunningMean()
         self.optimizer: torch.optim.Optimizer | None = None
