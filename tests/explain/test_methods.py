@@ -197,3 +197,24 @@ def test_explain_eval_uses_one_threshold_for_every_method(model):
 
     assert _use_threshold(model, None) == model.inference.threshold  # default: the checkpoint's
     assert _use_threshold(model, 0.7) == 0.7 and model.inference.threshold == 0.7  # the attention pass follows
+
+
+def test_attention_maps_without_a_class_token_ask_with_the_mean_patch_row():
+    """A pooled model without a class token: raw attention and rollout read the mean of the patch
+    tokens' rows (row 0 would be a register here); with a class token, row 0."""
+    from iared.explain.methods import _cls_row_patches
+
+    torch.manual_seed(0)
+    pooled = VisionTransformer(ViTConfig(img_size=32, patch_size=8, in_chans=1, num_classes=4, embed_dim=24,
+                                         depth=2, num_heads=2, class_token=False, reg_tokens=1,
+                                         global_pool="avg", fc_norm=True)).eval()
+    matrix = torch.rand(2, 17, 17)  # 1 register + 16 patches
+    assert torch.equal(_cls_row_patches(matrix, pooled), matrix[:, 1:, 1:].mean(1))
+    model = IARed(pooled, stage_starts=[0, 1]).eval()
+    images = torch.rand(2, 1, 32, 32)
+    for name in ("raw-attention", "rollout", "chefer", "interpreter"):
+        maps = explain(model, images, name)
+        assert maps.shape == (2, 32, 32) and torch.isfinite(maps).all(), name
+    classic = VisionTransformer(ViTConfig(img_size=32, patch_size=8, in_chans=1, num_classes=4, embed_dim=24,
+                                          depth=2, num_heads=2))
+    assert torch.equal(_cls_row_patches(matrix, classic), matrix[:, 0, 1:])

@@ -141,8 +141,14 @@ def _check_block(block: int, backbone: VisionTransformer, method: str) -> int:
 
 
 def _cls_row_patches(matrix: Tensor, backbone: VisionTransformer) -> Tensor:
-    """``(B, N, N)`` token-to-token relevance -> class-token row, patch columns ``(B, h*w)``."""
-    return matrix[:, 0, backbone.num_prefix_tokens:]
+    """``(B, N, N)`` token-to-token relevance -> class-token row, patch columns ``(B, h*w)``.
+
+    Without a class token (row 0 would then be a register or a patch), the mean of the patch tokens'
+    rows: the question the interpreter and the pooled head ask in that case."""
+    prefix = backbone.num_prefix_tokens
+    if getattr(backbone.cfg, "class_token", True):
+        return matrix[:, 0, prefix:]
+    return matrix[:, prefix:, prefix:].mean(1)
 
 
 # -- methods ----------------------------------------------------------------------------------
