@@ -165,3 +165,26 @@ def test_pruned_mvit_checkpoint_round_trip(tmp_path):
     torch.save(obj, tmp_path / "bad.pt")
     with pytest.raises(CheckpointError, match="unknown backbone architecture 'swin'"):
         load_pruned(tmp_path / "bad.pt")
+
+
+def test_pixel_floor_reads_the_cells_of_each_stage_grid():
+    """patch_pixels follows the grid entering a block: a pooled token's cell covers the cells it
+    pooled, so the pixel floor scores every stage's tokens (not the first grid's cells)."""
+    from iared.reducers.registry import build_reduced
+
+    backbone = tiny_backbone()
+    images = torch.rand(2, 3, 64, 64)
+    for block in range(len(backbone.blocks)):
+        n = backbone.block_input_shape(block)[0]
+        cells = backbone.patch_pixels(images, block)
+        side = 64 // int(n ** 0.5)
+        assert cells.shape == (2, n, 3 * side * side), block
+    first = backbone.patch_pixels(images, 0)
+    starts = backbone.default_stage_starts(3)
+    coarse = backbone.patch_pixels(images, starts[1])
+    # a coarse cell holds exactly the pixels of the fine cells under it
+    assert torch.allclose(coarse.sum(-1).sum(-1), first.sum(-1).sum(-1))
+    model = build_reduced("pixel", backbone, 0.5, stage_starts=starts).eval()
+    with torch.inference_mode():
+        out = model(images, "budget", keep_ratio=0.5)
+    assert torch.isfinite(out.logits).all()

@@ -163,7 +163,8 @@ class ReducedModel(nn.Module):
             n0 = self.backbone.block_input_shape(self.stage_starts[stage])[0]  # the stage's grid
             reducer = self.reducer(stage)
             if reducer is not None and settings[stage].mode != "all":
-                decision = reducer(StageInput(tokens, stage, settings[stage], inputs, self.backbone, record))
+                decision = reducer(StageInput(tokens, stage, settings[stage], inputs, self.backbone, record,
+                                               self.stage_starts[stage]))
                 trace.decided(tokens, decision, n0)
                 tokens = tokens.apply(decision, ragged=layout)
             else:

@@ -442,10 +442,11 @@ class MultiScaleViT(nn.Module):
             first += len(blocks)
         return tuple(starts[:num_stages])
 
-    def patch_pixels(self, images: Tensor) -> Tensor:
-        """``(B, N, C_in * s * s)``: the pixels of each token's stride cell (the embedding's kernel
-        overlaps its neighbours; the cell is the part that is its own)."""
-        s = self.cfg.patch_stride[0]
+    def patch_pixels(self, images: Tensor, block: int = 0) -> Tensor:
+        """``(B, N, C_in * s * s)``: the pixels of each token's cell on the grid entering ``block``
+        (the embedding's kernel overlaps its neighbours; the cell is the part that is its own; a
+        pooled grid's cell covers the cells it pooled)."""
+        s = self.cfg.patch_stride[0] * (self.cfg.grid_size // self.blocks[block].size)
         return F.unfold(images, s, stride=s).transpose(1, 2)
 
     def extra_repr(self) -> str:

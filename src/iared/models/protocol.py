@@ -52,4 +52,5 @@ class Backbone(Protocol):
 
     def fixed_macs(self) -> float: ...  # embedding + head
 
-    def patch_pixels(self, inputs: Tensor) -> Tensor: ...  # (B, N, pixels per token) for pixel floors
+    def patch_pixels(self, inputs: Tensor, block: int = 0) -> Tensor: ...  # (B, N, pixels per token of
+    # the grid entering `block`; pixel floors)

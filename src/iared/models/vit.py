@@ -382,8 +382,9 @@ class VisionTransformer(nn.Module):
 
         return float(flops.embed_macs(self.cfg) + flops.head_macs(self.cfg))
 
-    def patch_pixels(self, images: Tensor) -> Tensor:
-        """``(B, N, C_in * p * p)``: the pixels under every patch token, in token order."""
+    def patch_pixels(self, images: Tensor, block: int = 0) -> Tensor:
+        """``(B, N, C_in * p * p)``: the pixels under every patch token, in token order (one grid for
+        every block)."""
         p = self.cfg.patch_size
         return torch.nn.functional.unfold(images, p, stride=p).transpose(1, 2)
 

@@ -60,7 +60,8 @@ class StageSettings:
 class StageInput:
     """What a reducer sees. ``tokens``: the alive tokens; ``record``: the previous block's record
     when the reducer's ``needs_record`` is True (None before the first block); ``inputs``: the
-    model's raw input (pixel floors read it through ``backbone.patch_pixels``)."""
+    model's raw input (pixel floors read it through ``backbone.patch_pixels``); ``block``: the
+    stage's first block, which says the grid its tokens lie on (multiscale backbones)."""
 
     tokens: Tokens
     stage: int
@@ -68,6 +69,7 @@ class StageInput:
     inputs: Tensor
     backbone: Backbone
     record: BlockRecord | None = None
+    block: int = 0
 
 
 class Reducer(nn.Module):

@@ -68,9 +68,10 @@ class RandomReducer(Reducer):
         return {"method": "random", "seed": self.seed}
 
 
-def patch_std(backbone, inputs: Tensor) -> Tensor:
-    """``(B, N_patches)``: standard deviation of the pixels (and channels) under every patch token."""
-    return backbone.patch_pixels(inputs).float().std(dim=-1, correction=0)
+def patch_std(backbone, inputs: Tensor, block: int = 0) -> Tensor:
+    """``(B, N_patches)``: standard deviation of the pixels (and channels) under every patch token of
+    the grid entering ``block``."""
+    return backbone.patch_pixels(inputs, block).float().std(dim=-1, correction=0)
 
 
 class PixelSaliency(Reducer):
@@ -85,7 +86,7 @@ class PixelSaliency(Reducer):
 
     def forward(self, x: StageInput) -> Decision:
         t = x.tokens
-        std = patch_std(x.backbone, x.inputs).to(t.data.dtype)  # (B, N_patches)
+        std = patch_std(x.backbone, x.inputs, x.block).to(t.data.dtype)  # (B, N_patches)
         patch_index = (t.index - t.num_prefix).clamp_min(0)
         raw = std[t.image_ids(), patch_index]
         scores = _prefix_one(t, fractional_rank(t, raw))
