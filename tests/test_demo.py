@@ -31,6 +31,15 @@ def test_demo_writes_results_table_and_pictures(tmp_path, capsys):
     pictures = sorted(p.name for p in out.glob("test_*.png"))
     assert pictures == [f"test_{i:02d}.png" for i in range(16)] == sorted(results["pictures"])
     assert (out / "interpreters" / "pruned.pt").is_file()
+    # the accuracy-against-throughput curve: one point per threshold, all on the same images and clock
+    curve = results["curve"]
+    assert [p["threshold"] for p in curve["points"]] == [0.1, 0.3, 0.5, 0.7, 0.9]
+    assert curve["unpruned"]["top1"] == results["accuracy_full"]
+    point = next(p for p in curve["points"] if p["threshold"] == 0.5)
+    assert point["top1"] == results["accuracy_pruned"] and point["gflops"] == pytest.approx(results["gflops_pruned"])
+    assert all(p["speedup"] == pytest.approx(p["images_per_s"] / curve["unpruned"]["images_per_s"])
+               for p in curve["points"])
+    assert (out / "accuracy_vs_throughput.png").read_bytes()[:4] == b"\x89PNG"
     table = capsys.readouterr().out
     assert "top-1 accuracy" in table and "speed-up" in table
     assert not list(out.glob(".*tmp*"))  # nothing half-written left behind

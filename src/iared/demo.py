@@ -3,7 +3,8 @@
 1. the project's digits-clutter backbone (shipped with the package),
 2. interpreters trained by reward, stage by stage (:mod:`iared.train.interpreters`),
 3. evaluation on the test split: accuracy, kept tokens, GFLOPs, measured throughput,
-4. ``results.json``, a table on the terminal, and pictures of what each stage kept.
+4. ``results.json``, a table on the terminal, pictures of what each stage kept, and the
+   accuracy-against-throughput plot (thresholds ``CURVE_THRESHOLDS``, one interleaved timing run).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 from iared.files import check_output_dir, save_figure, write_json
-from iared.measure import accuracy_and_compute, compare_throughput
+from iared.measure import accuracy_and_compute, accuracy_throughput_curve, compare_throughput
 from iared.pruning import IARed
 from iared.timing import machine_info
 from iared.train.interpreters import InterpreterTrainConfig, build_model, load_split, train_from_config
@@ -25,6 +26,8 @@ NUM_PICTURES = 16
 # distillation steps under the learned policy (about a minute on 2 cores) bring the test loss to
 # 0.5 points (README, "Measured results").
 DEMO_FINETUNE_STEPS = 300
+# thresholds of the accuracy-against-throughput plot (the run's own threshold is added)
+CURVE_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
 def mask_score_contrast(model: IARed, images: Tensor, masks: Tensor, threshold: float) -> dict:
@@ -84,6 +87,32 @@ def save_pictures(model: IARed, images: Tensor, labels: Tensor, out_dir: Path, t
     return paths
 
 
+def plot_curve(curve: dict, threshold: float, path: Path) -> None:
+    """Top-1 against measured throughput: the unpruned model and the pruned one at each threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    u = curve["unpruned"]
+    ax.plot([u["images_per_s"]], [100 * u["top1"]], "ks", label="unpruned")
+    pts = sorted(curve["points"], key=lambda p: p["images_per_s"])
+    ax.plot([p["images_per_s"] for p in pts], [100 * p["top1"] for p in pts], "o-", label="IA-RED², by threshold")
+    for p in pts:
+        bold = "bold" if p["threshold"] == threshold else "normal"
+        ax.annotate(f"{p['threshold']:g}", (p["images_per_s"], 100 * p["top1"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=7, fontweight=bold)
+    ax.set_xlabel(f"measured images/s at batch {curve['batch_size']} ({curve['clock']} clock)")
+    ax.set_ylabel("top-1 %")
+    ax.set_title("accuracy against measured throughput (one interleaved run)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+    plt.close(fig)
+
+
 def format_table(results: dict) -> str:
     rows = [
         ("top-1 accuracy", f"{results['accuracy_full']:.2%}", f"{results['accuracy_pruned']:.2%}"),
@@ -119,6 +148,9 @@ def run_demo(out: Path, cfg: InterpreterTrainConfig, test_samples: int = 2000, p
     results.update(mask_score_contrast(model, images[: len(masks)], masks, cfg.threshold))
     results.update(compare_throughput(model, images, threshold=cfg.threshold, batch_size=64))
     results["pictures"] = save_pictures(model, images[:NUM_PICTURES], labels[:NUM_PICTURES], out, cfg.threshold)
+    thresholds = sorted({*CURVE_THRESHOLDS, float(cfg.threshold)})
+    results["curve"] = accuracy_throughput_curve(model, images, labels, thresholds, reference=reference)
+    plot_curve(results["curve"], float(cfg.threshold), out / "accuracy_vs_throughput.png")
     results.update(
         train_seconds=round(train_seconds, 1), total_seconds=round(time.perf_counter() - started, 1),
         machine=machine_info(images.device),

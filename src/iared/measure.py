@@ -69,3 +69,35 @@ def compare_throughput(model: IARed, images: Tensor, *, threshold: float = 0.5, 
     full, pruned = (len(batch) * 1e3 / median_ms(times[n]) for n in ("full", "pruned"))
     return {"batch_size": len(batch), "device": str(batch.device), "threads": torch.get_num_threads(),
             "clock": clock, "throughput_full": full, "throughput_pruned": pruned, "speedup": pruned / full}
+
+
+@torch.inference_mode()
+def accuracy_throughput_curve(model: IARed, images: Tensor, labels: Tensor, thresholds, *, batch_size: int = 64,
+                              repeats: int = REPEATS, clock: str = "wall", reference=None) -> dict:
+    """Top-1 on ``images`` and measured images/s at ``batch_size`` of the unpruned model and of the
+    pruned one at every threshold, all timed interleaved in one run on the same batch.
+
+    Returns ``{"batch_size", "clock", "unpruned": {...}, "points": [{"threshold", "top1", "gflops",
+    "images_per_s", "speedup"}, ...]}`` (points in the order of ``thresholds``)."""
+    reference = model.backbone if reference is None else reference.eval()
+    model.eval()
+    batch = images[:batch_size]
+    if len(batch) < batch_size:  # too few images: cycle them to fill the batch
+        batch = images[torch.arange(batch_size) % len(images)]
+    points = []
+    full_top1 = None
+    for i, t in enumerate(thresholds):
+        r = accuracy_and_compute(model, images, labels, threshold=t, include_full=i == 0, reference=reference)
+        if i == 0:
+            full_top1, full_gflops = r["accuracy_full"], r["gflops_full"]
+        points.append({"threshold": t, "top1": r["accuracy_pruned"], "gflops": r["gflops_pruned"]})
+    fns = {"unpruned": lambda: reference(batch)}
+    for p in points:
+        fns[str(p["threshold"])] = lambda t=p["threshold"]: model(batch, threshold=t)
+    times = time_interleaved(fns, batch.device, repeats=repeats, clock=clock)
+    full_ips = len(batch) * 1e3 / median_ms(times["unpruned"])
+    for p in points:
+        p["images_per_s"] = len(batch) * 1e3 / median_ms(times[str(p["threshold"])])
+        p["speedup"] = p["images_per_s"] / full_ips
+    return {"batch_size": len(batch), "clock": clock, "points": points,
+            "unpruned": {"top1": full_top1, "gflops": full_gflops, "images_per_s": full_ips}}

@@ -40,6 +40,7 @@ def main(args: argparse.Namespace) -> int:
                                  finetune_steps=args.finetune_steps)
     results = run_demo(Path(args.out), cfg, test_samples=args.test_samples, progress=not args.quiet)
     print(format_table(results))
-    print(f"wrote {Path(args.out) / 'results.json'} and {len(results['pictures'])} pictures "
+    print(f"wrote {Path(args.out) / 'results.json'}, {len(results['pictures'])} pictures and "
+          f"{Path(args.out) / 'accuracy_vs_throughput.png'} "
           f"({results['total_seconds']:.0f} s)", file=sys.stderr)
     return 0
