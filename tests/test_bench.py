@@ -90,6 +90,7 @@ def test_run_writes_json_and_table(tmp_path):
     report = run(cfg, progress=lambda msg: None)
     saved = json.loads(path.read_text())
     assert saved["machine"]["torch"] == torch.__version__
+    assert str(tmp_path) not in path.read_text()  # the report does not name the machine's folders
     for key in ("cpu", "cpu_cores", "threads", "device_name"):
         assert key in saved["machine"]
     (run_,) = saved["runs"]

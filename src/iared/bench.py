@@ -364,7 +364,9 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = _log) -> dict:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     model, fixed = build_model(cfg, device)
     mcfg = model.backbone.cfg
-    report = {"machine": machine_info(device), "config": asdict(cfg), "model": mcfg.to_dict(),
+    # the output path is where the report lies, not how it was measured (and names the machine's folders)
+    config = {k: v for k, v in asdict(cfg).items() if k != "json"}
+    report = {"machine": machine_info(device), "config": config, "model": mcfg.to_dict(),
               "default_attention": default_packed_attention(device), "runs": []}
     gen = torch.Generator().manual_seed(cfg.seed)
     pool = load_task_images(cfg.task, max(cfg.batch_sizes), mcfg) if cfg.task else None

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from iared.models.vit import IMAGENET_MEAN, IMAGENET_STD, Mlp
+from iared.models.vit import IMAGENET_MEAN, IMAGENET_STD, ConvPatches, Mlp
 from iared.tokens import DenseTokens, Tokens
 
 Pair = tuple[int, int]
@@ -315,19 +315,12 @@ class MultiScaleStage(nn.Module):
         self.blocks = nn.ModuleList(blocks)
 
 
-class PatchEmbed(nn.Module):
-    def __init__(self, cfg: MViTConfig):
-        super().__init__()
-        self.img_size = cfg.img_size
-        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim[0], cfg.patch_kernel, cfg.patch_stride, cfg.patch_padding)
+class PatchEmbed(ConvPatches):
+    """Overlapping ``patch_kernel`` convolution at ``patch_stride`` (timm's MViTv2 stem)."""
 
-    def forward(self, images: Tensor) -> Tensor:
-        if images.shape[-2:] != (self.img_size, self.img_size):
-            raise ValueError(
-                f"expected {self.img_size}x{self.img_size} images, got {tuple(images.shape[-2:])}; "
-                "resize or create the model with a matching img_size"
-            )
-        return self.proj(images).flatten(2).transpose(1, 2)
+    def __init__(self, cfg: MViTConfig):
+        super().__init__(cfg.img_size, nn.Conv2d(cfg.in_chans, cfg.embed_dim[0], cfg.patch_kernel, cfg.patch_stride,
+                                                 cfg.patch_padding))
 
 
 class MultiScaleViT(nn.Module):

@@ -116,15 +116,14 @@ class ViTConfig:
         return asdict(self)
 
 
-class PatchEmbed(nn.Module):
-    """Image ``(B, C_in, H, W)`` -> patch features ``(B, N, C)``, row-major. Key: ``patch_embed.proj``."""
+class ConvPatches(nn.Module):
+    """Square images of ``img_size`` -> ``(B, N, C)`` features of a convolution ``proj``, row-major.
+    Key: ``patch_embed.proj``. The ViT and MViT embeddings differ only in the convolution."""
 
-    def __init__(self, cfg: ViTConfig):
+    def __init__(self, img_size: int, proj: nn.Conv2d):
         super().__init__()
-        self.img_size = cfg.img_size
-        # timm drops the projection's bias under pre-norm (the LayerNorm that follows has one).
-        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size,
-                              bias=not cfg.pre_norm)
+        self.img_size = img_size
+        self.proj = proj
 
     def forward(self, images: Tensor) -> Tensor:
         if images.shape[-2:] != (self.img_size, self.img_size):
@@ -133,6 +132,15 @@ class PatchEmbed(nn.Module):
                 "resize or create the model with a matching img_size"
             )
         return self.proj(images).flatten(2).transpose(1, 2)
+
+
+class PatchEmbed(ConvPatches):
+    """Non-overlapping ``patch_size`` patches."""
+
+    def __init__(self, cfg: ViTConfig):
+        # timm drops the projection's bias under pre-norm (the LayerNorm that follows has one).
+        super().__init__(cfg.img_size, nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size,
+                                                 stride=cfg.patch_size, bias=not cfg.pre_norm))
 
 
 class Attention(nn.Module):
