@@ -5,16 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import types
-import typing
 
+from iared.commands import add_config_arguments
 from iared.train.backbone import HELP, BackboneTrainConfig, resolve_config, train
 from iared.train.common import parse_overrides
-
-
-def _arg_type(tp):
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return args[0] if args and (typing.get_origin(tp) in (typing.Union, types.UnionType)) else tp
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -23,25 +17,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser("train", help="train a backbone classifier (digits-clutter or an image folder)",
                               description=backbone.__doc__.split("\n\n")[0])
-    hints = typing.get_type_hints(BackboneTrainConfig)
-    for f in dataclasses.fields(BackboneTrainConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{HELP.get(f.name, '')} (default: {default})"
-        if f.name == "model_overrides":
-            p.add_argument("--model-override", dest=f.name, action="append", metavar="KEY=VALUE",
-                           default=argparse.SUPPRESS, help=help_text)
-            continue
-        if f.name == "progress":
-            p.add_argument("--no-progress", dest=f.name, action="store_false", default=argparse.SUPPRESS,
-                           help="no progress bar")
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        tp = _arg_type(hints[f.name])
-        if tp is bool:
-            p.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=help_text)
-        else:
-            p.add_argument(flag, dest=f.name, type=tp, default=argparse.SUPPRESS, help=help_text,
-                           metavar=f.name.upper())
+    add_config_arguments(p, BackboneTrainConfig, HELP, keep_unset=True)
     p.set_defaults(func=main)
     return p
 
