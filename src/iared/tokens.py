@@ -216,6 +216,29 @@ class Tokens:
         patch = ~self.is_prefix()
         return patch if valid is None else patch & valid
 
+    def grid_groups(self, grid: tuple[int, ...], axes: tuple[int, ...]) -> Tensor:
+        """Token-aligned long segment ids: the patch tokens of one input that share their coordinates on
+        ``axes`` of the patch grid ``grid`` (row-major after the prefix tokens, read off :attr:`index`)
+        get one id, unique across the batch (``image * prod(grid[axes]) + coordinate on axes``);
+        prefix tokens and padding get -1.
+
+        Video (TimeSformer, grid ``(T, H, W)``): ``axes=(1, 2)`` gives one segment per (clip, spatial
+        position), the tokens of temporal attention; ``axes=(0,)`` one per (clip, frame), those of
+        spatial attention. Ids need not be contiguous (see :func:`segments_as_packed`).
+        """
+        patch = (self.index - self.num_prefix).clamp_min(0)
+        stride = [1] * len(grid)
+        for a in range(len(grid) - 2, -1, -1):
+            stride[a] = stride[a + 1] * grid[a + 1]
+        coord = torch.zeros_like(patch)
+        for a in axes:
+            coord = coord * grid[a] + (patch // stride[a]) % grid[a]
+        span = 1
+        for a in axes:
+            span *= grid[a]
+        ids = self.image_ids() * span + coord
+        return torch.where(self.patch_mask(), ids, torch.full_like(ids, -1))
+
     def sum_per_image(self, values: Tensor) -> Tensor:
         """Token-aligned ``values`` -> ``(B,)`` sums (padding rows must hold 0)."""
         flat_ids = self.image_ids().reshape(-1)
@@ -741,6 +764,25 @@ class PackedTokens(Tokens):
                 return real  # one group holding every image in order: already packed order
             out.index_copy_(0, plan.dest[g], real)
         return out
+
+
+def segments_as_packed(segments: Tensor, attention: PackedAttention = "auto",
+                       weights: Tensor | None = None) -> tuple[Tensor, PackedTokens]:
+    """Rows ``(R,)`` labelled with segment ids (any non-negative longs, e.g. :meth:`Tokens.grid_groups`)
+    as a packed batch whose "images" are the segments, so that attention runs within each segment.
+
+    Returns ``order`` ``(R,)``, the rows sorted by segment (stable: rows keep their order inside a
+    segment), and a feature-less :class:`PackedTokens` over the sorted rows: ``rows[order]`` attend
+    through its :meth:`PackedTokens.attend` (block-diagonal per segment, cu_seqlens-style offsets,
+    every packed strategy), and ``out.new_empty(out.shape).index_copy_(0, order, out)`` puts the
+    results back. ``weights`` ``(R,)``: key weights of the rows (merged sizes, gates), carried along.
+    """
+    order = torch.argsort(segments, stable=True)
+    _, counts = torch.unique_consecutive(segments[order], return_counts=True)
+    rows = segments.new_empty(order.shape[0], 0, dtype=torch.float32)
+    packed = PackedTokens.from_counts(rows, order, counts, 0, attention,
+                                      None if weights is None else weights[order], has_class_token=False)
+    return order, packed
 
 
 def _stacked_qkv(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
