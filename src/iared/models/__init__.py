@@ -15,22 +15,34 @@ from torch import nn
 
 from iared.checkpoint import CheckpointError, extract_state_dict, load_weights, read_checkpoint
 from iared.models.mvit import MVIT_CONFIGS, MultiScaleViT, MViTConfig, build_mvit
+from iared.models.timesformer import (
+    TIMESFORMER_CONFIGS,
+    TimeSformer,
+    TimeSformerConfig,
+    build_timesformer,
+    from_hf_timesformer,
+    load_timesformer,
+)
 from iared.models.vit import Block, VisionTransformer, ViTConfig, adapt_state_dict
 
 __all__ = [
     "EMBEDDED_CHECKPOINT",
     "MODEL_BUILDERS",
     "MODEL_CONFIGS",
+    "Block",
     "MViTConfig",
     "MultiScaleViT",
-    "Block",
+    "TimeSformer",
+    "TimeSformerConfig",
     "ViTConfig",
     "VisionTransformer",
     "adapt_state_dict",
     "create_model",
+    "from_hf_timesformer",
     "from_timm",
     "list_models",
     "load_model",
+    "load_timesformer",
 ]
 
 # The embedded task's backbone: 64x64 single-channel canvases, 8x8 patches (64 patch tokens).
@@ -67,6 +79,9 @@ MODEL_CONFIGS: dict[str, dict] = {
 # The other families' names: name -> (builder, config). ``create_model`` builds MODEL_CONFIGS' names
 # as VisionTransformers (their users read them as ViTConfig fields) and these with their builder.
 MODEL_BUILDERS: dict[str, tuple] = {name: (build_mvit, cfg) for name, cfg in MVIT_CONFIGS.items()}
+# TimeSformer (official model zoo: K400 / K600 / SSv2, 8 x 224, HR 16 x 448, L 96 x 224 or 64 x 224 on SSv2);
+# architecture only, weights from a local .pyth file (checkpoint=...).
+MODEL_BUILDERS.update({name: (build_timesformer, cfg) for name, cfg in TIMESFORMER_CONFIGS.items()})
 
 # A backbone for the embedded task that this project trained itself (the commands that reproduce it: src/iared/train/backbone.py's docstring).
 EMBEDDED_CHECKPOINT = "digits_vit.safetensors"
@@ -85,7 +100,7 @@ def create_model(name: str, *, pretrained: bool = False, checkpoint: str | os.Pa
     official DeiT / DeiT-III, safetensors or iared layout). Weights made at another image size
     (``img_size=...`` override) get their position table resampled as timm does.
     """
-    if name in MODEL_BUILDERS:  # another family (MViTv2): overrides are its config's fields
+    if name in MODEL_BUILDERS:  # another family (MViTv2, TimeSformer): overrides are its config's fields
         builder, config = MODEL_BUILDERS[name]
         return builder(name, config, pretrained=pretrained, checkpoint=checkpoint, **overrides)
     if name not in MODEL_CONFIGS:

@@ -1,0 +1,651 @@
+"""TimeSformer (Bertasius et al., ICML 2021) whose forward pass is ours and whose weights are the
+official release's.
+
+The state-dict keys and shapes are those of ``facebookresearch/TimeSformer``'s
+``timesformer.models.vit.VisionTransformer`` (the ``model.`` prefix of its ``.pyth`` checkpoints
+stripped): ``patch_embed.proj``, ``cls_token``, ``pos_embed`` ``(1, 1 + H*W, C)``, ``time_embed``
+``(1, T, C)``, and per block ``norm1``, ``attn.{qkv,proj}``, ``temporal_norm1``,
+``temporal_attn.{qkv,proj}``, ``temporal_fc``, ``norm2``, ``mlp.{fc1,fc2}``; then ``norm``, ``head``.
+That layout is the contract: :func:`load_timesformer_weights` reads the official ``.pyth`` files
+(``{"model_state": {"model.<key>": ...}, ...}``, always ``weights_only=True``), and
+:func:`from_hf_timesformer` maps Hugging Face ``transformers``' ``TimesformerForVideoClassification``
+onto it (tests compare the logits).
+
+Input: clips ``(B, T, C, H, W)`` (``transformers``' ``pixel_values`` layout; the official code takes
+``(B, C, T, H, W)``: ``clips.transpose(1, 2)``), normalised with ``cfg.mean`` / ``cfg.std``.
+
+Tokens: the class token, then the ``T * H * W`` patch tokens in ``(T, H, W)`` row-major order
+(:attr:`TimeSformer.token_grid`; frame-major, so a frame's tokens are contiguous and per-frame
+heatmaps are a reshape). The official code orders patches ``(H, W, T)``; attention does not depend on
+the order, so the logits are the same.
+
+Attention (``cfg.attention_type``), per block:
+
+* ``divided_space_time`` (the paper's default): temporal attention among the tokens of one spatial
+  position across frames, its output through ``temporal_fc`` added to the patch tokens; then spatial
+  attention within each frame, where the class token takes part in every frame's attention (as a
+  query and a key) and its T outputs are averaged; then the MLP. Exactly the official ``Block``.
+* ``joint_space_time``: one attention over all tokens of a clip (a ViT block with a time embedding).
+* ``space_only``: every frame is an image with its own class token (no time embedding); the head
+  averages the T class tokens before the final norm, as the official code averages its frames.
+  Here the T class tokens are the T prefix tokens (frame t's at position t, ``num_prefix_tokens =
+  T``); reducers and the interpreter ask with the first one (frame 0's).
+
+Pruning (how dropped tokens meet the divided attention): attention runs among the *alive* tokens of
+each segment. Temporal attention: the alive tokens of each (clip, spatial position); spatial: the
+alive tokens of each (clip, frame) plus the class token. Segment ids come from the tokens' original
+positions (:meth:`iared.tokens.Tokens.grid_groups`) and every layout (dense, padded, packed) runs the
+same segment attention (:func:`iared.tokens.segments_as_packed`); a clip with every token alive in
+the dense layout takes the reshape path of the official code. A frame whose patch tokens were all
+dropped still holds the class token: there it attends to itself, and the class token's update stays
+the mean over all T frames. A spatial position with one alive token attends to itself.
+
+MACs (:meth:`TimeSformer.block_macs`): linear layers at the alive counts (the class token's T
+copies in spatial attention included); the attention products depend on how alive tokens spread over
+positions and frames, which an alive count does not say: ``block_macs`` assumes an even spread
+(``n_p / (H W)`` tokens per position, ``n_p / T`` per frame), which is exact with nothing dropped and
+otherwise a lower bound (a sum of squares is smallest when spread evenly);
+:meth:`TimeSformer.layout_block_macs` gives the exact count of a given layout.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from iared import flops
+from iared.models.vit import BlockRecord, Mlp
+from iared.tokens import DenseTokens, Tokens, segments_as_packed
+
+ATTENTION_TYPES = ("divided_space_time", "joint_space_time", "space_only")
+# SlowFast / TimeSformer's DATA.MEAN and DATA.STD (what the official checkpoints were trained on).
+KINETICS_MEAN = (0.45, 0.45, 0.45)
+KINETICS_STD = (0.225, 0.225, 0.225)
+
+
+@dataclass
+class TimeSformerConfig:
+    """Geometry of a TimeSformer. ``mean`` / ``std`` describe the input the weights expect (the
+    official configs' ``DATA.MEAN`` / ``DATA.STD``); the model itself does not normalise."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_frames: int = 8
+    num_classes: int = 400
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    attention_type: str = "divided_space_time"
+    norm_eps: float = 1e-6
+    mean: tuple[float, ...] = field(default=KINETICS_MEAN)
+    std: tuple[float, ...] = field(default=KINETICS_STD)
+
+    def __post_init__(self):
+        if self.attention_type not in ATTENTION_TYPES:
+            raise ValueError(f"attention_type {self.attention_type!r} not supported: "
+                             f"one of {', '.join(ATTENTION_TYPES)}")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
+        self.mean, self.std = tuple(self.mean), tuple(self.std)
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def patches_per_frame(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens of a clip: ``T * H * W``."""
+        return self.num_frames * self.patches_per_frame
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """One class token, or one per frame for ``space_only``."""
+        return self.num_frames if self.attention_type == "space_only" else 1
+
+    @property
+    def token_grid(self) -> tuple[int, int, int]:
+        return (self.num_frames, self.grid_size, self.grid_size)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Attention(nn.Module):
+    """Multi-head attention (official keys ``qkv``, ``proj``) within the segments that ``groups``
+    holds: a Tokens batch whose "images" are the segments (a dense ``(G, n, C)`` reshape, or a packed
+    batch from :func:`iared.tokens.segments_as_packed`)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, groups: Tokens, qkv_out: list | None = None) -> Tensor:
+        """``x``: rows aligned with ``groups`` ``(..., C)``; ``qkv_out``: receives ``(q, k, v)``."""
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(-3)
+        if qkv_out is not None:
+            qkv_out.append((q, k, v))
+        return self.proj(groups.attend(q, k, v).flatten(-2))
+
+
+class Block(nn.Module):
+    """One TimeSformer block on any token layout (module docstring: attention types and pruning)."""
+
+    def __init__(self, cfg: TimeSformerConfig):
+        super().__init__()
+        dim = cfg.embed_dim
+        self.attention_type = cfg.attention_type
+        self.grid = cfg.token_grid
+        self.num_tokens = cfg.num_prefix_tokens + cfg.num_patches
+        self.norm1 = nn.LayerNorm(dim, eps=cfg.norm_eps)
+        self.attn = Attention(dim, cfg.num_heads, cfg.qkv_bias)
+        if cfg.attention_type == "divided_space_time":
+            self.temporal_norm1 = nn.LayerNorm(dim, eps=cfg.norm_eps)
+            self.temporal_attn = Attention(dim, cfg.num_heads, cfg.qkv_bias)
+            self.temporal_fc = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio))
+
+    def forward(self, tokens: Tokens, weights_out: list | None = None, record: BlockRecord | None = None) -> Tokens:
+        if self.attention_type == "joint_space_time":  # a ViT block: one attention over the clip
+            x = tokens.data
+            q, k, v = self.attn.qkv(self.norm1(x)).unflatten(-1, (3, self.attn.num_heads, -1)).unbind(-3)
+            x = x + self.attn.proj(tokens.attend(q, k, v, weights_out).flatten(-2))
+            if record is not None:
+                record.fill(tokens, q, k, v)
+            return tokens.with_data(x + self.mlp(self.norm2(x)))
+        if weights_out is not None:
+            raise NotImplementedError(f"{self.attention_type} attention has no single (N, N) attention map per clip; "
+                                      "explainers read the interpreter's scores")
+        whole = tokens.weights is None and tokens.uniform_length() == self.num_tokens
+        x = self._whole(tokens.data, record, tokens) if whole else self._segments(tokens, record)
+        return tokens.with_data(x + self.mlp(self.norm2(x)))
+
+    # -- every token alive, dense: the official code's reshapes ----------------------------------
+
+    def _whole(self, x: Tensor, record: BlockRecord | None, tokens: Tokens) -> Tensor:
+        B, N, C = x.shape
+        T, H, W = self.grid
+        S = H * W
+        P = N - T * S
+        patches = x[:, P:].reshape(B, T, S, C)
+        if self.attention_type == "divided_space_time":
+            xt = patches.transpose(1, 2).reshape(B * S, T, C)  # (clip, position) segments of T frames
+            res = self.temporal_attn(self.temporal_norm1(xt), _dense(xt))
+            patches = patches + self.temporal_fc(res.reshape(B, S, T, C).transpose(1, 2))
+            cls = x[:, :1].expand(B, T, C)  # the class token joins every frame
+        else:  # space_only: frame t's own class token
+            cls = x[:, :T]
+        xs = torch.cat([cls.reshape(B * T, 1, C), patches.reshape(B * T, S, C)], dim=1)
+        qkv: list | None = [] if record is not None else None
+        res = self.attn(self.norm1(xs), _dense(xs), qkv).reshape(B, T, 1 + S, C)
+        patches = patches + res[:, :, 1:]
+        if self.attention_type == "divided_space_time":
+            prefix = x[:, :1] + res[:, :, 0].mean(1, keepdim=True)
+        else:
+            prefix = x[:, :T] + res[:, :, 0]
+        if record is not None:
+            q, k, v = (t.reshape(B, T, 1 + S, *t.shape[-2:]) for t in qkv[0])
+            record.fill(tokens, *(self._token_aligned(t, P) for t in (q, k, v)))
+        return torch.cat([prefix, patches.reshape(B, T * S, C)], dim=1)
+
+    @staticmethod
+    def _token_aligned(t: Tensor, num_prefix: int) -> Tensor:
+        """Spatial attention's per-frame rows ``(B, T, 1 + S, ...)`` -> token order ``(B, N, ...)``
+        (the class token's row from frame 0: its T copies are identical)."""
+        B = t.shape[0]
+        prefix = t[:, :1, 0] if num_prefix == 1 else t[:, :, 0]
+        return torch.cat([prefix, t[:, :, 1:].reshape(B, -1, *t.shape[3:])], dim=1)
+
+    # -- any layout: attention within segments of alive tokens ----------------------------------
+
+    def _segments(self, tokens: Tokens, record: BlockRecord | None) -> Tensor:
+        T = self.grid[0]
+        shape = tokens.data.shape
+        rows = tokens.data.reshape(-1, shape[-1])
+        weights = None if tokens.weights is None else tokens.weights.reshape(-1)
+        patch = tokens.patch_mask().reshape(-1).nonzero().squeeze(1)  # rows of real patch tokens
+        start = tokens.start_rows()  # prefix tokens lead every input
+        B = start.shape[0]
+        xp = rows[patch]
+        if self.attention_type == "divided_space_time" and patch.numel():
+            positions = tokens.grid_groups(self.grid, (1, 2)).reshape(-1)[patch]
+            xp = xp + self.temporal_fc(self._attend(self.temporal_attn, self.temporal_norm1(xp), positions,
+                                                    tokens, None if weights is None else weights[patch]))
+        frames = tokens.grid_groups(self.grid, (0,)).reshape(-1)[patch]
+        frame_of_prefix = torch.arange(B * T, device=rows.device)  # (clip, frame) segment of each prefix row
+        if self.attention_type == "divided_space_time":
+            prefix_rows = start.repeat_interleave(T)  # the class token, once per frame
+        else:
+            prefix_rows = (start[:, None] + torch.arange(T, device=rows.device)).reshape(-1)
+        xs = torch.cat([xp, rows[prefix_rows]])
+        ws = None if weights is None else torch.cat([weights[patch], weights[prefix_rows]])
+        qkv: list | None = [] if record is not None else None
+        res = self._attend(self.attn, self.norm1(xs), torch.cat([frames, frame_of_prefix]), tokens, ws, qkv)
+        n = patch.numel()
+        out = rows.clone()
+        out[patch] = xp + res[:n]
+        if self.attention_type == "divided_space_time":
+            out[start] = rows[start] + res[n:].reshape(B, T, -1).mean(1)
+        else:
+            out[prefix_rows] = rows[prefix_rows] + res[n:]
+        if record is not None:
+            aligned = []
+            for t in qkv[0]:
+                full = t.new_zeros(rows.shape[0], *t.shape[1:])
+                full[patch] = t[:n]
+                full[prefix_rows] = t[n:]  # the class token's copies are equal: any one will do
+                aligned.append(full.reshape(*shape[:-1], *t.shape[1:]))
+            record.fill(tokens, *aligned)
+        return out.reshape(shape)
+
+    @staticmethod
+    def _attend(attn: Attention, x: Tensor, segments: Tensor, tokens: Tokens, weights: Tensor | None,
+                qkv_out: list | None = None) -> Tensor:
+        """``attn`` on rows ``x`` ``(R, C)`` within their ``segments``; results in the rows' order."""
+        order, packed = segments_as_packed(segments, tokens.attention, weights)
+        out = attn(x[order], packed, qkv_out)
+        if qkv_out is not None:
+            qkv_out[-1] = tuple(t.new_empty(t.shape).index_copy_(0, order, t) for t in qkv_out[-1])
+        return out.new_empty(out.shape).index_copy_(0, order, out)
+
+    # -- compute ------------------------------------------------------------------------------------
+
+    def macs(self, n, dim: int, mlp_hidden: int):
+        """MACs on ``n`` alive tokens (int or tensor), prefix included, alive tokens spread evenly
+        over positions and frames (module docstring)."""
+        T, H, W = self.grid
+        S = H * W
+        if self.attention_type == "joint_space_time":  # a ViT block
+            return flops.block_macs(n, dim, mlp_hidden / dim)
+        P = T if self.attention_type == "space_only" else 1
+        n_p = n - P
+        spatial_rows = n_p + T  # divided: the class token once per frame; space-only: one per frame
+        macs = spatial_rows * 4 * dim * dim + 2 * dim * T * (n_p / T + 1) ** 2 + n * 2 * dim * mlp_hidden
+        if self.attention_type == "divided_space_time":
+            macs = macs + n_p * 5 * dim * dim + 2 * dim * S * (n_p / S) ** 2
+        return macs
+
+
+def _dense(x: Tensor) -> DenseTokens:
+    """A ``(G, n, C)`` batch of equal segments, each attending within itself."""
+    return DenseTokens.from_embeddings(x, 0, has_class_token=False)
+
+
+class PatchEmbed(nn.Module):
+    """Frame by frame non-overlapping patches (official key ``patch_embed.proj``)."""
+
+    def __init__(self, cfg: TimeSformerConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, frames: Tensor) -> Tensor:
+        """``(B * T, C_in, H, W)`` -> ``(B * T, H' W', C)``, row-major."""
+        return self.proj(frames).flatten(2).transpose(1, 2)
+
+
+class TimeSformer(nn.Module):
+    """TimeSformer with the official state-dict layout, implementing
+    :class:`iared.models.protocol.Backbone`.
+
+    ``forward(clips) -> logits (B, num_classes)``; clips ``(B, T, C, H, W)``. The pieces, for models
+    that prune between blocks: :meth:`embed` (pixels -> dense tokens ``(B, P + T*H*W, C)``), ``blocks``
+    (Tokens -> Tokens, any layout), :meth:`forward_head` (final norm and classifier on the class token).
+    """
+
+    def __init__(self, cfg: TimeSformerConfig | None = None, **overrides):
+        super().__init__()
+        cfg = cfg or TimeSformerConfig(**overrides)
+        self.cfg = cfg
+        dim = cfg.embed_dim
+        self.num_prefix_tokens = cfg.num_prefix_tokens
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.patches_per_frame, dim))
+        if cfg.attention_type != "space_only":
+            self.time_embed = nn.Parameter(torch.zeros(1, cfg.num_frames, dim))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(dim, eps=cfg.norm_eps)
+        self.head = nn.Linear(dim, cfg.num_classes)
+        self._init_weights()
+
+    def _init_weights(self):
+        # The official initialisation: trunc-normal(0.02) tokens, positions and linears, zero biases,
+        # temporal_fc of every block but the first zero (a new temporal path starts as the identity).
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias) if m.bias is not None else None
+        if self.cfg.attention_type == "divided_space_time":
+            for block in list(self.blocks)[1:]:
+                nn.init.zeros_(block.temporal_fc.weight)
+                nn.init.zeros_(block.temporal_fc.bias)
+
+    # -- the data path ------------------------------------------------------------------------
+
+    def check_input(self, clips: Tensor) -> None:
+        c = self.cfg
+        expected = (c.num_frames, c.in_chans, c.img_size, c.img_size)
+        if clips.dim() != 5 or tuple(clips.shape[1:]) != expected:
+            raise ValueError(f"expected clips (B, T, C, H, W) = (B, {', '.join(map(str, expected))}), got "
+                             f"{tuple(clips.shape)}; sample {c.num_frames} frames at {c.img_size}x{c.img_size} "
+                             "(iared.data.video.VideoFolder) or create the model with matching num_frames / img_size")
+
+    def embed(self, clips: Tensor) -> DenseTokens:
+        """``(B, T, C_in, H, W)`` -> dense tokens ``(B, P + T*H'*W', C)``: the class token (one per frame
+        for ``space_only``), then the patches in ``(T, H', W')`` row-major order."""
+        self.check_input(clips)
+        c = self.cfg
+        B, T = clips.shape[:2]
+        x = self.patch_embed(clips.flatten(0, 1)) + self.pos_embed[:, 1:]  # (B*T, S, C)
+        x = x.reshape(B, T, -1, c.embed_dim)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, self.num_prefix_tokens, -1)
+        if c.attention_type != "space_only":
+            x = x + self.time_embed[:, :, None]  # per frame; the class token gets no time embedding
+        x = torch.cat([cls, x.flatten(1, 2)], dim=1)
+        return DenseTokens.from_embeddings(x, self.num_prefix_tokens)
+
+    def forward_head(self, tokens: Tokens) -> Tensor:
+        """Final norm and classifier on the class token (``space_only``: on the mean of the frames'
+        class tokens, averaged before the norm as the official code averages its frames)."""
+        prefix = tokens.prefix()
+        return self.head(self.norm(prefix.mean(1) if self.num_prefix_tokens > 1 else prefix[:, 0]))
+
+    def forward_features(self, clips: Tensor) -> Tensor:
+        """``(B, P + N, C)`` features of every token after the final norm."""
+        tokens = self.embed(clips)
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.norm(tokens.data)
+
+    def forward(self, clips: Tensor, keep: Tensor | None = None) -> Tensor:
+        """``(B, T, C, H, W)`` -> logits ``(B, num_classes)``. ``keep``: ``(B, T*H'*W')`` bool over the
+        patch tokens: run the blocks on those only (packed layout)."""
+        tokens = self.embed(clips)
+        if keep is not None:
+            prefix = torch.ones(keep.shape[0], self.num_prefix_tokens, dtype=torch.bool, device=keep.device)
+            tokens = tokens.select(torch.cat([prefix, keep], dim=1))
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.forward_head(tokens)
+
+    # -- the Backbone protocol (iared.models.protocol) ------------------------------------------
+
+    @property
+    def num_tokens(self) -> int:
+        return self.cfg.num_prefix_tokens + self.cfg.num_patches
+
+    @property
+    def token_dim(self) -> int:
+        return self.cfg.embed_dim
+
+    @property
+    def token_grid(self) -> tuple[int, ...]:
+        """``(T, H', W')``: frames, patch rows, patch columns, row-major after the prefix tokens."""
+        return self.cfg.token_grid
+
+    def block_input_shape(self, block: int) -> tuple[int, int]:
+        return self.num_tokens, self.cfg.embed_dim
+
+    def block_macs(self, n, block: int | None = None):
+        """MACs of a block on ``n`` alive tokens (int or ``(B,)`` tensor), prefix included; the
+        attention products assume alive tokens spread evenly (module docstring;
+        :meth:`layout_block_macs` is exact)."""
+        c = self.cfg
+        return self.blocks[0 if block is None else block].macs(n, c.embed_dim, int(c.embed_dim * c.mlp_ratio))
+
+    def layout_block_macs(self, tokens: Tokens, block: int = 0) -> Tensor:
+        """``(B,)`` exact MACs of block ``block`` on this layout: :meth:`block_macs` with the attention
+        products of the segments the alive tokens really form."""
+        c = self.cfg
+        d = c.embed_dim
+        n = tokens.lengths().to(torch.float64)
+        if c.attention_type == "joint_space_time":
+            return self.block_macs(n, block)
+        T, H, W = self.token_grid
+        P = self.num_prefix_tokens
+        even = self.block_macs(n, block)
+        n_p = n - P
+        frames = _segment_sizes(tokens, tokens.grid_groups(self.token_grid, (0,)), T)  # (B, T)
+        exact = 2 * d * ((frames + 1) ** 2).sum(1) - 2 * d * T * (n_p / T + 1) ** 2
+        if c.attention_type == "divided_space_time":
+            positions = _segment_sizes(tokens, tokens.grid_groups(self.token_grid, (1, 2)), H * W)
+            exact = exact + 2 * d * (positions**2).sum(1) - 2 * d * H * W * (n_p / (H * W)) ** 2
+        return even + exact
+
+    def fixed_macs(self) -> float:
+        """Patch embedding and classifier."""
+        c = self.cfg
+        return float(c.num_patches * c.embed_dim * c.in_chans * c.patch_size**2 + c.embed_dim * c.num_classes)
+
+    def patch_pixels(self, clips: Tensor, block: int = 0) -> Tensor:
+        """``(B, T*H'*W', C_in * p * p)``: the pixels under every patch token, in token order."""
+        p = self.cfg.patch_size
+        B = clips.shape[0]
+        cells = F.unfold(clips.flatten(0, 1), p, stride=p).transpose(1, 2)  # (B*T, S, C p p)
+        return cells.reshape(B, -1, cells.shape[-1])
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (f"frames={c.num_frames}, img_size={c.img_size}, patch={c.patch_size}, dim={c.embed_dim}, "
+                f"depth={c.depth}, heads={c.num_heads}, attention={c.attention_type}")
+
+
+def _segment_sizes(tokens: Tokens, segments: Tensor, per_input: int) -> Tensor:
+    """``(B, per_input)`` float64: alive patch tokens in each segment of each input."""
+    ids = segments.reshape(-1)
+    ids = ids[ids >= 0]
+    counts = torch.zeros(tokens.batch_size * per_input, dtype=torch.float64, device=ids.device)
+    counts.index_add_(0, ids, torch.ones_like(ids, dtype=torch.float64))
+    return counts.reshape(tokens.batch_size, per_input)
+
+
+# -- weights: the official .pyth files and Hugging Face transformers ---------------------------------
+
+def official_state_dict(obj: Mapping, path: str | os.PathLike = "<memory>") -> dict[str, Tensor]:
+    """Our keys from a checkpoint's contents: the official ``{"model_state": {"model.<key>": ...}}``
+    (``model.`` and a DDP ``module.`` stripped), or a plain / iared state dict."""
+    from iared.checkpoint import CheckpointError, extract_state_dict
+
+    if isinstance(obj.get("model_state"), dict):
+        sd = obj["model_state"]
+        bad = [k for k, v in sd.items() if not isinstance(v, Tensor)]
+        if not sd or bad:
+            raise CheckpointError(f"bad checkpoint {path}: 'model_state' holds no state dict "
+                                  f"(non-tensor entries: {bad[:5]})")
+    else:
+        sd = extract_state_dict(dict(obj), path)
+    out = {}
+    for key, value in sd.items():
+        key = key.removeprefix("module.")
+        out[key.removeprefix("model.")] = value
+    return out
+
+
+def attention_type_of(state_dict: Mapping[str, Tensor]) -> str | None:
+    """Which TimeSformer a state dict holds, read off its keys (None: no TimeSformer blocks)."""
+    if not any(k.startswith("blocks.") for k in state_dict) or "pos_embed" not in state_dict:
+        return None
+    if any(".temporal_attn." in k for k in state_dict):
+        return "divided_space_time"
+    return "joint_space_time" if "time_embed" in state_dict else "space_only"
+
+
+def config_from_state_dict(state_dict: Mapping[str, Tensor], **overrides) -> TimeSformerConfig:
+    """The geometry a state dict was made for: width, depth, patch and image size, frames, classes,
+    attention type, MLP width, qkv bias. Heads are not in the weights: ``embed_dim / 64`` (every
+    released TimeSformer) unless given."""
+    kind = attention_type_of(state_dict)
+    if kind is None:
+        raise ValueError("not a TimeSformer state dict (no blocks.* / pos_embed)")
+    proj = state_dict["patch_embed.proj.weight"]
+    dim, in_chans, patch = proj.shape[0], proj.shape[1], proj.shape[-1]
+    grid = math.isqrt(state_dict["pos_embed"].shape[1] - 1)
+    depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
+    values = dict(
+        img_size=grid * patch, patch_size=patch, in_chans=in_chans, embed_dim=dim, depth=depth,
+        num_heads=max(dim // 64, 1), mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / dim,
+        qkv_bias="blocks.0.attn.qkv.bias" in state_dict, attention_type=kind,
+        num_classes=state_dict["head.weight"].shape[0] if "head.weight" in state_dict else 400,
+        num_frames=state_dict["time_embed"].shape[1] if "time_embed" in state_dict else 8,
+    )
+    return TimeSformerConfig(**{**values, **overrides})
+
+
+def load_timesformer_weights(model: TimeSformer, path: str | os.PathLike) -> None:
+    """Load an official ``.pyth`` file (or a plain / safetensors / iared state dict) into ``model``.
+
+    Always ``weights_only=True`` (:func:`iared.checkpoint.read_checkpoint`). Every problem is one line
+    naming the file: unreadable, no state dict, another attention type than the model's (the wrong
+    architecture), missing / unexpected keys, shapes of another geometry (frames, image size, classes).
+    """
+    from iared.checkpoint import CheckpointError, load_weights, read_checkpoint
+
+    sd = official_state_dict(read_checkpoint(path), path)
+    kind = attention_type_of(sd)
+    if kind is None:
+        raise CheckpointError(f"bad checkpoint {path}: not a TimeSformer (no blocks.* / pos_embed keys; "
+                              f"found {', '.join(sorted(sd)[:4])}, ...)")
+    if kind != model.cfg.attention_type:
+        raise CheckpointError(f"bad checkpoint {path}: holds a {kind} TimeSformer, the model is "
+                              f"{model.cfg.attention_type} (create it with attention_type={kind!r})")
+    load_weights(model, sd, path)
+
+
+def load_timesformer(path: str | os.PathLike, **overrides) -> TimeSformer:
+    """A TimeSformer whose geometry is read off the file (:func:`config_from_state_dict`), with its weights."""
+    from iared.checkpoint import CheckpointError, read_checkpoint
+
+    sd = official_state_dict(read_checkpoint(path), path)
+    try:
+        cfg = config_from_state_dict(sd, **overrides)
+    except (KeyError, ValueError, IndexError) as e:
+        raise CheckpointError(f"bad checkpoint {path}: {' '.join(str(e).split())}") from None
+    model = TimeSformer(cfg)
+    load_timesformer_weights(model, path)
+    return model
+
+
+# transformers' TimesformerLayer names (left) -> the official Block's (right).
+_HF_LAYER_KEYS = {
+    "layernorm_before": "norm1",
+    "attention.attention.qkv": "attn.qkv",
+    "attention.output.dense": "attn.proj",
+    "temporal_layernorm": "temporal_norm1",
+    "temporal_attention.attention.qkv": "temporal_attn.qkv",
+    "temporal_attention.output.dense": "temporal_attn.proj",
+    "temporal_dense": "temporal_fc",
+    "layernorm_after": "norm2",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+}
+_HF_TOP_KEYS = {
+    "timesformer.embeddings.cls_token": "cls_token",
+    "timesformer.embeddings.position_embeddings": "pos_embed",
+    "timesformer.embeddings.time_embeddings": "time_embed",
+    "timesformer.embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "timesformer.embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "timesformer.layernorm.weight": "norm.weight",
+    "timesformer.layernorm.bias": "norm.bias",
+    "classifier.weight": "head.weight",
+    "classifier.bias": "head.bias",
+}
+
+
+def hf_to_official_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``TimesformerForVideoClassification``'s state dict under the official names. A key that has no
+    counterpart raises ``KeyError`` naming it (a newer transformers layout must not load silently)."""
+    prefix = "timesformer.encoder.layer."
+    out = {}
+    for key, value in state_dict.items():
+        if key in _HF_TOP_KEYS:
+            out[_HF_TOP_KEYS[key]] = value
+            continue
+        if not key.startswith(prefix):
+            raise KeyError(f"transformers key {key!r} has no TimeSformer counterpart")
+        index, _, rest = key[len(prefix):].partition(".")
+        name, _, param = rest.rpartition(".")
+        if name not in _HF_LAYER_KEYS:
+            raise KeyError(f"transformers key {key!r} has no TimeSformer counterpart")
+        out[f"blocks.{index}.{_HF_LAYER_KEYS[name]}.{param}"] = value
+    return out
+
+
+def config_from_hf(hf_config) -> TimeSformerConfig:
+    """Our config from a ``transformers.TimesformerConfig``; refuses what our blocks do not implement."""
+    image, patch = hf_config.image_size, hf_config.patch_size
+    if not isinstance(image, int) or not isinstance(patch, int):
+        raise ValueError(f"non-square images or patches not supported ({image}, {patch})")
+    if hf_config.hidden_act != "gelu":
+        raise ValueError(f"hidden_act {hf_config.hidden_act!r} not supported (TimeSformer uses exact GELU)")
+    return TimeSformerConfig(
+        img_size=image, patch_size=patch, in_chans=hf_config.num_channels, num_frames=hf_config.num_frames,
+        num_classes=hf_config.num_labels, embed_dim=hf_config.hidden_size, depth=hf_config.num_hidden_layers,
+        num_heads=hf_config.num_attention_heads, mlp_ratio=hf_config.intermediate_size / hf_config.hidden_size,
+        qkv_bias=hf_config.qkv_bias, attention_type=hf_config.attention_type, norm_eps=hf_config.layer_norm_eps,
+    )
+
+
+def from_hf_timesformer(reference: nn.Module) -> TimeSformer:
+    """Our model with the weights of a ``transformers.TimesformerForVideoClassification``.
+
+    Same logits for ``divided_space_time`` and ``joint_space_time``. For ``space_only`` the weights
+    map the same, but ``transformers`` classifies every frame separately (``(B * T, classes)``) while
+    the official code, and this model, average the frames' class tokens before the final norm.
+    """
+    from iared.checkpoint import load_weights
+
+    model = TimeSformer(config_from_hf(reference.config))
+    load_weights(model, hf_to_official_keys(reference.state_dict()), f"transformers:{type(reference).__name__}")
+    return model.train(reference.training)
+
+
+# -- names --------------------------------------------------------------------------------------------
+
+# The official model zoo (facebookresearch/TimeSformer README, configs/): TimeSformer 8 x 224,
+# TimeSformer-HR 16 x 448, TimeSformer-L 96 x 224 (SSv2: 64 x 224), all ViT-B/16, divided attention.
+_GEOMETRY = {
+    "timesformer_base_patch16_224": dict(num_frames=8, img_size=224),
+    "timesformer_hr_patch16_448": dict(num_frames=16, img_size=448),
+    "timesformer_l_patch16_224": dict(num_frames=96, img_size=224),
+}
+TIMESFORMER_CONFIGS: dict[str, dict] = {}
+for _name, _geometry in _GEOMETRY.items():
+    TIMESFORMER_CONFIGS[_name] = dict(_geometry, num_classes=400)  # Kinetics-400
+    TIMESFORMER_CONFIGS[f"{_name}_k600"] = dict(_geometry, num_classes=600)
+    TIMESFORMER_CONFIGS[f"{_name}_ssv2"] = dict(_geometry, num_classes=174)
+TIMESFORMER_CONFIGS["timesformer_l_patch16_224_ssv2"]["num_frames"] = 64
+
+
+def build_timesformer(name: str, config: dict, *, pretrained: bool = False, checkpoint=None,
+                      **overrides) -> TimeSformer:
+    """The TimeSformer ``name`` with ``config`` and ``overrides`` (``TimeSformerConfig`` fields); weights
+    from a local ``checkpoint`` (official ``.pyth``, plain state dict, safetensors). Nothing is downloaded."""
+    if pretrained:
+        raise ValueError(f"{name}: no download here; get the official .pyth file (facebookresearch/TimeSformer "
+                         "model zoo) and pass checkpoint=PATH, or convert a transformers model with "
+                         "iared.models.timesformer.from_hf_timesformer")
+    model = TimeSformer(TimeSformerConfig(**{**config, **overrides}))
+    if checkpoint is not None:
+        load_timesformer_weights(model, checkpoint)
+    return model
