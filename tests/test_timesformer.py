@@ -250,6 +250,27 @@ def test_record_and_explicit_attention_requests():
     assert maps[0].shape == (2, 4, joint.num_tokens, joint.num_tokens)
 
 
+def test_key_weights_reach_both_attentions():
+    """Merged sizes / soft gates (Tokens.weights) weigh the keys of temporal and spatial attention: all
+    ones change nothing, a gate of 0 on a token equals dropping it (as a key; it still runs as a row)."""
+    from dataclasses import replace
+
+    model = tiny()
+    x = clips(2)
+    keep = random_keep(model, 2)
+    with torch.no_grad():
+        tokens = model.embed(x).select(keep)
+        plain = model.forward_head(model.blocks[0](tokens))
+        ones = replace(tokens, weights=torch.ones(tokens.data.shape[0]))
+        assert float((model.forward_head(model.blocks[0](ones)) - plain).abs().max()) <= TOL
+        gate = torch.ones(tokens.data.shape[0])
+        gate[tokens.index == 7] = 0.0  # token 7 (frame 0, position 6) of every clip: gated out as a key
+        gated = model.blocks[0](replace(tokens, weights=gate))
+        dropped = model.blocks[0](tokens.select(tokens.index != 7))
+        rows = gated.data[tokens.index != 7]
+        assert float((rows - dropped.data).abs().max()) <= TOL
+
+
 # -- compute ------------------------------------------------------------------------------------
 
 def test_macs_even_spread_is_exact_when_full_and_a_lower_bound_otherwise():

@@ -251,3 +251,27 @@ def test_real_clips_probe_and_sample(tmp_path):
     assert clip.shape == (8, 3, 224, 224) and label == 0
     expected = clip_transform(frames, 224, ds.mean, ds.std)
     assert torch.equal(clip, expected)
+
+
+@needs_real_clips
+def test_real_kinetics_clip_through_pruned_timesformer():
+    """Decoding, sampling and the packed video path on real data: the Kinetics clip at 8 x 224 through a
+    small random TimeSformer (patch 32: 8 x 7 x 7 tokens) with IA-RED² interpreters in threshold mode."""
+    from iared.models.timesformer import TimeSformer, TimeSformerConfig
+    from iared.pruning import IARed
+
+    torch.manual_seed(0)
+    model = TimeSformer(TimeSformerConfig(patch_size=32, num_frames=8, num_classes=400, embed_dim=48, depth=3,
+                                          num_heads=4)).eval()
+    iared = IARed(model).eval()
+    for interpreter in iared.interpreters:
+        torch.nn.init.normal_(interpreter.qk.weight, std=0.5)
+    frames = read_frames(VIDEO_DATA / "kinetics400_demo.mp4", sample_indices(280, 8))
+    clip = clip_transform(frames, 224, model.cfg.mean, model.cfg.std)[None]
+    with torch.no_grad():
+        out = iared(torch.cat([clip, clip.flip(-1)]), "threshold", threshold=0.5)
+        full = model(clip)
+    kept = out.kept_fraction()
+    assert out.logits.shape == (2, 400) and torch.isfinite(out.logits).all()
+    assert ((kept[:, 0] > 0.05) & (kept[:, 0] < 0.95)).all() and (kept > 0).all()  # tokens really left
+    assert (out.macs < iared.full_macs()).all() and full.shape == (1, 400)
