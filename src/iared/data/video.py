@@ -205,11 +205,11 @@ def sample_indices(available: int, num_frames: int, train: bool = False,
     return out
 
 
-def read_frames(path, indices: Sequence[int], announced: int | None = None) -> np.ndarray:
+def read_frames(path, indices: Sequence[int]) -> np.ndarray:
     """``(len(indices), H, W, 3)`` uint8 RGB frames at ``indices`` (repeats allowed) of the video at ``path``.
 
     Decodes in order and stops after the last index. A video that ends before the last index is a
-    :class:`BadVideoError` (callers resample from the true count: :meth:`VideoFolder.load`).
+    :class:`BadVideoError` (:meth:`VideoFolder.load` samples from counts it decoded itself).
     """
     path = Path(path)
     wanted = sorted(set(indices))
@@ -220,8 +220,8 @@ def read_frames(path, indices: Sequence[int], announced: int | None = None) -> n
                   for i, f in _decode(path, container, stream, wanted[-1]) if i in keep}
     if len(frames) < len(wanted):
         missing = [i for i in wanted if i not in frames]
-        raise BadVideoError(path, f"frame {missing[0]} does not decode ({len(frames)} of {len(wanted)} wanted frames "
-                                  f"found{f'; the header announces {announced}' if announced else ''})")
+        raise BadVideoError(path, f"frame {missing[0]} does not decode (the video ends after "
+                                  f"{len(frames)} of the {len(wanted)} wanted frames)")
     return np.stack([frames[i] for i in indices])
 
 
