@@ -16,6 +16,14 @@ One rule for all commands (``train``, ``train-interpreters``, ``eval``, ``bench`
   backbone shipped with the package.
 - nothing: the command's default, if it has one (the shipped digits backbone / pruned model).
 
+TimeSformer (video) the same way: ``--model timesformer_base_patch16_224 --checkpoint FILE`` (the
+official ``.pyth``, a plain or iared state dict; ``--model-override num_frames=4`` etc.), or the file
+alone: an iared file says ``architecture: timesformer`` (or has a TimeSformer model config), an
+official ``.pyth`` / plain state dict is recognised by its ``model_state`` / ``time_embed`` /
+``temporal_attn`` keys and its geometry read off the weights
+(:func:`iared.models.timesformer.config_from_state_dict`). TimeSformer has no download
+(``--pretrained`` is refused, naming the model).
+
 Where a command needs an IA-RED² model (:func:`load_iared`), a pruned checkpoint is used whole;
 a backbone (any of the above) gets fresh interpreters, which is what ``train-interpreters``
 starts from and what ``explain`` / ``bench`` can still use (attention maps, timing).
@@ -129,16 +137,18 @@ def _backbone_weights(obj: dict, path) -> dict[str, torch.Tensor]:
 
 def load_backbone(checkpoint: str | os.PathLike | None = None, model: str | None = None, pretrained: bool = False,
                   overrides: dict | None = None, default: str | None = None):
-    """A :class:`VisionTransformer` from the command-line choices (module docstring).
+    """A backbone (:class:`VisionTransformer`, or a :class:`~iared.models.timesformer.TimeSformer`)
+    from the command-line choices (module docstring).
 
     ``default``: a registered name whose ``pretrained`` weights are used when nothing is given
     (``digits_vit``: the shipped backbone); None makes "nothing given" an error.
     """
     from iared.models import MODEL_CONFIGS, VisionTransformer, ViTConfig, adapt_state_dict, create_model
+    from iared.models.timesformer import TIMESFORMER_CONFIGS
 
     overrides = dict(overrides or {})
-    if model is not None and model not in MODEL_CONFIGS:
-        raise ValueError(f"unknown model {model!r}; known: {', '.join(sorted(MODEL_CONFIGS))}")
+    if model is not None and model not in MODEL_CONFIGS and model not in TIMESFORMER_CONFIGS:
+        raise ValueError(f"unknown model {model!r}; known: {', '.join(sorted([*MODEL_CONFIGS, *TIMESFORMER_CONFIGS]))}")
     if checkpoint is None:
         if model is None:
             if default is None:
@@ -151,11 +161,19 @@ def load_backbone(checkpoint: str | os.PathLike | None = None, model: str | None
     if pretrained:
         raise ValueError("--pretrained and --checkpoint exclude each other: which weights should be used?")
     obj = read_checkpoint(checkpoint)
+    if (model in TIMESFORMER_CONFIGS) or (model is None and _holds_timesformer(obj)):
+        return _load_timesformer(obj, checkpoint, model, overrides)
     sd = _backbone_weights(obj, checkpoint)
     if model is not None:
         cfg = config_from_dict(ViTConfig, {**MODEL_CONFIGS[model], **overrides}, checkpoint, f"--model {model}")
     else:
+        from iared.models.families import family_of_config
+
         saved = _file_model_config(obj)
+        family = family_of_config(obj.get("config"), checkpoint)
+        if family != "vit":
+            raise CheckpointError(f"bad checkpoint {checkpoint}: holds a {family} backbone, which the commands "
+                                  "do not load (ViT and TimeSformer only)")
         cfg = infer_vit_config(sd, checkpoint) if saved is None else config_from_dict(ViTConfig, saved, checkpoint,
                                                                                       "model")
         if overrides:
@@ -165,10 +183,58 @@ def load_backbone(checkpoint: str | os.PathLike | None = None, model: str | None
     return net
 
 
+def _holds_timesformer(obj: dict) -> bool:
+    """A TimeSformer file: its config says so, or (no config) its weights have TimeSformer's keys
+    (the official ``.pyth`` ``model_state``, ``time_embed``, ``temporal_attn``)."""
+    from iared.models.families import family_of_config
+
+    if isinstance(obj.get("config"), dict):
+        try:
+            return family_of_config(obj["config"]) == "timesformer"
+        except CheckpointError:
+            return False
+    if isinstance(obj.get("model_state"), dict):
+        return True
+    keys = obj.get("model") if isinstance(obj.get("model"), dict) else obj
+    return any(isinstance(k, str) and (".temporal_attn." in k or k.endswith("time_embed")) for k in keys)
+
+
+def _load_timesformer(obj: dict, path, model: str | None, overrides: dict):
+    """A TimeSformer from a file: built as ``model`` (plus overrides), else as the file's saved config,
+    else with the geometry read off the weights (:func:`iared.models.timesformer.config_from_state_dict`)."""
+    from iared.models.timesformer import (
+        TIMESFORMER_CONFIGS,
+        TimeSformer,
+        TimeSformerConfig,
+        attention_type_of,
+        config_from_state_dict,
+        official_state_dict,
+    )
+
+    sd = official_state_dict({"model": _backbone_weights(obj, path)} if "model_state" not in obj else obj, path)
+    saved = _file_model_config(obj)
+    if model is not None:
+        cfg = config_from_dict(TimeSformerConfig, {**TIMESFORMER_CONFIGS[model], **overrides}, path, f"--model {model}")
+    elif saved is not None:
+        cfg = config_from_dict(TimeSformerConfig, {**saved, **overrides}, path, "model")
+    else:
+        try:
+            cfg = config_from_state_dict(sd, **overrides)
+        except (KeyError, ValueError, IndexError, TypeError) as e:
+            raise CheckpointError(f"bad checkpoint {path}: {' '.join(str(e).split())}") from None
+    kind = attention_type_of(sd)
+    if kind is not None and kind != cfg.attention_type:
+        raise CheckpointError(f"bad checkpoint {path}: holds a {kind} TimeSformer, the model is "
+                              f"{cfg.attention_type} (--model-override attention_type={kind})")
+    net = TimeSformer(cfg)
+    load_weights(net, sd, path)
+    return net
+
+
 def load_pruned_checked(path: str | os.PathLike, obj: dict | None = None):
     """:func:`iared.pruning.load_pruned` with every problem one line naming the file: the file is
     read and checked (non-finite tensors, unknown or invalid config keys) before a model is built."""
-    from iared.models import ViTConfig
+    from iared.models.families import backbone_families, family_of_config
     from iared.pruning import IARedConfig, load_pruned
 
     obj = read_checkpoint(path) if obj is None else obj
@@ -176,7 +242,7 @@ def load_pruned_checked(path: str | os.PathLike, obj: dict | None = None):
     if not is_pruned(obj) or "iared" not in config:
         raise CheckpointError(f"bad checkpoint {path}: not an IA-RED² checkpoint (no interpreters inside); "
                               "train one with `iared train-interpreters`, or give a backbone with --model")
-    config_from_dict(ViTConfig, config.get("model"), path, "model")
+    config_from_dict(backbone_families()[family_of_config(config, path)][1], config.get("model"), path, "model")
     config_from_dict(IARedConfig, config["iared"], path, "iared")
     try:
         return load_pruned(path)
@@ -216,24 +282,40 @@ def load_iared(checkpoint: str | os.PathLike | None = None, model: str | None = 
 def task_dataset(task: str, split: str, model_cfg=None, augment: bool = False, **task_kw):
     """The dataset a command means by ``--task``, matched to the model that will read it.
 
-    A registered task (``digits-clutter``; ``task_kw`` such as ``length`` / ``seed`` go to it) is
-    checked against the model's input shape here, so a mismatch is one line before any work. An
-    image folder gets the model's image size, mean / std and input channels (timm's training
-    transform with ``augment``, else the evaluation one). ``model_cfg`` None: the folder defaults.
+    A registered task (``digits-clutter``, ``moving-digits``; ``task_kw`` such as ``length`` / ``seed``
+    go to it) is checked against the model's input shape here (``(C, H, W)`` images, or ``(T, C, H, W)``
+    clips for a video model), so a mismatch is one line before any work. An image folder gets the
+    model's image size, mean / std and input channels (timm's training transform with ``augment``, else
+    the evaluation one); a video folder (:class:`iared.data.VideoFolder`) the model's ``num_frames``,
+    ``img_size``, mean / std (random offsets, crops and flips with ``augment``). ``model_cfg`` None:
+    the folder defaults.
     """
-    from iared.data import TASKS, build_dataset, eval_transform, train_transform
+    from iared.data import TASKS, build_dataset, eval_transform, is_video_folder, train_transform
+    from iared.models.families import is_video_config
 
     if task in TASKS:
         dataset = build_dataset(task, split, **task_kw)
         if model_cfg is not None and len(dataset):
             shape = tuple(dataset[0][0].shape)
             want = (model_cfg.in_chans, model_cfg.img_size, model_cfg.img_size)
+            if is_video_config(model_cfg):
+                want = (model_cfg.num_frames, *want)
             if shape != want:
-                raise ValueError(f"--task {task}: its images are {'x'.join(map(str, shape))} (CxHxW) but the model "
+                layout = "TxCxHxW" if len(shape) == 4 else "CxHxW"
+                raise ValueError(f"--task {task}: its inputs are {'x'.join(map(str, shape))} ({layout}) but the model "
                                  f"takes {'x'.join(map(str, want))}")
         return dataset
     if model_cfg is None:
         return build_dataset(task, split)
+    root = Path(task).expanduser()
+    folder = root / split if (root / split).is_dir() else root
+    video_model = is_video_config(model_cfg)
+    if folder.is_dir() and is_video_folder(folder) != video_model:
+        raise ValueError(f"--task {task}: a folder of {'videos' if not video_model else 'images'}, but the model "
+                         f"takes {'clips' if video_model else 'images'}")
+    if video_model:
+        return build_dataset(task, split, num_frames=model_cfg.num_frames, img_size=model_cfg.img_size,
+                             mean=model_cfg.mean, std=model_cfg.std, train=augment)
     make = train_transform if augment else eval_transform
     transform = make(model_cfg.img_size, mean=model_cfg.mean, std=model_cfg.std)
     return build_dataset(task, split, transform=transform, in_chans=model_cfg.in_chans)

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from iared.interpreter import MultiHeadInterpreter, default_interpreter_heads
+from iared.models.families import backbone_families, family_of, family_of_config
 from iared.models.protocol import Backbone
 from iared.models.vit import VisionTransformer
 from iared.reducers.base import DEFAULT_THRESHOLD, MODES  # noqa: F401  (re-exported)
@@ -52,8 +53,9 @@ class IARed(ReducedModel):
 
     ``IARed(backbone)``: 3 equal stages, 6 interpreter heads where the width allows. The
     backbone is any :class:`iared.models.protocol.Backbone`: a :class:`iared.models.VisionTransformer`
-    (DeiT from timm included), or an MViTv2 (:mod:`iared.models.mvit`), whose stages start where its
-    ``default_stage_starts`` says and whose interpreters take each stage's width.
+    (DeiT from timm included), an MViTv2 (:mod:`iared.models.mvit`), whose stages start where its
+    ``default_stage_starts`` says and whose interpreters take each stage's width, or a TimeSformer
+    (:mod:`iared.models.timesformer`), whose interpreters score every space-time token.
     """
 
     def __init__(self, backbone: Backbone, config: IARedConfig | None = None, **kw):
@@ -107,7 +109,7 @@ def save_pruned(model: IARed, path, extra: dict | None = None,
     from iared.checkpoint import save_atomic
 
     inference = inference or getattr(model, "inference", None) or InferenceSettings()
-    family = next((name for name, (cls, _) in _backbone_families().items() if isinstance(model.backbone, cls)), None)
+    family = family_of(model.backbone)
     if family is None:
         raise TypeError(f"save_pruned: no checkpoint format for a {type(model.backbone).__name__} backbone")
     config = {"architecture": family, "model": model.backbone.cfg.to_dict(), "iared": model.config_dict(),
@@ -129,13 +131,9 @@ def load_pruned(path) -> IARed:
     if (fmt != PRUNED_FORMAT and fmt not in _OLD_FORMATS) or "iared" not in config:
         raise CheckpointError(f"bad checkpoint {path}: not an IA-RED² checkpoint (no interpreters inside); "
                               "train one with `iared train-interpreters`")
-    families = _backbone_families()
-    family = config.get("architecture", "vit")  # files written before MViT hold ViTs
-    if family not in families:
-        raise CheckpointError(f"bad checkpoint {path}: unknown backbone architecture {family!r}; "
-                              f"this version reads {', '.join(families)}")
+    family = family_of_config(config, path)  # files written before MViT hold ViTs
     try:
-        backbone_cls, config_cls = families[family]
+        backbone_cls, config_cls = backbone_families()[family]
         model = IARed(backbone_cls(config_cls(**config["model"])), IARedConfig(**config["iared"]))
         inference = config.get("inference")
         if not isinstance(inference, dict):  # format /1: the threshold it was trained with
@@ -151,10 +149,3 @@ def load_pruned(path) -> IARed:
     load_weights(model, state, path)
     return model.eval()
 
-
-def _backbone_families() -> dict[str, tuple[type, type]]:
-    """Backbone classes a pruned checkpoint can hold: the name its config records -> (model, config)."""
-    from iared.models.mvit import MultiScaleViT, MViTConfig
-    from iared.models.vit import ViTConfig
-
-    return {"vit": (VisionTransformer, ViTConfig), "mvit": (MultiScaleViT, MViTConfig)}

@@ -1,7 +1,9 @@
-"""Datasets: the embedded tasks (``digits-natural``, ``digits-clutter``) and user image folders.
+"""Datasets: the embedded tasks (``digits-natural``, ``digits-clutter``; on video ``moving-digits``),
+user image folders and video folders.
 
 ``build_dataset(name_or_path, split)`` is the single entry point used by training and evaluation:
-a registered task name (see ``TASKS``) or an existing ``root/<class>/<image>`` directory.
+a registered task name (see ``TASKS``) or an existing ``root/<class>/<image>`` directory, which is a
+:class:`VideoFolder` when its files are videos (:func:`is_video_folder`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from .digits import (
     patch_foreground,
 )
 from .natural import DigitsNatural
+from .video import VIDEO_EXTENSIONS, BadVideoError, VideoFolder
 from .folders import (
     IMAGE_EXTENSIONS,
     BadImageError,
@@ -31,19 +34,23 @@ __all__ = [
     "CANVAS",
     "DIGIT_SCALE",
     "IMAGE_EXTENSIONS",
+    "VIDEO_EXTENSIONS",
     "PATCH",
     "TASKS",
     "BadImageError",
+    "BadVideoError",
     "DigitsClutter",
     "DigitsNatural",
     "ImageFolderDataset",
     "background_fraction",
     "build_dataset",
     "eval_transform",
+    "is_video_folder",
     "list_images",
     "load_image",
     "patch_foreground",
     "train_transform",
+    "VideoFolder",
 ]
 
 TASKS = {"digits-clutter": DigitsClutter, "digits-natural": DigitsNatural}
@@ -56,9 +63,11 @@ def build_dataset(task_or_path: str, split: str, **kw):
         task_or_path: a key of ``TASKS`` (e.g. ``"digits-clutter"``), or an existing directory laid out
             as ``root/<class>/<image>``; if ``root/<split>`` exists it is used instead of ``root``.
         split: ``"train"``, ``"val"`` or ``"test"``.
-        **kw: for a task, passed to its class (e.g. ``length``, ``seed``). For a folder:
+        **kw: for a task, passed to its class (e.g. ``length``, ``seed``). For an image folder:
             ``transform`` (overrides the default), ``image_size`` (default 224) and ``extensions``;
             the default transform is ``train_transform`` for ``split == "train"``, else ``eval_transform``.
+            For a video folder: :class:`VideoFolder`'s arguments (``num_frames``, ``img_size``, ``mean``,
+            ``std``, ``check``, ``skip_bad``, ...); ``train`` defaults to ``split == "train"``.
 
     Raises:
         ValueError: neither a known task nor an existing directory.
@@ -72,9 +81,30 @@ def build_dataset(task_or_path: str, split: str, **kw):
             f"unknown task or image folder {name!r}: expected one of {', '.join(sorted(TASKS))} "
             "or an existing directory laid out as <root>/<class>/<image>"
         )
+    folder = root / split if (root / split).is_dir() else root
+    if is_video_folder(folder):
+        kw.setdefault("train", split == "train")
+        return VideoFolder(folder, **kw)
     image_size = kw.pop("image_size", 224)
     transform = kw.pop("transform", None)
     if transform is None:
         transform = train_transform(image_size) if split == "train" else eval_transform(image_size)
-    folder = root / split if (root / split).is_dir() else root
     return ImageFolderDataset(folder, transform=transform, **kw)
+
+
+def is_video_folder(root) -> bool:
+    """Whether a ``root/<class>/...`` folder holds videos: the first media file found (sorted walk,
+    hidden entries skipped) has a video extension (:data:`VIDEO_EXTENSIONS`)."""
+    import os
+
+    for dirpath, dirnames, filenames in os.walk(Path(root), followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in sorted(filenames):
+            suffix = Path(f).suffix.lower()
+            if f.startswith(".") or dirpath == str(root):
+                continue
+            if suffix in VIDEO_EXTENSIONS:
+                return True
+            if suffix in IMAGE_EXTENSIONS:
+                return False
+    return False

@@ -225,7 +225,10 @@ def _timm_layer_norm() -> type:
 
 
 def load_model(path: str | os.PathLike) -> VisionTransformer:
-    """A backbone from an iared checkpoint (carries its config) or, failing that, a DeiT name guess."""
+    """A backbone from an iared checkpoint (carries its config; a TimeSformer's too, by its
+    ``architecture`` or its config's fields), or, failing that, a DeiT name guess."""
+    from iared.models.families import build_backbone, family_of_config
+
     obj = read_checkpoint(path)
     cfg = obj.get("config", {}).get("model") if isinstance(obj.get("config"), dict) else None
     if cfg is None:
@@ -233,6 +236,14 @@ def load_model(path: str | os.PathLike) -> VisionTransformer:
             f"bad checkpoint {path}: no model config inside; use create_model(name, checkpoint=...) for "
             "official DeiT or plain state-dict files"
         )
+    family = family_of_config(obj["config"], path)
+    if family != "vit":
+        sd = extract_state_dict(obj, path)
+        if str(obj.get("format", "")).startswith("iared-pruned/"):  # its fine-tuned backbone
+            sd = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
+        model = build_backbone(family, cfg, path)
+        load_weights(model, sd, path)
+        return model
     model = VisionTransformer(ViTConfig(**cfg))
     load_weights(model, adapt_state_dict(extract_state_dict(obj, path), model.cfg), path)
     return model
