@@ -378,18 +378,20 @@ def _taper(size: int) -> np.ndarray:
     return w
 
 
-def _background(photo: np.ndarray, rng: np.random.Generator, permute: bool = False) -> np.ndarray:
-    """A random square crop of ``photo`` resized to the canvas: float32 (64, 64, 3) in [0, 1].
-    ``permute``: also shuffle the colour channels (6 orders; more colours from few photographs)."""
+def _background(photo: np.ndarray, rng: np.random.Generator, permute: bool = False, size: int = CANVAS,
+                crop_sides: tuple[int, int] = CROP_SIDES) -> np.ndarray:
+    """A random square crop of ``photo`` (side log-uniform in ``crop_sides`` photo pixels) resized to
+    ``size``: float32 (size, size, 3) in [0, 1]. ``permute``: also shuffle the colour channels (6 orders;
+    more colours from few photographs)."""
     from PIL import Image
 
     h, w = photo.shape[:2]
     short = min(h, w)
-    lo, hi = min(CROP_SIDES[0], short), min(CROP_SIDES[1], short)
+    lo, hi = min(crop_sides[0], short), min(crop_sides[1], short)
     c = int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
     y, x = int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
     flip = bool(rng.integers(2))
-    img = Image.fromarray(photo).resize((CANVAS, CANVAS), Image.BILINEAR, box=(x, y, x + c, y + c))
+    img = Image.fromarray(photo).resize((size, size), Image.BILINEAR, box=(x, y, x + c, y + c))
     arr = np.asarray(img, dtype=np.float32) * np.float32(1 / 255)
     if permute:
         arr = arr[:, :, rng.permutation(3)]
@@ -400,6 +402,16 @@ def _paint(image: np.ndarray, alpha: np.ndarray, y: int, x: int, rng: np.random.
     """Blend a colour into ``image`` (H, W, 3) in place through ``alpha`` (h, w), placed at ``(y, x)``;
     returns the signed luminance contrast between the colour and the alpha-weighted mean luminance
     underneath."""
+    colour, contrast = _pick_colour(image, alpha, y, x, rng)
+    _blend(image, alpha, y, x, colour)
+    return contrast
+
+
+def _pick_colour(image: np.ndarray, alpha: np.ndarray, y: int, x: int,
+                 rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """:func:`_paint`'s colour for ``alpha`` at ``(y, x)`` over ``image``: float32 (3,) whose luminance
+    differs from the alpha-weighted mean luminance underneath by a contrast in ``CONTRAST``, darker or
+    brighter at random; and that signed contrast."""
     h, w = alpha.shape
     region = image[y : y + h, x : x + w]
     under = float(np.einsum("ijc,c,ij->", region, LUMA, alpha) / max(float(alpha.sum()), 1e-6))
@@ -411,9 +423,15 @@ def _paint(image: np.ndarray, alpha: np.ndarray, y: int, x: int, rng: np.random.
     colour = rng.uniform(0, 1, size=3).astype(np.float32)
     colour = np.clip(colour + np.float32(target - float(colour @ LUMA)), 0, 1)
     colour = np.clip(colour + np.float32(target - float(colour @ LUMA)), 0, 1)  # re-centre after clipping
+    return colour, float(colour @ LUMA) - under
+
+
+def _blend(image: np.ndarray, alpha: np.ndarray, y: int, x: int, colour: np.ndarray) -> None:
+    """``image[y:y+h, x:x+w] = (1 - alpha) * image + alpha * colour``, in place."""
+    h, w = alpha.shape
+    region = image[y : y + h, x : x + w]
     a = alpha[:, :, None]
     region += a * (colour - region)
-    return float(colour @ LUMA) - under
 
 
 # -- measurements ------------------------------------------------------------------------------
