@@ -188,3 +188,86 @@ def test_pixel_floor_reads_the_cells_of_each_stage_grid():
     with torch.inference_mode():
         out = model(images, "budget", keep_ratio=0.5)
     assert torch.isfinite(out.logits).all()
+
+
+# -- peers that read the block before (EViT, ATS) on the grid -----------------------------------------
+
+
+def _summary_attention_by_hand(block, grid, alive_positions):
+    """The documented record, spelled out: the grid's pooled q / k / v, the alive output tokens'
+    queries, their mean asking every alive token through the pooled key cell that covers it.
+    ``grid`` (B, N, C): the block's input grid; ``alive_positions[b]``: positions on its output grid."""
+    q, k, v, *_ = block.attn.pooled(block.norm1(grid), (block.size, block.size))
+    side, kv = block.out_size, block.kv_size
+    y = torch.arange(side) * kv // side
+    cells = (y[:, None] * kv + y[None, :]).reshape(-1)
+    attention = torch.zeros(grid.shape[0], side * side)
+    norms = torch.zeros(grid.shape[0], side * side)
+    for b, alive in enumerate(alive_positions):
+        qb, kb, vb = q[b, alive], k[b, cells[alive]], v[b, cells[alive]]  # (n, H, D)
+        logits = (qb.mean(0, keepdim=True) * kb).sum(-1) * kb.shape[-1] ** -0.5  # (n, H)
+        attention[b, alive] = logits.softmax(0).mean(-1)
+        norms[b, alive] = vb.norm(dim=-1).mean(-1)
+    return attention, norms
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+@pytest.mark.parametrize("block_index", [2, 3, 4])  # pooled keys 2x2 tokens per cell / stride 2 / one per cell
+def test_record_is_the_summary_querys_attention_to_the_covering_key(layout, block_index):
+    from iared.models.vit import BlockRecord
+
+    backbone = tiny_backbone(3).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        tokens = backbone.embed(x)
+        for block in backbone.blocks[:block_index]:
+            tokens = block(tokens)
+        keep = torch.rand(tokens.data.shape[:2], generator=torch.Generator().manual_seed(5)) < 0.6
+        keep[:, 0] = True
+        if backbone.blocks[block_index].changes_grid:
+            keep[:] = True  # a stride-2 block reads the whole grid anyway
+        tokens = tokens.select(keep, layout)
+        record = BlockRecord()
+        out = backbone.blocks[block_index](tokens, record=record)
+        block = backbone.blocks[block_index]
+        grid = tokens.on_grid() if tokens.grid is not None else tokens.data
+        if block.changes_grid:  # the record belongs to the coarse grid it returns, every token alive
+            alive = [torch.arange(block.out_size**2)] * 2
+        else:
+            ids, index = tokens.image_ids(), tokens.index
+            valid = tokens.valid() if tokens.valid() is not None else torch.ones_like(ids, dtype=torch.bool)
+            alive = [index[(ids == b) & valid] for b in range(2)]
+        attention, norms = _summary_attention_by_hand(block, grid, alive)
+    got = out.scatter(record.cls_attention, attention.shape[1])
+    got_norms = out.scatter(record.values_norm, norms.shape[1])
+    assert float((got - attention).abs().max()) <= 1e-5
+    assert float((got_norms - norms).abs().max()) <= 1e-5
+    assert torch.allclose(out.sum_per_image(record.cls_attention), torch.ones(2))
+
+
+@pytest.mark.parametrize("name", ["evit", "ats"])
+def test_evit_and_ats_run_on_mvit(name):
+    from iared.reducers.registry import build_reduced, forward_kwargs
+
+    backbone = tiny_backbone(2).eval()
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        full = backbone(x)
+        off = build_reduced(name, backbone, 1.0).eval()
+        assert off.stage_starts == (0, 2, 4, 7)  # a reducer-less first stage, then each grid's first stride-1 block
+        assert float((off(x, **forward_kwargs(name, 1.0)).logits - full).abs().max()) <= TOL
+        model = build_reduced(name, backbone, 0.5).eval()
+        packed = model(x, layout="packed", **forward_kwargs(name, 0.5))
+        padded = model(x, layout="padded", **forward_kwargs(name, 0.5))
+    assert float((packed.logits - padded.logits).abs().max()) <= TOL
+    kept = [float(k.float().mean()) for k in packed.keep[1:]]
+    assert all(k < 0.8 for k in kept), kept  # tokens really left at every reducing stage
+    assert (packed.macs < model.full_macs()).all()
+    assert not torch.allclose(packed.logits, full)
+
+
+def test_tome_refuses_mvit_with_a_reason():
+    from iared.reducers.registry import build_reduced
+
+    with pytest.raises(ValueError, match="pool keys over the token grid"):
+        build_reduced("tome", tiny_backbone(), 2)

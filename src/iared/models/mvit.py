@@ -46,6 +46,14 @@ class token: the IA-RED² interpreter's query is the mean of the alive tokens
 (:meth:`iared.tokens.Tokens.summary`), the average the head reads. The head averages the whole final
 grid, dropped tokens at their last features.
 
+Peers on the grid: EViT and ATS rank tokens by the previous block's attention from a summary
+query. Here keys and values are pooled, so no query sees a single token's key; a block's record
+(``record=``) credits each token it returns with the attention that the mean of the alive queries
+pays to the pooled key cell covering it (tokens of one cell share its logit), and with that cell's
+value norm. Where keys are not pooled (stride 1: the last two stages of MViTv2) this is exactly
+EViT's class attention. Token merging (ToMe) would need merged sizes to weight keys that are
+pooled over the grid, which has no meaning: it is refused (``supports_key_weights``).
+
 MACs (:meth:`MultiScaleBlock.macs`) follow the widths and resolutions block by block: grid work
 (projections, pooling, relative-position tables) at the full grid, query work (attention, output
 projection, MLP) at the alive count.
@@ -262,9 +270,30 @@ class MultiScaleBlock(nn.Module):
         pooled = F.max_pool2d(grid, kernel, s, tuple(k // 2 for k in kernel))
         return pooled.flatten(2).transpose(1, 2)
 
+    def _key_cells(self, device) -> Tensor:
+        """``(out_size**2,)`` long: the pooled key / value cell that covers each output grid position
+        (nearest: coordinates scaled by ``kv_size / out_size``)."""
+        y = torch.arange(self.out_size, device=device) * self.kv_size // self.out_size
+        return (y[:, None] * self.kv_size + y[None, :]).reshape(-1)
+
+    def _fill_record(self, record, out: Tokens, q: Tensor, k: Tensor, v: Tensor) -> None:
+        """What EViT and ATS read, for the tokens this block returns (``q`` aligned with them).
+
+        Keys and values are pooled here (a query never sees one token's own key), so a token is
+        credited with the attention the summary query pays to the pooled cell that covers it, and
+        with that cell's value norm; tokens sharing a cell share its logit. Where keys are not
+        pooled (stride 1, the last stages of MViTv2) this is exactly EViT's class attention.
+        """
+        cells = self._key_cells(q.device)
+        k_tok, v_tok = k[:, cells], v[:, cells]  # (B, out_size**2, H, D) on the output grid
+        if out.uniform_length() != self.out_size**2:
+            k_tok, v_tok = out.from_grid(k_tok), out.from_grid(v_tok)
+        record.fill(out, q, k_tok, v_tok)
+
     def forward(self, tokens: Tokens, weights_out: list | None = None, record=None) -> Tokens:
-        if weights_out is not None or record is not None:
-            raise NotImplementedError("MViTv2 blocks record no class attention (explainers / EViT / ATS / ToMe)")
+        if weights_out is not None:
+            raise NotImplementedError("MViTv2 blocks pool keys over the grid: there is no token-to-token "
+                                      "attention map for attention explainers")
         if tokens.weights is not None:
             raise NotImplementedError("MViTv2 blocks pool keys over the grid: key weights (merging, gates) "
                                       "have no meaning there")
@@ -280,15 +309,21 @@ class MultiScaleBlock(nn.Module):
             grid_tokens = DenseTokens(q, index, 0, tokens.attention, has_class_token=False)
             y = shortcut + self.attn.attend(grid_tokens, q, k, v, rel_h, rel_w)
             y = y + self.mlp(self.norm2(y))
-            if self.changes_grid:  # the coarse grid starts whole (see the module docstring)
-                return DenseTokens(y, grid_tokens.index, 0, tokens.attention, has_class_token=False, grid=y)
-            return tokens.with_data(y)
+            out = (DenseTokens(y, grid_tokens.index, 0, tokens.attention, has_class_token=False, grid=y)
+                   if self.changes_grid else tokens.with_data(y))  # the coarse grid starts whole (module docstring)
+            if record is not None:
+                self._fill_record(record, out, q, k, v)
+            return out
         # Alive tokens only: their rows of the pooled queries and relative terms.
         pick = tokens.from_grid
         shortcut = tokens.data if self.shortcut_proj_attn is None else self.shortcut_proj_attn(pick(xn))
-        y = shortcut + self.attn.attend(tokens, pick(q), k, v, pick(rel_h), pick(rel_w))
+        q = pick(q)
+        y = shortcut + self.attn.attend(tokens, q, k, v, pick(rel_h), pick(rel_w))
         y = y + self.mlp(self.norm2(y))
-        return tokens.with_data(y)
+        out = tokens.with_data(y)
+        if record is not None:
+            self._fill_record(record, out, q, k, v)
+        return out
 
     def macs(self, n):
         """MACs on ``n`` alive input tokens (int or ``(B,)`` tensor): grid work at the full grid, query
@@ -331,6 +366,7 @@ class MultiScaleViT(nn.Module):
     """
 
     num_prefix_tokens = 0
+    supports_key_weights = False  # keys are pooled over the grid: merged sizes cannot weight them (no ToMe)
 
     def __init__(self, cfg: MViTConfig | None = None, **overrides):
         super().__init__()

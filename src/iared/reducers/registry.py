@@ -21,7 +21,10 @@ Placements on any depth: IA-RED² and the floors, 3 equal stages from block 0
 (:func:`iared.stages.equal_stage_starts`); ToMe, one stage per block from block 1 (it reads the
 keys of the block before); EViT and ATS, :func:`quarter_locations` (``round(depth/4)``,
 ``round(depth/2)``, ``round(3 depth/4)``). Reducers that read the block before need a stage start
-of 1 or more; a leading stage with no reducer runs the blocks before the first reducer.
+of 1 or more; a leading stage with no reducer runs the blocks before the first reducer. On a
+backbone that says where reducers help (MViTv2's ``default_stage_starts``: the first stride-1 block
+of each resolution stage) every method takes those places instead (:func:`default_locations`);
+ToMe refuses a backbone whose keys are pooled over the grid (``supports_key_weights = False``).
 
 A new method is one :class:`Method` entry in :data:`METHODS` (see ``dynamicvit``).
 """
@@ -130,6 +133,19 @@ def stage_starts(name: str, depth: int) -> tuple[int, ...]:
     return method(name).locations(depth)
 
 
+def default_locations(name: str, backbone, reads_record: bool = False) -> tuple[int, ...]:
+    """Where method ``name``'s reducers sit on ``backbone``: its natural placement by depth, or, on a
+    backbone whose blocks are not interchangeable (MViTv2: ``default_stage_starts``), as many stages
+    placed where the backbone says reducers help, minus block 0 for methods that read the block
+    before their stage (``reads_record``)."""
+    natural = method(name).locations(len(backbone.blocks))
+    starts = getattr(backbone, "default_stage_starts", None)
+    if starts is None:
+        return natural
+    locs = tuple(starts(len(natural) + 1))
+    return tuple(s for s in locs if s >= 1)[:len(natural)] if reads_record else locs[:len(natural)]
+
+
 def build_reduced(name: str, backbone, knob, stage_starts: Sequence[int] | None = None, *,
                   interpreters: Sequence[Reducer] | None = None, seed: int | None = None) -> ReducedModel:
     """``backbone`` with method ``name``'s reducers at ``stage_starts`` (the blocks they sit before;
@@ -142,8 +158,13 @@ def build_reduced(name: str, backbone, knob, stage_starts: Sequence[int] | None 
     settings, not from the reducers.
     """
     m = method(name)
-    depth = len(backbone.blocks)
-    locs = tuple(int(s) for s in (stage_starts if stage_starts is not None else m.locations(depth)))
+    if name == "tome" and not getattr(backbone, "supports_key_weights", True):
+        raise ValueError(f"tome does not run on {type(backbone).__name__}: its blocks pool keys over the "
+                         "token grid, so merged tokens' sizes (proportional attention) have no meaning there")
+    if stage_starts is None:
+        reads_record = m.reducer is not None and m.reducer(backbone, m.no_reduction, 0).needs_record
+        stage_starts = default_locations(name, backbone, reads_record)
+    locs = tuple(int(s) for s in stage_starts)
     if name == "iared":
         return _iared(backbone, locs, interpreters)
     if name == "dynamicvit":
