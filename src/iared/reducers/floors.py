@@ -10,7 +10,13 @@ it (all its pixels and channels), mapped per image to (0, 1) by rank: "keep the 
 something in them". Budget mode keeps the k most varied patches; threshold t keeps about
 ``1 - t`` of them, patches with equal variance (blank background) all together.
 
-Both score prefix tokens 1 (always kept) and cost no multiply-accumulates.
+On video, :class:`FrameDifference`: the score of a space-time token is how much its patch changed
+since the previous frame (mean absolute pixel difference; frame 0 against frame 1), ranked per clip:
+"keep what moves", the idea behind run-length tokenization (Choudhury et al., 2024), which drops
+patches that repeat the previous frame. It needs a time axis (a backbone whose ``token_grid`` is
+``(T, H, W)``) and refuses image backbones in one line.
+
+All score prefix tokens 1 (always kept) and cost no multiply-accumulates.
 """
 
 from __future__ import annotations
@@ -97,3 +103,45 @@ class PixelSaliency(Reducer):
 
     def describe(self) -> dict:
         return {"method": "pixel"}
+
+
+def frame_change(backbone, inputs: Tensor, block: int = 0) -> Tensor:
+    """``(B, T*H*W)``: mean absolute difference between the pixels under each space-time patch token
+    and the same patch one frame earlier (frame 0: against frame 1), in token order.
+
+    ``backbone``: a video backbone (``token_grid`` ``(T, H, W)``; :meth:`patch_pixels` on clips
+    ``(B, T, C, H, W)``). An image backbone raises ``ValueError``."""
+    grid = tuple(getattr(backbone, "token_grid", ()))
+    if len(grid) != 3:
+        raise ValueError(f"the frame-difference floor needs video tokens on a (T, H, W) grid; "
+                         f"{type(backbone).__name__} has a {grid or 'no'} grid (images have no previous frame)")
+    T = grid[0]
+    pixels = backbone.patch_pixels(inputs, block).float()  # (B, T*S, D)
+    if T < 2:
+        return torch.zeros(pixels.shape[:2], device=pixels.device)
+    pixels = pixels.reshape(pixels.shape[0], T, -1, pixels.shape[-1])
+    diff = (pixels[:, 1:] - pixels[:, :-1]).abs().mean(-1)  # (B, T-1, S): frame t against t - 1
+    return torch.cat([diff[:, :1], diff], dim=1).flatten(1)
+
+
+class FrameDifference(Reducer):
+    """Frame-difference floor on video: score = rank of the patch's change since the previous frame
+    (:func:`frame_change`) among the clip's alive patch tokens, ``(rank + 0.5) / n`` (ties share their
+    mean rank), so budget mode keeps the most-changed tokens and threshold t about ``1 - t`` of them.
+    Refuses image backbones (no time axis) in one line."""
+
+    uses_policy = True
+
+    def forward(self, x: StageInput) -> Decision:
+        t = x.tokens
+        change = frame_change(x.backbone, x.inputs, x.block).to(t.data.dtype)  # (B, N_patches)
+        patch_index = (t.index - t.num_prefix).clamp_min(0)
+        raw = change[t.image_ids(), patch_index]
+        scores = _prefix_one(t, fractional_rank(t, raw))
+        return keep_from_scores(t, scores, x.settings, macs=self.macs)
+
+    def macs(self, n) -> float:
+        return 0.0
+
+    def describe(self) -> dict:
+        return {"method": "framediff"}

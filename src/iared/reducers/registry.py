@@ -10,6 +10,8 @@ method     knob                                                         no reduc
 random     keep ratio per stage (budget top-k of random scores);        1.0         0, 4, 8
            one value or one per stage
 pixel      keep ratio per stage (budget top-k of pixel std ranks)       1.0         0, 4, 8
+framediff  keep ratio per stage (budget top-k of frame-change ranks;    1.0         0, 4, 8
+           video backbones only)
 iared      threshold on the interpreter scores (IA-RED²'s rule)         0.0         0, 4, 8
 tome       r, tokens merged per image at every stage                    0           1, 2, ..., 11
 evit       keep rate: ceil(rate * alive patches) kept, rest fused       1.0         3, 6, 9
@@ -37,7 +39,7 @@ from dataclasses import dataclass
 from iared.reducers.ats import ATS
 from iared.reducers.base import Reducer, quarter_locations
 from iared.reducers.evit import EViT
-from iared.reducers.floors import PixelSaliency, RandomReducer
+from iared.reducers.floors import FrameDifference, PixelSaliency, RandomReducer
 from iared.reducers.tome import ToMe
 from iared.stages import ReducedModel, ReducedOutput, equal_stage_starts
 
@@ -95,6 +97,9 @@ METHODS: dict[str, Method] = {
     "pixel": Method("pixel", "keep ratio per stage (budget top-k by pixel standard deviation)", 1.0,
                     (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3), three_equal_stages,
                     lambda backbone, knob, stage: PixelSaliency(), _budget),
+    "framediff": Method("framediff", "keep ratio per stage (budget top-k by change since the previous frame; video)",
+                        1.0, (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3), three_equal_stages,
+                        lambda backbone, knob, stage: FrameDifference(), _budget),
     "iared": Method("iared", "threshold on the interpreter's keep score (threshold mode)", 0.0,
                     (0.3, 0.4, 0.5, 0.6, 0.7, 0.8), three_equal_stages, None,
                     lambda knob: {"mode": "threshold", "threshold": knob}, learns=True),
