@@ -1,8 +1,11 @@
-"""``iared make-dataset``: render an embedded task's split to PNG files (:func:`iared.data.natural.write_dataset`).
+"""``iared make-dataset``: render an embedded task's split to files (:func:`iared.data.natural.write_dataset`;
+video: :func:`iared.data.moving.write_videos`).
 
-Writes ``OUT/images/<label>/NNNNN.png`` (an ImageFolder that ``iared eval --task OUT/images`` reads)
-and the matching digit masks ``OUT/masks/<label>/NNNNN.png`` (0 / 255, same file names; what
-``iared explain-eval --images/--masks`` reads).
+Image tasks write ``OUT/images/<label>/NNNNN.png`` (an ImageFolder that ``iared eval --task OUT/images``
+reads) and the matching digit masks ``OUT/masks/<label>/NNNNN.png`` (0 / 255, same file names; what
+``iared explain-eval --images/--masks`` reads). ``moving-digits`` writes ``OUT/videos/<label>/NNNNN.mp4``
+(lossless H.264 RGB, a VideoFolder that ``iared eval --task OUT/videos`` reads) and the digit mask of
+every frame, ``OUT/masks/<label>/NNNNN/<frame>.png``.
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ import sys
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("make-dataset", help="write an embedded task's images and digit masks as PNG folders",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("task", help="digits-natural or digits-clutter")
+    p.add_argument("task", help="digits-natural, digits-clutter or moving-digits (video)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="source split (default: test)")
-    p.add_argument("--n", type=int, default=1000, help="number of images (default: 1000)")
+    p.add_argument("--n", type=int, default=1000, help="number of images or clips (default: 1000)")
     p.add_argument("--seed", type=int, default=0, help="sample seed (default: 0, the canonical samples)")
     p.add_argument("--backgrounds", metavar="DIR",
                    help="digits-natural: photographs to draw on instead of the split's bundled ones")
@@ -32,6 +35,16 @@ def main(args: argparse.Namespace) -> int:
     from iared.files import check_output_dir
 
     check_output_dir(args.out, "--out folder")
+    if args.task == "moving-digits":
+        from iared.data.moving import write_videos
+
+        if args.backgrounds is not None:
+            raise ValueError("--backgrounds applies to digits-natural only, not moving-digits")
+        out = write_videos(args.split, args.n, args.out, seed=args.seed, overwrite=args.overwrite,
+                           progress=args.progress)
+        print(f"wrote {args.n} clips to {out / 'videos'} and their per-frame masks to {out / 'masks'}",
+              file=sys.stderr)
+        return 0
     out = write_dataset(args.task, args.split, args.n, args.out, seed=args.seed, backgrounds=args.backgrounds,
                         overwrite=args.overwrite, progress=args.progress)
     print(f"wrote {args.n} images to {out / 'images'} and their masks to {out / 'masks'}", file=sys.stderr)

@@ -18,6 +18,7 @@ from .digits import (
     background_fraction,
     patch_foreground,
 )
+from .moving import MovingDigits
 from .natural import DigitsNatural
 from .video import VIDEO_EXTENSIONS, BadVideoError, VideoFolder
 from .folders import (
@@ -42,6 +43,7 @@ __all__ = [
     "DigitsClutter",
     "DigitsNatural",
     "ImageFolderDataset",
+    "MovingDigits",
     "background_fraction",
     "build_dataset",
     "eval_transform",
@@ -53,7 +55,7 @@ __all__ = [
     "VideoFolder",
 ]
 
-TASKS = {"digits-clutter": DigitsClutter, "digits-natural": DigitsNatural}
+TASKS = {"digits-clutter": DigitsClutter, "digits-natural": DigitsNatural, "moving-digits": MovingDigits}
 
 
 def build_dataset(task_or_path: str, split: str, **kw):
