@@ -1,4 +1,4 @@
-"""``iared bench``: how fast is a pruned ViT really, next to what its FLOPs promise?
+"""``iared bench``: how fast is a pruned ViT (or TimeSformer) really, next to what its FLOPs promise?
 
 For each dtype and batch size it times, in one run and on the same images:
 
@@ -13,6 +13,10 @@ For each dtype and batch size it times, in one run and on the same images:
 Every row carries the FLOPs-ideal speed-up (unpruned MACs / pruned MACs, from
 :attr:`PrunedOutput.macs`), the measured speed-up (unpruned time / its time, same run) and their
 ratio, the *efficiency*; plus the interpreters' MACs as a share of the backbone's.
+
+Video: ``--model timesformer_base_patch16_224 --frames 8`` times a TimeSformer on random clips
+``(B, T, 3, H, W)`` (``--frames`` sets ``num_frames`` of a random-weight model); the same loop, the
+same rows (batch = clips).
 
 Speed needs no trained weights. With random weights every interpreter scores about 0.5, so the
 bench re-initialises the interpreters' weights with a larger std (``--interpreter-std``; this is
@@ -34,6 +38,7 @@ from torch import Tensor
 
 from iared import flops
 from iared.files import check_output_file, json_safe, write_json
+from iared.models.families import input_shape
 from iared.pruning import IARed, PrunedOutput
 from iared.timing import (  # noqa: F401  (CLOCKS, synchronize: re-exported)
     CLOCKS,
@@ -54,6 +59,8 @@ MODEL_ALIASES = {"digits": "digits_vit", "deit-s": "deit_small_patch16_224", "de
                  "deit-b": "deit_base_patch16_224"}
 # --quick: a tiny geometry and one timed call, so the whole command runs in seconds (smoke tests)
 QUICK_GEOMETRY = dict(img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=48, depth=3, num_heads=3)
+# --quick on a TimeSformer name: 4 frames of 4x4 patches of 8
+QUICK_VIDEO_GEOMETRY = dict(img_size=32, patch_size=8, num_frames=4, num_classes=10, embed_dim=48, depth=3, num_heads=3)
 
 
 @dataclass
@@ -65,6 +72,7 @@ class BenchConfig:
     checkpoint: str | None = None
     threshold: float | None = None  # with --checkpoint: its threshold (default 0.5)
     keep: float = 0.7
+    frames: int | None = None  # video models with random weights: num_frames (default: the model's)
     task: str | None = None  # images from this task's test split (e.g. digits-clutter); None: Gaussian noise
     device: str = "auto"
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
@@ -291,10 +299,12 @@ def load_task_images(task: str, n: int, mcfg) -> Tensor:
     ds = build_dataset(task, "test")
     if len(ds) == 0:
         raise ValueError(f"--task {task}: empty test split")
+    from iared.models.families import input_shape
+
     images, _ = stack_batch(ds, torch.arange(n) % len(ds))
-    if tuple(images.shape[1:]) != (mcfg.in_chans, mcfg.img_size, mcfg.img_size):
-        raise ValueError(f"--task {task}: images of shape {tuple(images.shape[1:])} do not fit the model "
-                         f"({mcfg.in_chans}x{mcfg.img_size}x{mcfg.img_size})")
+    if tuple(images.shape[1:]) != input_shape(mcfg):
+        raise ValueError(f"--task {task}: inputs of shape {tuple(images.shape[1:])} do not fit the model "
+                         f"({'x'.join(map(str, input_shape(mcfg)))})")
     return images
 
 
@@ -306,6 +316,9 @@ def build_model(cfg: BenchConfig, device: torch.device) -> tuple[IARed, list[flo
     to build it where the file cannot) gets fresh interpreters, spread and calibrated like the
     random-weight geometries (:mod:`iared.loading`'s rules, shared by every command).
     """
+    if cfg.checkpoint and cfg.frames is not None:
+        raise ValueError("--frames applies to random-weight video models (--model NAME); a --checkpoint carries "
+                         "its own frame count")
     if cfg.checkpoint:
         from iared.checkpoint import read_checkpoint
         from iared.loading import is_pruned, load_iared
@@ -319,10 +332,18 @@ def build_model(cfg: BenchConfig, device: torch.device) -> tuple[IARed, list[flo
         spread_interpreters(model, cfg.interpreter_std, cfg.seed)
         return model, None
     from iared.models import create_model
+    from iared.models.timesformer import TIMESFORMER_CONFIGS
 
     torch.manual_seed(cfg.seed)
     name = MODEL_ALIASES.get(cfg.model, cfg.model)
-    backbone = create_model(name, **(QUICK_GEOMETRY if cfg.quick else {}))
+    video = name in TIMESFORMER_CONFIGS
+    if cfg.frames is not None and not video:
+        raise ValueError(f"--frames {cfg.frames}: {name} is an image model (frames apply to TimeSformer names: "
+                         f"{', '.join(sorted(TIMESFORMER_CONFIGS)[:3])}, ...)")
+    overrides = dict((QUICK_VIDEO_GEOMETRY if video else QUICK_GEOMETRY) if cfg.quick else {})
+    if cfg.frames is not None:
+        overrides["num_frames"] = cfg.frames
+    backbone = create_model(name, **overrides)
     model = IARed(backbone).eval()
     spread_interpreters(model, cfg.interpreter_std, cfg.seed)
     return model.to(device), None
@@ -378,7 +399,7 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = _log) -> dict:
             if pool is not None:
                 images = pool[:batch]
             else:
-                images = torch.randn(batch, mcfg.in_chans, mcfg.img_size, mcfg.img_size, generator=gen)
+                images = torch.randn(batch, *input_shape(mcfg), generator=gen)
             images = images.to(device, dtype)
             try:
                 thresholds = fixed or calibrate_thresholds(model, images, cfg.keep)

@@ -291,15 +291,12 @@ def task_dataset(task: str, split: str, model_cfg=None, augment: bool = False, *
     the folder defaults.
     """
     from iared.data import TASKS, build_dataset, eval_transform, is_video_folder, train_transform
-    from iared.models.families import is_video_config
+    from iared.models.families import input_shape, is_video_config
 
     if task in TASKS:
         dataset = build_dataset(task, split, **task_kw)
         if model_cfg is not None and len(dataset):
-            shape = tuple(dataset[0][0].shape)
-            want = (model_cfg.in_chans, model_cfg.img_size, model_cfg.img_size)
-            if is_video_config(model_cfg):
-                want = (model_cfg.num_frames, *want)
+            shape, want = tuple(dataset[0][0].shape), input_shape(model_cfg)
             if shape != want:
                 layout = "TxCxHxW" if len(shape) == 4 else "CxHxW"
                 raise ValueError(f"--task {task}: its inputs are {'x'.join(map(str, shape))} ({layout}) but the model "

@@ -22,12 +22,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default=None,
                    help="backbone geometry with random weights (default DeiT-S; 'digits' = the embedded task's "
-                        "digits_vit); with --checkpoint FILE: how to build the file's backbone weights")
+                        "digits_vit; timesformer_base_patch16_224 etc.: video); with --checkpoint FILE: how to build the file's backbone weights")
     p.add_argument("--checkpoint", help="a pruned IA-RED² checkpoint (timed at its threshold), or backbone weights "
                                         "(official DeiT .pth, state dict, safetensors: fresh interpreters, calibrated)")
     p.add_argument("--threshold", type=float, help="threshold for a pruned --checkpoint (default: the one it records)")
     p.add_argument("--keep", type=float, default=BenchConfig.keep,
                    help="random-weight models: mean kept fraction per stage (thresholds calibrated on the batch)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="video models with random weights (timesformer_*): frames per clip (default: the model's)")
     p.add_argument("--task", help="time on this task's test images (e.g. digits-clutter) instead of Gaussian noise; "
                                   "useful with --checkpoint, whose trained interpreters then keep realistic counts")
     p.add_argument("--device", default=BenchConfig.device, choices=["auto", "cpu", "cuda"],

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["backbone_families", "build_backbone", "family_of", "family_of_config", "is_video_config"]
+__all__ = ["backbone_families", "build_backbone", "family_of", "family_of_config", "input_shape", "is_video_config"]
 
 
 def backbone_families() -> dict[str, tuple[type, type]]:
@@ -56,3 +56,9 @@ def build_backbone(family: str, model_config: dict, path: str | os.PathLike = "<
 def is_video_config(cfg) -> bool:
     """Whether a model config takes clips ``(B, T, C, H, W)`` (it has ``num_frames``)."""
     return hasattr(cfg, "num_frames")
+
+
+def input_shape(cfg) -> tuple[int, ...]:
+    """One input of a model with config ``cfg``: ``(C, H, W)``, or ``(T, C, H, W)`` for a video model."""
+    image = (cfg.in_chans, cfg.img_size, cfg.img_size)
+    return (cfg.num_frames, *image) if is_video_config(cfg) else image
