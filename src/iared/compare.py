@@ -33,8 +33,9 @@ from iared.files import save_figure, write_json, write_text
 from iared.stages import ReducedModel, ReducedOutput
 from iared.timing import REPEATS, machine_info, median_ms, time_interleaved
 
+DEFAULT_METHODS = ("iared", "dynamicvit", "tome", "evit", "ats", "random", "pixel")
 LOSS_LEVELS = (0.5, 1.0)  # points of top-1 lost, for the best_speedup_at_loss summary
-FLOOR_METHODS = ("random", "pixel")
+FLOOR_METHODS = ("random", "pixel", "framediff")
 DYNAMICVIT_LR = 1e-3  # the predictors' learning rate (Adam-style; the paper's 1e-3 scaled for batch 512)
 
 
@@ -45,7 +46,8 @@ class CompareConfig:
     task: str = "digits-clutter"
     backbone: str | None = None  # weights file; None: the task's shipped backbone
     model: str | None = None  # backbone name (with or without a weights file)
-    methods: tuple[str, ...] = ("iared", "dynamicvit", "tome", "evit", "ats", "random", "pixel")
+    # None: these, plus the frame-difference floor on a video backbone (registry.default_methods)
+    methods: tuple[str, ...] | None = None
     train_steps: int = 300  # optimiser steps per IA-RED² stage; DynamicViT gets as many in total
     train_batch: int = 64
     iared_checkpoint: str | None = None  # trained interpreters on this same backbone: skip training them
@@ -58,7 +60,7 @@ class CompareConfig:
     quick: bool = False  # CI smoke run: few images, few steps, one knob value per method, 1 repeat
 
     def __post_init__(self):
-        self.methods = tuple(self.methods)
+        self.methods = None if self.methods is None else tuple(self.methods)
         self.dynamicvit_ratios = tuple(float(r) for r in self.dynamicvit_ratios)
         self.batch_sizes = tuple(int(b) for b in self.batch_sizes)
         if self.quick:
@@ -201,9 +203,7 @@ def build_candidates(cfg: CompareConfig, backbone, train_set, progress: Callable
     what was trained (method -> steps, batch, seconds) and the IA-RED² model (None if not compared)."""
     from iared.reducers import registry
 
-    unknown = [m for m in cfg.methods if m not in registry.METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(registry.METHODS)}")
+    check_methods(cfg, backbone)
     candidates: list[Candidate] = []
     trained: dict[str, dict] = {}
     iared_model = None
@@ -223,6 +223,20 @@ def build_candidates(cfg: CompareConfig, backbone, train_set, progress: Callable
                 model = registry.build_reduced(method, backbone, knob)
                 candidates.append(Candidate(method, knob, registry.runner(method, model, knob)))
     return candidates, trained, iared_model
+
+
+def check_methods(cfg: CompareConfig, backbone) -> None:
+    """Resolve the default method list for ``backbone`` and refuse unknown methods and methods that do
+    not apply to it (one line each, before any work)."""
+    from iared.reducers import registry
+
+    if cfg.methods is None:
+        cfg.methods = registry.default_methods(backbone, DEFAULT_METHODS)
+    unknown = [m for m in cfg.methods if m not in registry.METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(registry.METHODS)}")
+    for m in cfg.methods:
+        registry.check_applies(m, backbone)
 
 
 def _runner(model: ReducedModel, **kw) -> Callable[[Tensor], ReducedOutput]:
@@ -287,9 +301,13 @@ def run_compare(cfg: CompareConfig, progress: Callable[[str], None] = _log) -> d
 
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.out)
-    default = "digits_natural_vit" if cfg.task == "digits-natural" else "digits_vit"
+    default = {"digits-natural": "digits_natural_vit", "moving-digits": None}.get(cfg.task, "digits_vit")
+    if cfg.backbone is None and cfg.model is None and default is None:
+        raise ValueError(f"--task {cfg.task}: no shipped backbone for it yet; pass --backbone FILE (and --model NAME "
+                         "where the file does not say what it is)")
     backbone = load_backbone(cfg.backbone, cfg.model, pretrained=cfg.backbone is None, default=default).eval()
     backbone.requires_grad_(False)
+    check_methods(cfg, backbone)
     test_set = task_dataset(cfg.task, "test", backbone.cfg)
     train_set = task_dataset(cfg.task, "train", backbone.cfg)
     images, labels = stack_batch(test_set, torch.arange(min(cfg.test_samples, len(test_set))))

@@ -19,11 +19,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     d = CompareConfig()
     p = subparsers.add_parser("compare", help="IA-RED², ToMe, EViT, DynamicViT, ATS and the floors on one backbone",
                               description=compare.__doc__.split("\n\n")[0])
-    p.add_argument("--task", default=d.task, help="digits-clutter, digits-natural or an image folder (default %(default)s)")
+    p.add_argument("--task", default=d.task, help="digits-clutter, digits-natural, moving-digits (video), an image "
+                                                  "folder or a video folder (default %(default)s)")
     p.add_argument("--backbone", metavar="FILE", help="backbone weights (default: the task's shipped backbone)")
     p.add_argument("--model", metavar="NAME", help="backbone name, to build --backbone's weights with")
     p.add_argument("--methods", type=_csv(str), default=d.methods,
-                   help=f"comma list (default {','.join(d.methods)})")
+                   help=f"comma list (default {','.join(compare.DEFAULT_METHODS)}, plus framediff on a video backbone)")
     p.add_argument("--train-steps", type=int, default=d.train_steps,
                    help="optimiser steps per IA-RED² stage; DynamicViT gets as many in total (default %(default)s)")
     p.add_argument("--train-batch", type=int, default=d.train_batch)

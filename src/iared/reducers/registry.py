@@ -29,6 +29,11 @@ of each resolution stage) every method takes those places instead (:func:`defaul
 ToMe refuses a backbone whose keys are pooled over the grid (``supports_key_weights = False``).
 
 A new method is one :class:`Method` entry in :data:`METHODS` (see ``dynamicvit``).
+
+Video (TimeSformer): every method runs on space-time tokens (ToMe, EViT and ATS read the spatial
+attention's class-token row and keys, which TimeSformer's blocks record; DynamicViT's gates are key
+weights in both attentions); ``framediff`` needs a time axis and refuses images.
+:func:`check_applies` says why a method does not apply to a backbone, in one line, before any work.
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ class Method:
     reducer: Callable | None = None
     settings: Callable[[object], dict] = lambda knob: {}
     learns: bool = False
+    video_only: bool = False  # needs a time axis (token grid (T, H, W))
 
 
 def _budget(knob) -> dict:
@@ -99,7 +105,7 @@ METHODS: dict[str, Method] = {
                     lambda backbone, knob, stage: PixelSaliency(), _budget),
     "framediff": Method("framediff", "keep ratio per stage (budget top-k by change since the previous frame; video)",
                         1.0, (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3), three_equal_stages,
-                        lambda backbone, knob, stage: FrameDifference(), _budget),
+                        lambda backbone, knob, stage: FrameDifference(), _budget, video_only=True),
     "iared": Method("iared", "threshold on the interpreter's keep score (threshold mode)", 0.0,
                     (0.3, 0.4, 0.5, 0.6, 0.7, 0.8), three_equal_stages, None,
                     lambda knob: {"mode": "threshold", "threshold": knob}, learns=True),
@@ -123,6 +129,22 @@ def method(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"unknown token reducer {name!r}; known: {', '.join(METHODS)}") from None
+
+
+def check_applies(name: str, backbone) -> None:
+    """Raise a one-line ``ValueError`` when method ``name`` cannot run on ``backbone`` (and why)."""
+    m = method(name)
+    video = len(tuple(getattr(backbone, "token_grid", ()))) == 3
+    if m.video_only and not video:
+        raise ValueError(f"{name} does not apply to {type(backbone).__name__}: it compares each patch with the same "
+                         "patch in the previous frame, and images have no frames (use a video backbone)")
+
+
+def default_methods(backbone, methods: Sequence[str]) -> tuple[str, ...]:
+    """``methods`` as given, plus the video-only ones (``framediff``) on a video backbone."""
+    video = len(tuple(getattr(backbone, "token_grid", ()))) == 3
+    extra = [n for n, m in METHODS.items() if m.video_only and video and n not in methods]
+    return (*methods, *extra)
 
 
 def default_knobs(name: str, quick: bool = False, backbone=None) -> tuple:
