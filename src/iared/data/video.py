@@ -60,6 +60,7 @@ __all__ = [
     "VideoFolder",
     "VideoInfo",
     "clip_transform",
+    "load_clip",
     "probe_video",
     "read_frames",
     "sample_indices",
@@ -256,6 +257,17 @@ def clip_transform(frames: np.ndarray, img_size: int, mean: Sequence[float], std
     m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1) * 255
     s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1) * 255
     return ((x - m) / s).contiguous()
+
+
+def load_clip(path, num_frames: int, img_size: int, mean: Sequence[float] = KINETICS_MEAN,
+              std: Sequence[float] = KINETICS_STD) -> torch.Tensor:
+    """One video file as a model input ``(T, C, img_size, img_size)``: decoded and counted
+    (:func:`probe_video`), ``num_frames`` evaluation samples (:func:`sample_indices`), resized, centre-cropped
+    and normalised (:func:`clip_transform`), as :class:`VideoFolder` reads its items in evaluation.
+    A broken file raises the one-line :class:`BadVideoError` naming it."""
+    info = probe_video(path, decode=True)
+    frames = read_frames(path, sample_indices(info.frames, num_frames))
+    return clip_transform(frames, img_size, mean, std)
 
 
 def _say(message: str) -> None:

@@ -210,39 +210,56 @@ def _panel_names(files: list[Path], source: Path) -> list[str]:
 
 
 def explain_inputs(source, out_dir) -> list[Path]:
-    """The image files to explain: ``source`` itself or every image below it, less anything inside
+    """The files to explain: ``source`` itself or every image and video below it, less anything inside
     ``out_dir`` (never explain our own panels from an earlier run into the same folder)."""
-    from iared.data import list_images
+    from iared.data import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, list_images
 
     source = Path(source).expanduser()
-    files = list_images(source)
+    try:
+        files = list_images(source, IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
+    except ValueError:
+        raise ValueError(f"no images or videos found in {source}") from None
     if source.is_dir():
         out_resolved = Path(out_dir).expanduser().resolve()
         files = [f for f in files if out_resolved not in f.resolve().parents]
         if not files:
-            raise ValueError(f"no images found in {source} outside the output folder {out_dir}")
+            raise ValueError(f"no images or videos found in {source} outside the output folder {out_dir}")
     return files
 
 
 def explain_files(model: IARed, files: list[Path], source, out_dir, method_names=None, threshold: float | None = None,
                   device: str = "cpu") -> list[Path]:
     """One PNG panel per file in ``out_dir`` (names: :func:`_panel_names`); every file is decoded
-    first, so an unreadable one stops the run (one ValueError listing them) before any output."""
-    from iared.data import BadImageError
-    from iared.explain.render import display_image, render_panel
+    first, so an unreadable one stops the run (one ValueError listing them) before any output.
+
+    A video model (TimeSformer) reads video files (:func:`iared.data.video.load_clip`: its frames,
+    size and normalisation) and writes, per file, a PNG strip of the frames with the kept tokens and
+    heatmaps per frame and an animated GIF beside it (:func:`iared.explain.render.render_video`)."""
+    from iared.data import VIDEO_EXTENSIONS, BadImageError, BadVideoError
+    from iared.data.video import load_clip
+    from iared.explain.methods import check_video_methods, is_video
+    from iared.explain.render import display_image, render_panel, render_video
 
     source, out_dir = Path(source).expanduser(), Path(out_dir).expanduser()
+    video = is_video(model)
+    if video:
+        check_video_methods(method_names or [])
     threshold = _use_threshold(model, threshold)
     methods = _methods_for(model, method_names, threshold)
     cfg = model.backbone.cfg
     inputs, bad = [], []
     for path in files:
+        is_video_file = path.suffix.lower() in VIDEO_EXTENSIONS
         try:
-            inputs.append(load_model_input(path, model))
-        except BadImageError as e:
+            if is_video_file != video:
+                raise BadImageError(path, "a video, but the model takes images" if is_video_file
+                                    else "an image, but the model takes clips (a video model)")
+            inputs.append(load_clip(path, cfg.num_frames, cfg.img_size, cfg.mean, cfg.std) if video
+                          else load_model_input(path, model))
+        except (BadImageError, BadVideoError) as e:
             bad.append(f"{path} ({e.problem})")
     if bad:
-        raise ValueError(f"{len(bad)} unreadable image(s), nothing written: {_show_names(bad, 5)}")
+        raise ValueError(f"{len(bad)} unreadable input(s), nothing written: {_show_names(bad, 5)}")
     written = []
     for path, name, image in zip(files, _panel_names(files, source), inputs):
         x = image[None].to(device)
@@ -252,9 +269,14 @@ def explain_files(model: IARed, files: list[Path], source, out_dir, method_names
         heatmaps = {method_name: method(model, x, target)[0] for method_name, method in methods.items()}
         title = (f"{path.name}   backbone: class {int(target)}   pruned: class {int(out.logits.argmax())}, "
                  f"{float(out.gflops[0]):.3g} GFLOPs")
-        written.append(render_panel(out_dir / name, display_image(x[0], cfg.mean, cfg.std),
-                                    [k[0, cfg.num_prefix_tokens:] for k in out.keep], heatmaps,
-                                    patch_size=cfg.patch_size, title=title))
+        keep = [k[0, cfg.num_prefix_tokens:] for k in out.keep]
+        if video:
+            frames = np.stack([display_image(frame, cfg.mean, cfg.std) for frame in x[0]])
+            written.extend(render_video(out_dir / name, out_dir / Path(name).with_suffix(".gif"), frames, keep,
+                                        heatmaps, patch_size=cfg.patch_size, title=title))
+        else:
+            written.append(render_panel(out_dir / name, display_image(x[0], cfg.mean, cfg.std), keep, heatmaps,
+                                        patch_size=cfg.patch_size, title=title))
     return written
 
 

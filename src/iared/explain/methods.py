@@ -15,6 +15,11 @@ Token maps live on the patch grid ``(h, w)`` (patch tokens only, row-major); the
 bilinearly (half-pixel centres, as ``cv2.resize`` in Grad-CAM) to the image size and normalised
 per image to [0, 1] (min-max; a constant map becomes all zeros).
 
+Video (a TimeSformer backbone): ``images`` are clips ``(B, T, C_in, H, W)`` and maps ``(B, T, H, W)``,
+one per frame, normalised per clip (the space-time grid ``(T, h, w)``, frame-major). The interpreter
+and random methods apply; the attention-based ones need one ``(N, N)`` attention per block, which
+divided space-time attention does not have (:data:`VIDEO_METHODS`, :func:`check_video_methods`).
+
 Methods (registry :data:`METHODS`; ``explain(model, images, "name[:int]")``):
 
 ==================  =======================================================================
@@ -57,7 +62,9 @@ __all__ = [
     "RandomMap",
     "RawAttention",
     "backbone_of",
+    "check_video_methods",
     "default_methods",
+    "is_video",
     "explain",
     "make_method",
     "normalize_maps",
@@ -70,12 +77,21 @@ __all__ = [
 
 
 def backbone_of(model: nn.Module) -> VisionTransformer:
-    """The :class:`VisionTransformer` inside ``model`` (an :class:`IARed`) or ``model`` itself."""
+    """The backbone inside ``model`` (an :class:`IARed`) or ``model`` itself (a :class:`VisionTransformer`
+    or a TimeSformer)."""
+    from iared.models.timesformer import TimeSformer
+
     if isinstance(model, IARed):
         return model.backbone
-    if isinstance(model, VisionTransformer):
+    if isinstance(model, (VisionTransformer, TimeSformer)):
         return model
-    raise TypeError(f"expected an IARed or a VisionTransformer, got {type(model).__name__}")
+    raise TypeError(f"expected an IARed, a VisionTransformer or a TimeSformer, got {type(model).__name__}")
+
+
+def is_video(model: nn.Module) -> bool:
+    """Whether ``model`` (or its backbone) reads clips: its token grid is ``(T, h, w)``."""
+    backbone = model.backbone if isinstance(model, IARed) else model
+    return len(tuple(getattr(backbone, "token_grid", ()))) == 3
 
 
 def normalize_maps(maps: Tensor) -> Tensor:
@@ -88,11 +104,14 @@ def normalize_maps(maps: Tensor) -> Tensor:
 
 
 def token_map_to_image(patch_values: Tensor, backbone: VisionTransformer) -> Tensor:
-    """``(B, h*w)`` patch-token values (no prefix tokens, row-major) -> ``(B, H, W)`` in [0, 1]."""
+    """``(B, h*w)`` patch-token values (no prefix tokens, row-major) -> ``(B, H, W)`` in [0, 1]; on a
+    video backbone ``(B, T*h*w)`` -> ``(B, T, H, W)``, every frame upsampled, normalised per clip."""
     cfg = backbone.cfg
-    grid = patch_values.float().view(-1, 1, cfg.grid_size, cfg.grid_size)
+    frames = cfg.num_frames if is_video(backbone) else 1
+    grid = patch_values.float().reshape(-1, 1, cfg.grid_size, cfg.grid_size)
     up = F.interpolate(grid, size=(cfg.img_size, cfg.img_size), mode="bilinear", align_corners=False)
-    return normalize_maps(up[:, 0])
+    maps = up[:, 0].reshape(-1, frames, cfg.img_size, cfg.img_size)
+    return normalize_maps(maps if frames > 1 else maps[:, 0])
 
 
 def resolve_target(target, logits: Tensor) -> Tensor:
@@ -317,7 +336,8 @@ class RandomMap:
 
     def __call__(self, model: nn.Module, images: Tensor, target=None) -> Tensor:
         backbone = backbone_of(model)
-        values = torch.rand(images.shape[0], backbone.num_patches, generator=self.generator)
+        values = torch.rand(images.shape[0], backbone.num_tokens - backbone.num_prefix_tokens,
+                            generator=self.generator)
         return token_map_to_image(values.to(images.device), backbone)
 
 
@@ -338,9 +358,21 @@ METHODS: dict[str, Callable[..., Method]] = {
 DEFAULT_METHODS = ("interpreter", "raw-attention", "rollout", "gradcam", "chefer", "random")
 
 
+VIDEO_METHODS = ("interpreter", "random")  # what applies to divided space-time attention
+
+
+def check_video_methods(names: Sequence[str]) -> None:
+    """One-line ``ValueError`` for methods that do not apply to a video model."""
+    bad = [n for n in names if str(n).partition(":")[0] not in VIDEO_METHODS]
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: not for video (TimeSformer's divided space-time attention has no single "
+                         f"attention map per clip); video methods: {', '.join(VIDEO_METHODS)}")
+
+
 def default_methods(model: nn.Module | None = None) -> list[str]:
-    """Every method once; for an :class:`IARed` the interpreter combined and at each stage."""
-    names = list(DEFAULT_METHODS)
+    """Every method once; for an :class:`IARed` the interpreter combined and at each stage (on a video
+    model: the interpreter and random only)."""
+    names = list(VIDEO_METHODS if model is not None and is_video(model) else DEFAULT_METHODS)
     if isinstance(model, IARed):
         names[1:1] = [f"interpreter:{g}" for g in range(model.num_stages)]
     elif model is not None:

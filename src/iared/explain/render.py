@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["bar_chart", "display_image", "render_panel", "save_figure"]
+__all__ = ["bar_chart", "display_image", "render_panel", "render_video", "save_figure"]
 
 
 def save_figure(fig, path, dpi: int = 100) -> Path:
@@ -84,6 +84,77 @@ def render_panel(path, pixels: np.ndarray, keep: Sequence[Tensor], heatmaps: Map
     if title:
         fig.suptitle(title, fontsize=10)
     return save_figure(fig, path, dpi=dpi)
+
+
+def render_video(png_path, gif_path, frames: np.ndarray, keep: Sequence[Tensor], heatmaps: Mapping[str, Tensor], *,
+                 patch_size: int, title: str = "", scale: int = 4, fps: float = 4.0, dpi: int = 100
+                 ) -> tuple[Path, Path]:
+    """A clip's explanation: a PNG strip and an animated GIF.
+
+    frames: ``(T, H, W)`` or ``(T, H, W, 3)`` in [0, 1]; keep: per stage a ``(T*h*w,)`` bool of the patch
+    tokens alive after that stage (prefix removed, frame-major); heatmaps: ``{name: (T, H, W)}`` in [0, 1].
+    The PNG has one column per frame and one row each for the frames, the tokens kept after every
+    stage (dropped patches dimmed and hatched) and every heatmap (over the grayscale frame). The GIF
+    shows, frame after frame, the frame, the tokens kept after the last stage and each heatmap side by
+    side (``scale`` x nearest-neighbour upsampling, ``fps`` frames per second; Pillow, written atomically).
+    """
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+    from PIL import Image
+
+    from iared.files import write_atomic
+
+    T, H, W = frames.shape[:3]
+    grid_w = W // patch_size
+    rgb = frames if frames.ndim == 4 else np.repeat(frames[..., None], 3, axis=-1)
+    gray = rgb.mean(-1)
+    kept = [k.detach().cpu().bool().reshape(T, -1, grid_w).numpy() for k in keep]
+    heat = {name: h.detach().float().cpu().numpy() for name, h in heatmaps.items()}
+
+    def dimmed(t: int, stage_keep: np.ndarray) -> np.ndarray:
+        dim = np.kron(~stage_keep[t], np.ones((patch_size, patch_size), bool))
+        return np.where(dim[..., None], 0.25 * rgb[t], rgb[t])
+
+    jet = colormaps["jet"]
+
+    def overlay(t: int, h: np.ndarray) -> np.ndarray:
+        return 0.5 * np.repeat(gray[t][..., None], 3, axis=-1) + 0.5 * jet(h[t])[..., :3]
+
+    rows = 1 + len(kept) + len(heat)
+    fig = Figure(figsize=(1.6 * T + 1.2, 1.7 * rows + (0.4 if title else 0)))
+    axes = np.asarray(fig.subplots(rows, T, squeeze=False))
+    labels = ["frames"] + [f"kept after stage {g}" for g in range(len(kept))] + list(heat)
+    for t in range(T):
+        pictures = [rgb[t]] + [dimmed(t, k) for k in kept] + [overlay(t, h) for h in heat.values()]
+        for r, pic in enumerate(pictures):
+            ax = axes[r, t]
+            _show(ax, np.clip(pic, 0, 1))
+            if 1 <= r <= len(kept):
+                for idx in np.flatnonzero(~kept[r - 1][t]).tolist():
+                    rr, cc = divmod(idx, grid_w)
+                    ax.add_patch(Rectangle((cc * patch_size - 0.5, rr * patch_size - 0.5), patch_size, patch_size,
+                                           fill=False, hatch="///", edgecolor=(1, 1, 1, 0.35), linewidth=0))
+                ax.set_title(f"{int(kept[r - 1][t].sum())}/{kept[r - 1][t].size}", fontsize=7)
+            elif r == 0:
+                ax.set_title(f"frame {t}", fontsize=8)
+            if t == 0:
+                ax.set_ylabel(labels[r], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    png = save_figure(fig, png_path, dpi=dpi)
+
+    tiles_per_frame = []
+    for t in range(T):
+        tiles = [rgb[t]] + ([dimmed(t, kept[-1])] if kept else []) + [overlay(t, h) for h in heat.values()]
+        row = np.concatenate([np.pad(np.clip(x, 0, 1), ((0, 0), (0, 1), (0, 0)), constant_values=1.0)
+                              for x in tiles], axis=1)
+        row = np.kron(row, np.ones((scale, scale, 1)))
+        tiles_per_frame.append(Image.fromarray((row * 255).round().astype(np.uint8)))
+    duration = int(round(1000 / fps))
+    gif = write_atomic(gif_path, lambda f: tiles_per_frame[0].save(
+        f, format="GIF", save_all=True, append_images=tiles_per_frame[1:], duration=duration, loop=0))
+    return png, gif
 
 
 def bar_chart(results: dict, path, metrics: Sequence[str] = ("pixel_accuracy", "miou", "map", "pointing",
