@@ -71,6 +71,32 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], Any] | Ca
     return path
 
 
+def write_folder_atomic(out: str | os.PathLike, fill: Callable[[Path], Any]) -> Path:
+    """Write a whole folder at ``out`` in one rename: ``fill(tmp)`` writes into a new temporary folder
+    beside ``out``, which then replaces ``out`` (an existing ``out`` is moved aside first and removed
+    after, so ``out`` is always either the old folder or the new one). On any failure the temporary
+    folder is removed and ``out`` is left as it was. Parent folders are created. Returns ``out``."""
+    import shutil
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        fill(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+            os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return write_atomic(path, lambda f: f.write(data))
 

@@ -68,8 +68,6 @@ from __future__ import annotations
 import math
 import operator
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +84,6 @@ from .natural import (
     _digit_mattes,
     _pick_colour,
     _taper,
-    _umask,
 )
 
 __all__ = ["FRAME", "FRAMES", "PATCH", "MovingDigits", "token_recall", "write_videos"]
@@ -358,11 +355,13 @@ def write_videos(split: str, n: int, out: str | os.PathLike, *, seed: int = 0, o
     it would read 0, 1, 2, 3, 4, 4, 5, 6.
 
     ``out`` is checked before any work (an existing non-empty ``out`` is refused unless ``overwrite``);
-    files go to a temporary folder beside ``out`` renamed into place at the end, so ``out`` is never
-    half written.
+    files go to a temporary folder beside ``out`` renamed into place at the end
+    (:func:`iared.files.write_folder_atomic`), so ``out`` is never half written.
     """
     import av
     from PIL import Image
+
+    from iared.files import write_folder_atomic
 
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
@@ -372,9 +371,8 @@ def write_videos(split: str, n: int, out: str | os.PathLike, *, seed: int = 0, o
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
     dataset = MovingDigits(split, length=int(n), seed=seed, cache=False)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+
+    def fill(tmp: Path) -> None:
         from tqdm.auto import tqdm
 
         width = max(5, len(str(n - 1)))
@@ -397,15 +395,5 @@ def write_videos(split: str, n: int, out: str | os.PathLike, *, seed: int = 0, o
             folder.mkdir(parents=True, exist_ok=True)
             for t, m in enumerate(masks.numpy()):
                 Image.fromarray(m.astype(np.uint8) * 255).save(folder / f"{t}.png")
-        os.chmod(tmp, 0o777 & ~_umask())
-        old = None
-        if out.exists():  # move the old folder aside first: out is always either old or new
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-            os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return write_folder_atomic(out, fill)

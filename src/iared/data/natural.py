@@ -74,8 +74,6 @@ import functools
 import math
 import operator
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -480,9 +478,11 @@ def write_dataset(task: str, split: str, n: int, out: str | os.PathLike, *, seed
 
     ``out`` is checked before any work: an existing non-empty ``out`` is refused unless
     ``overwrite``. Files are written to a temporary folder beside ``out`` that is renamed into place
-    at the end, so ``out`` is never half written.
+    at the end (:func:`iared.files.write_folder_atomic`), so ``out`` is never half written.
     """
     from PIL import Image
+
+    from iared.files import write_folder_atomic
 
     from . import build_dataset
 
@@ -497,15 +497,17 @@ def write_dataset(task: str, split: str, n: int, out: str | os.PathLike, *, seed
 
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: expected one of {', '.join(sorted(TASKS))}")
+    if getattr(TASKS[task], "num_frames", None):
+        raise ValueError(f"{task} is a video task: write it with iared.data.moving.write_videos "
+                         "(iared make-dataset moving-digits)")
     kw = {"length": int(n), "seed": seed}
     if TASKS[task] is DigitsNatural:
         kw.update(backgrounds=backgrounds, cache=False)
     elif backgrounds is not None:
         raise ValueError(f"--backgrounds applies to digits-natural only, not {task!r}")
     dataset = build_dataset(task, split, **kw)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+
+    def fill(tmp: Path) -> None:
         from tqdm.auto import tqdm
 
         width = max(5, len(str(n - 1)))
@@ -522,21 +524,6 @@ def write_dataset(task: str, split: str, n: int, out: str | os.PathLike, *, seed
                 else:
                     a = arr.numpy().astype(np.uint8) * 255
                 Image.fromarray(a).save(folder / name)
-        os.chmod(tmp, 0o777 & ~_umask())
-        old = None
-        if out.exists():  # move the old folder aside first: out is always either old or new
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-            os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
 
+    return write_folder_atomic(out, fill)
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
