@@ -15,7 +15,7 @@ from iared.models import create_model
 from iared.models.timesformer import TimeSformer, TimeSformerConfig
 from iared.pruning import IARed, save_pruned
 
-from .test_video_wiring import tiny_timesformer, write_video
+from .test_video_wiring import tiny_timesformer, video_folder, write_video
 
 
 def moving_digits_backbone(path) -> TimeSformer:
@@ -39,6 +39,14 @@ def test_bench_timesformer_with_frames(capsys):
     assert rows["budget"]["gmacs_per_image"] < rows["unpruned"]["gmacs_per_image"]
     assert cli_main(["bench", "--quick", "--model", "digits", "--frames", "4"]) == 2  # an image model: refused
     assert "image model" in capsys.readouterr().err
+
+
+def test_bench_on_a_video_folder(tmp_path, capsys):
+    root = video_folder(tmp_path / "videos", per_class=1, classes=2)
+    rc = cli_main(["bench", "--quick", "--model", "timesformer_base_patch16_224", "--task", str(root), "--batch-sizes",
+                   "3", "--dtype", "float32", "--json", "-", "--clock", "cpu", "--threads", "1"])
+    assert rc == 0  # 2 videos, repeated to fill the batch of 3 clips (4 frames of 32x32: the quick geometry)
+    assert json.loads(capsys.readouterr().out)["runs"][0]["batch"] == 3
 
 
 def test_explain_writes_a_strip_and_a_gif(tmp_path, capsys):

@@ -292,19 +292,15 @@ def _wrap(module, compile: bool, call: Callable, dynamic: bool | None = None):
 
 
 def load_task_images(task: str, n: int, mcfg) -> Tensor:
-    """``n`` images of ``task``'s test split (repeated if the split is smaller), checked against the model."""
-    from iared.data import build_dataset
+    """``n`` inputs of ``task``'s test split (repeated if the split is smaller), matched to and checked
+    against the model (:func:`iared.loading.task_dataset`: a task, an image folder or a video folder)."""
+    from iared.loading import task_dataset
     from iared.train.interpreters import stack_batch
 
-    ds = build_dataset(task, "test")
+    ds = task_dataset(task, "test", mcfg)
     if len(ds) == 0:
         raise ValueError(f"--task {task}: empty test split")
-    from iared.models.families import input_shape
-
     images, _ = stack_batch(ds, torch.arange(n) % len(ds))
-    if tuple(images.shape[1:]) != input_shape(mcfg):
-        raise ValueError(f"--task {task}: inputs of shape {tuple(images.shape[1:])} do not fit the model "
-                         f"({'x'.join(map(str, input_shape(mcfg)))})")
     return images
 
 
