@@ -83,3 +83,31 @@ def test_cli_export_checks_onnxruntime(tmp_path, capsys):
     assert cli_main(["export", str(ckpt), str(out), "--keep", "0.6", "--check"]) == 0
     assert out.is_file() and "max abs diff" in capsys.readouterr().err
     assert cli_main(["export", str(ckpt), str(out), "--keep", "0.6", "--opset", "13"]) == 2
+
+
+@pytest.mark.slow
+def test_augmented_shortcuts_export_to_onnx(tmp_path):
+    """The FFT product of augmented shortcuts has no ONNX lowering: under export the same
+    block-circulant matrix runs as one dense matmul, and onnxruntime gives the eager logits."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    backbone = VisionTransformer(ViTConfig(img_size=32, patch_size=8, in_chans=3, num_classes=7, embed_dim=48,
+                                           depth=3, num_heads=3, aug_shortcuts=2, aug_circulant_blocks=4))
+    with torch.no_grad():  # shortcuts start near zero: make them matter
+        for name, p in backbone.named_parameters():
+            if "shortcuts" in name:
+                p.normal_(0, 0.3)
+    model = IARed(backbone, num_stages=3, interpreter_heads=3).eval()
+    with torch.no_grad():
+        for interp in model.interpreters:
+            interp.qk.weight.normal_(0, 0.5)
+    path = export_budget_onnx(model, tmp_path / "aug.onnx", 0.5, opset=17)
+    x = images(3, seed=7)
+    with torch.inference_mode():
+        ref = model(x, "budget", keep_ratio=0.5).logits
+        plain = IARed(VisionTransformer(ViTConfig(**{**backbone.cfg.__dict__, "aug_shortcuts": 0})),
+                      num_stages=3, interpreter_heads=3).eval()
+        plain.load_state_dict(model.state_dict(), strict=False)
+        assert (plain(x, "budget", keep_ratio=0.5).logits - ref).abs().max() > 1e-2  # the shortcuts count
+    assert (run_onnx(path, x) - ref).abs().max() <= 1e-4
