@@ -96,7 +96,6 @@ def test_masks_follow_the_digit_in_every_frame():
         assert masks.any(axis=(1, 2)).all()
         assert np.array_equal(masks, alpha > 0.1)
         assert not (clutter[masks] > 0).any()  # distractors never touch the digit
-        y0, x0 = path[0]
         peak = alpha[0] >= 0.99 * alpha[0].max()
         for t in range(FRAMES):  # the same strokes at the digit's position in frame t
             dy, dx = path[t] - path[0]

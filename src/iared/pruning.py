@@ -27,7 +27,6 @@ from torch import nn
 from iared.interpreter import MultiHeadInterpreter, default_interpreter_heads
 from iared.models.families import backbone_families, family_of, family_of_config
 from iared.models.protocol import Backbone
-from iared.models.vit import VisionTransformer
 from iared.reducers.base import DEFAULT_THRESHOLD, MODES  # noqa: F401  (re-exported)
 from iared.stages import ReducedModel, ReducedOutput, check_stage_starts, equal_stage_starts
 

@@ -18,9 +18,6 @@ from .digits import (
     background_fraction,
     patch_foreground,
 )
-from .moving import MovingDigits
-from .natural import DigitsNatural
-from .video import VIDEO_EXTENSIONS, BadVideoError, VideoFolder
 from .folders import (
     IMAGE_EXTENSIONS,
     BadImageError,
@@ -30,20 +27,24 @@ from .folders import (
     load_image,
     train_transform,
 )
+from .moving import MovingDigits
+from .natural import DigitsNatural
+from .video import VIDEO_EXTENSIONS, BadVideoError, VideoFolder
 
 __all__ = [
     "CANVAS",
     "DIGIT_SCALE",
     "IMAGE_EXTENSIONS",
-    "VIDEO_EXTENSIONS",
     "PATCH",
     "TASKS",
+    "VIDEO_EXTENSIONS",
     "BadImageError",
     "BadVideoError",
     "DigitsClutter",
     "DigitsNatural",
     "ImageFolderDataset",
     "MovingDigits",
+    "VideoFolder",
     "background_fraction",
     "build_dataset",
     "eval_transform",
@@ -52,7 +53,6 @@ __all__ = [
     "load_image",
     "patch_foreground",
     "train_transform",
-    "VideoFolder",
 ]
 
 TASKS = {"digits-clutter": DigitsClutter, "digits-natural": DigitsNatural, "moving-digits": MovingDigits}

@@ -92,7 +92,7 @@ FRAME = 48  # frame side in pixels
 FRAMES = 8
 PATCH = 8  # the patch size the task is measured and documented for (36 patches per frame)
 PAN_SPEED = (1.5, 3.0)  # camera pan, px per frame, random direction
-PANORAMA = FRAME + int(math.ceil(PAN_SPEED[1] * (FRAMES - 1))) + 1  # the rendered background's side
+PANORAMA = FRAME + math.ceil(PAN_SPEED[1] * (FRAMES - 1)) + 1  # the rendered background's side
 CROP_SIDES = (140, 420)  # photo pixels mapped onto the panorama (digits-natural's scale: 128 .. 384 -> 64)
 DIGIT_SIDES = (16, 18, 20, 22)
 DIGIT_DRIFT = (0.0, 0.75)  # the digit's residual motion in the frame, px per frame
@@ -253,7 +253,7 @@ class MovingDigits(torch.utils.data.Dataset):
             f_src = source
             while f_src == source:
                 f_src = int(indices[rng.integers(len(indices))])
-            size = int(round(side * rng.uniform(*FRAGMENT_FRACTION)))
+            size = round(side * rng.uniform(*FRAGMENT_FRACTION))
             for _ in range(8):  # a random window can miss the strokes; retry a few times
                 cy, cx = rng.integers(0, side - size + 1, size=2)
                 crop = mattes[f_src, cy: cy + size, cx: cx + size]

@@ -105,7 +105,7 @@ def render_video(png_path, gif_path, frames: np.ndarray, keep: Sequence[Tensor],
 
     from iared.files import write_atomic
 
-    T, H, W = frames.shape[:3]
+    T, W = frames.shape[0], frames.shape[2]
     grid_w = W // patch_size
     rgb = frames if frames.ndim == 4 else np.repeat(frames[..., None], 3, axis=-1)
     gray = rgb.mean(-1)
@@ -151,7 +151,7 @@ def render_video(png_path, gif_path, frames: np.ndarray, keep: Sequence[Tensor],
                               for x in tiles], axis=1)
         row = np.kron(row, np.ones((scale, scale, 1)))
         tiles_per_frame.append(Image.fromarray((row * 255).round().astype(np.uint8)))
-    duration = int(round(1000 / fps))
+    duration = round(1000 / fps)
     gif = write_atomic(gif_path, lambda f: tiles_per_frame[0].save(
         f, format="GIF", save_all=True, append_images=tiles_per_frame[1:], duration=duration, loop=0))
     return png, gif
