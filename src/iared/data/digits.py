@@ -41,11 +41,12 @@ sample takes about 0.15 ms (one CPU core, numpy only).
 from __future__ import annotations
 
 import functools
-import operator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .samples import checked_index
 
 __all__ = [
     "CANVAS",
@@ -209,14 +210,6 @@ class DigitsClutter(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return f"DigitsClutter(split={self.split!r}, length={self.length}, seed={self.seed})"
 
-    def _check_index(self, i) -> int:
-        i = operator.index(i)
-        if i < 0:
-            i += self.length
-        if not 0 <= i < self.length:
-            raise IndexError(f"index {i} out of range for {self!r}")
-        return i
-
     def __getitem__(self, i) -> tuple[torch.Tensor, int, torch.Tensor]:
         s = self.render(i)
         return torch.from_numpy(s["image"][None]), s["label"], torch.from_numpy(s["mask"])
@@ -229,7 +222,7 @@ class DigitsClutter(torch.utils.data.Dataset):
         ``source`` (index of the digit in ``load_digits()``); ``fragment_sources`` (list of indices);
         ``digit_box`` ``(top, bottom, left, right)``: the digit's ink box on the canvas, exclusive ends.
         """
-        i = self._check_index(i)
+        i = checked_index(self, i)
         images, _, boxes = _sources()
         indices, by_class = _split_tables(self.split)
         rng = np.random.default_rng([self.seed, self._split_index, i])

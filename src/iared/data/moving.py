@@ -66,7 +66,6 @@ memory (``cache``: 58 KB per distinct index, per process).
 from __future__ import annotations
 
 import math
-import operator
 import os
 from pathlib import Path
 
@@ -85,6 +84,7 @@ from .natural import (
     _pick_colour,
     _taper,
 )
+from .samples import RenderCache, checked_index
 
 __all__ = ["FRAME", "FRAMES", "PATCH", "MovingDigits", "token_recall", "write_videos"]
 
@@ -155,7 +155,7 @@ class MovingDigits(torch.utils.data.Dataset):
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.split, self.length, self.seed, self.cache = split, int(length), int(seed), bool(cache)
         self._split_index = SPLITS.index(split)
-        self._memo: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._memo = RenderCache(self.length, (FRAMES, 3, FRAME, FRAME), (FRAMES, FRAME, FRAME))
         _bundled_photos(split)  # fail now, not in the middle of training
 
     def __len__(self) -> int:
@@ -164,41 +164,20 @@ class MovingDigits(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return f"MovingDigits(split={self.split!r}, length={self.length}, seed={self.seed})"
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_memo": None}  # DataLoader workers start with an empty cache
-
     @property
     def source_indices(self) -> np.ndarray:
         """Sorted indices into ``sklearn.datasets.load_digits()`` of this split's source digits."""
         return _split_tables(self.split)[0]
 
-    def _check_index(self, i) -> int:
-        i = operator.index(i)
-        if i < 0:
-            i += self.length
-        if not 0 <= i < self.length:
-            raise IndexError(f"index {i} out of range for {self!r}")
-        return i
-
     def __getitem__(self, i) -> tuple[torch.Tensor, int, torch.Tensor]:
         if not self.cache:
             s = self.render(i)
             return torch.from_numpy(s["clip"]), s["label"], torch.from_numpy(s["masks"])
-        i = self._check_index(i)
-        if self._memo is None:  # np.zeros pages in lazily: memory grows with the indices visited
-            n = self.length
-            self._memo = (np.zeros((n, FRAMES, 3, FRAME, FRAME), np.uint8), np.zeros(n, np.int64),
-                          np.zeros((n, FRAMES * FRAME * FRAME // 8), np.uint8), np.zeros(n, bool))
-        clips, labels, masks, done = self._memo
-        if not done[i]:
-            s = self.render(i)
-            clips[i] = np.rint(s["clip"] * 255)
-            labels[i] = s["label"]
-            masks[i] = np.packbits(s["masks"])
-            done[i] = True
-        clip = torch.from_numpy(clips[i]).float().div_(255)
-        mask = torch.from_numpy(np.unpackbits(masks[i]).reshape(FRAMES, FRAME, FRAME).astype(bool))
-        return clip, int(labels[i]), mask
+        return self._memo.get(checked_index(self, i), self._pixels_label_mask)
+
+    def _pixels_label_mask(self, i: int) -> tuple[np.ndarray, int, np.ndarray]:
+        s = self.render(i)
+        return s["clip"], s["label"], s["masks"]
 
     def render(self, i) -> dict:
         """Generate clip ``i`` with its parts, for inspection and tests.
@@ -208,7 +187,7 @@ class MovingDigits(torch.utils.data.Dataset):
         ``source``; ``fragment_sources``; ``fragment_still`` (bool per distractor); ``photo`` (index into
         the split's photographs); ``pan`` (8, 2) camera offsets; ``digit_path`` (8, 2) digit positions.
         """
-        i = self._check_index(i)
+        i = checked_index(self, i)
         rng = np.random.default_rng([self.seed, self._split_index, i, FRAMES])
         indices, by_class = _split_tables(self.split)
         label = int(rng.integers(10))

@@ -82,7 +82,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 import os
 from pathlib import Path
 
@@ -91,6 +90,7 @@ import torch
 import torch.nn.functional as F
 
 from .digits import CANVAS, INK_THRESHOLD, PATCH, SPLITS, _patch_ids, _split_tables, place_fragment
+from .samples import RenderCache, checked_index
 
 __all__ = [
     "PHOTOS",
@@ -259,7 +259,7 @@ class DigitsNatural(torch.utils.data.Dataset):
         self.backgrounds = None if backgrounds is None else str(Path(backgrounds).expanduser().resolve())
         self._split_index = SPLITS.index(split)
         self.cache = bool(cache)
-        self._memo: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._memo = RenderCache(self.length, (3, CANVAS, CANVAS), (CANVAS, CANVAS))
         self._photos()  # fail now, not in the middle of training
 
     def _photos(self) -> tuple[np.ndarray, ...]:
@@ -277,36 +277,15 @@ class DigitsNatural(torch.utils.data.Dataset):
         bg = "" if self.backgrounds is None else f", backgrounds={self.backgrounds!r}"
         return f"DigitsNatural(split={self.split!r}, length={self.length}, seed={self.seed}{bg})"
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_memo": None}  # DataLoader workers start with an empty cache
-
     def __getitem__(self, i) -> tuple[torch.Tensor, int, torch.Tensor]:
         if not self.cache:
             s = self.render(i)
             return torch.from_numpy(s["image"]), s["label"], torch.from_numpy(s["mask"])
-        i = self._check_index(i)
-        if self._memo is None:  # np.zeros pages in lazily: memory grows with the indices visited
-            n, side = self.length, CANVAS
-            self._memo = (np.zeros((n, 3, side, side), np.uint8), np.zeros(n, np.int64),
-                          np.zeros((n, side * side // 8), np.uint8), np.zeros(n, bool))
-        images, labels, masks, done = self._memo
-        if not done[i]:
-            s = self.render(i)
-            images[i] = np.rint(s["image"] * 255)
-            labels[i] = s["label"]
-            masks[i] = np.packbits(s["mask"])
-            done[i] = True
-        image = torch.from_numpy(images[i]).float().div_(255)
-        mask = torch.from_numpy(np.unpackbits(masks[i]).reshape(CANVAS, CANVAS).astype(bool))
-        return image, int(labels[i]), mask
+        return self._memo.get(checked_index(self, i), self._pixels_label_mask)
 
-    def _check_index(self, i) -> int:
-        i = operator.index(i)
-        if i < 0:
-            i += self.length
-        if not 0 <= i < self.length:
-            raise IndexError(f"index {i} out of range for {self!r}")
-        return i
+    def _pixels_label_mask(self, i: int) -> tuple[np.ndarray, int, np.ndarray]:
+        s = self.render(i)
+        return s["image"], s["label"], s["mask"]
 
     def render(self, i) -> dict:
         """Generate sample ``i`` with its parts, for inspection and tests.
@@ -316,7 +295,7 @@ class DigitsNatural(torch.utils.data.Dataset):
         (the clutter matte is the max over distractors); ``source``; ``fragment_sources``;
         ``photo`` (index into the photographs); ``contrasts`` (digit first, then each distractor).
         """
-        i = self._check_index(i)
+        i = checked_index(self, i)
         rng = np.random.default_rng([self.seed, self._split_index, i])
         indices, by_class = _split_tables(self.split)
 

@@ -30,6 +30,15 @@ from iared.reducers.policy import keep_from_scores
 from iared.tokens import Decision, Tokens
 
 
+def _keep_by_rank(x: StageInput, per_patch: Tensor, macs) -> Decision:
+    """A floor's decision from a statistic of every patch ``(B, N_patches)``: each alive token's
+    value, read at its original position, ranked within its image (prefix tokens score 1)."""
+    t = x.tokens
+    patch_index = (t.index - t.num_prefix).clamp_min(0)
+    raw = per_patch.to(t.data.dtype)[t.image_ids(), patch_index]
+    return keep_from_scores(t, _prefix_one(t, fractional_rank(t, raw)), x.settings, macs=macs)
+
+
 def _prefix_one(tokens: Tokens, scores: Tensor) -> Tensor:
     """Prefix tokens score 1, padding 0 (the policy never drops the first nor keeps the second)."""
     scores = torch.where(tokens.is_prefix(), torch.ones_like(scores), scores)
@@ -91,12 +100,7 @@ class PixelSaliency(Reducer):
     uses_policy = True
 
     def forward(self, x: StageInput) -> Decision:
-        t = x.tokens
-        std = patch_std(x.backbone, x.inputs, x.block).to(t.data.dtype)  # (B, N_patches)
-        patch_index = (t.index - t.num_prefix).clamp_min(0)
-        raw = std[t.image_ids(), patch_index]
-        scores = _prefix_one(t, fractional_rank(t, raw))
-        return keep_from_scores(t, scores, x.settings, macs=self.macs)
+        return _keep_by_rank(x, patch_std(x.backbone, x.inputs, x.block), self.macs)
 
     def macs(self, n) -> float:
         return 0.0  # elementwise statistics only (the MAC convention of iared.flops leaves them out)
@@ -133,12 +137,7 @@ class FrameDifference(Reducer):
     uses_policy = True
 
     def forward(self, x: StageInput) -> Decision:
-        t = x.tokens
-        change = frame_change(x.backbone, x.inputs, x.block).to(t.data.dtype)  # (B, N_patches)
-        patch_index = (t.index - t.num_prefix).clamp_min(0)
-        raw = change[t.image_ids(), patch_index]
-        scores = _prefix_one(t, fractional_rank(t, raw))
-        return keep_from_scores(t, scores, x.settings, macs=self.macs)
+        return _keep_by_rank(x, frame_change(x.backbone, x.inputs, x.block), self.macs)
 
     def macs(self, n) -> float:
         return 0.0
