@@ -65,7 +65,8 @@ nor the ViT left chance level within a CPU budget of minutes; with the values ab
 reaches 85 % training accuracy in 200 steps of 64.
 
 What makes it hard for a ViT is polarity. A linear patch embedding maps a dark stroke to roughly the
-negative of the bright one; a CNN's first ReLUs see both within its first 100 steps (val 53 .. 65 %),
+negative of the bright one; a CNN's first ReLUs see both (a 4-stage CNN of 60 M MACs: val 47 % after
+100 steps of 128, 97.1 % after 500, ten minutes on 2 cores: the task is learnable to the target),
 while ``digits_natural_vit`` started from ``digits_vit`` (bright ink on black; embedding repeated over
 R, G, B) learns the bright digits (val 49.5 % on them after 300 steps of 64) and stays at chance on
 the dark ones (9.9 %). Neither a head on max-pooled patches, a timm ``ConvStem`` embedding (random or
