@@ -42,7 +42,9 @@ def test_items_and_registration(test_set):
 
 def test_deterministic_cached_and_seeded(test_set):
     fresh = DigitsNatural("test", length=64, cache=False)
+    test_set[0]  # something cached
     clone = pickle.loads(pickle.dumps(test_set))
+    assert clone._memo._arrays is None  # a DataLoader worker's copy starts empty, not with the parent's arrays
     for i in (0, 5, 63):
         a, b, c = test_set[i], fresh[i], clone[i]
         assert torch.equal(a[0], b[0]) and torch.equal(a[0], c[0]) and a[1] == b[1] == c[1]

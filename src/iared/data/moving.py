@@ -84,7 +84,7 @@ from .natural import (
     _pick_colour,
     _taper,
 )
-from .samples import RenderCache, checked_index
+from .samples import RenderCache, RenderedTask, checked_index
 
 __all__ = ["FRAME", "FRAMES", "PATCH", "MovingDigits", "token_recall", "write_videos"]
 
@@ -125,7 +125,7 @@ def _patch_set(alpha: np.ndarray) -> set[int]:
     return set(((rows // PATCH) * (FRAME // PATCH) + cols // PATCH).tolist())
 
 
-class MovingDigits(torch.utils.data.Dataset):
+class MovingDigits(RenderedTask):
     """Virtual dataset of clips of a handwritten digit on a panning photograph (module docstring);
     clip ``i`` is a pure function of ``(seed, split, i)``.
 
@@ -138,6 +138,9 @@ class MovingDigits(torch.utils.data.Dataset):
     Items are ``(clip, label, masks)``: float32 ``(8, 3, 48, 48)`` in [0, 1] (8-bit levels); ``int`` in
     0..9; bool ``(8, 48, 48)``, True on the digit's pixels of each frame.
     """
+
+    PIXELS = "clip"
+    MASK = "masks"
 
     num_classes = 10
     in_chans = 3
@@ -158,9 +161,6 @@ class MovingDigits(torch.utils.data.Dataset):
         self._memo = RenderCache(self.length, (FRAMES, 3, FRAME, FRAME), (FRAMES, FRAME, FRAME))
         _bundled_photos(split)  # fail now, not in the middle of training
 
-    def __len__(self) -> int:
-        return self.length
-
     def __repr__(self) -> str:
         return f"MovingDigits(split={self.split!r}, length={self.length}, seed={self.seed})"
 
@@ -168,16 +168,6 @@ class MovingDigits(torch.utils.data.Dataset):
     def source_indices(self) -> np.ndarray:
         """Sorted indices into ``sklearn.datasets.load_digits()`` of this split's source digits."""
         return _split_tables(self.split)[0]
-
-    def __getitem__(self, i) -> tuple[torch.Tensor, int, torch.Tensor]:
-        if not self.cache:
-            s = self.render(i)
-            return torch.from_numpy(s["clip"]), s["label"], torch.from_numpy(s["masks"])
-        return self._memo.get(checked_index(self, i), self._pixels_label_mask)
-
-    def _pixels_label_mask(self, i: int) -> tuple[np.ndarray, int, np.ndarray]:
-        s = self.render(i)
-        return s["clip"], s["label"], s["masks"]
 
     def render(self, i) -> dict:
         """Generate clip ``i`` with its parts, for inspection and tests.

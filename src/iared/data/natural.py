@@ -91,7 +91,7 @@ import torch
 import torch.nn.functional as F
 
 from .digits import CANVAS, INK_THRESHOLD, PATCH, SPLITS, _patch_ids, _split_tables, place_fragment
-from .samples import RenderCache, checked_index
+from .samples import RenderCache, RenderedTask, checked_index
 
 __all__ = [
     "PHOTOS",
@@ -217,7 +217,7 @@ def _digit_mattes(side: int) -> tuple[np.ndarray, np.ndarray]:
 # -- the dataset --------------------------------------------------------------------------------
 
 
-class DigitsNatural(torch.utils.data.Dataset):
+class DigitsNatural(RenderedTask):
     """Virtual dataset of handwritten digits on photographs; sample ``i`` is a pure function of
     ``(seed, split, i)`` (and of the background photographs).
 
@@ -271,22 +271,9 @@ class DigitsNatural(torch.utils.data.Dataset):
         """Sorted indices into ``sklearn.datasets.load_digits()`` of this split's source digits."""
         return _split_tables(self.split)[0]
 
-    def __len__(self) -> int:
-        return self.length
-
     def __repr__(self) -> str:
         bg = "" if self.backgrounds is None else f", backgrounds={self.backgrounds!r}"
         return f"DigitsNatural(split={self.split!r}, length={self.length}, seed={self.seed}{bg})"
-
-    def __getitem__(self, i) -> tuple[torch.Tensor, int, torch.Tensor]:
-        if not self.cache:
-            s = self.render(i)
-            return torch.from_numpy(s["image"]), s["label"], torch.from_numpy(s["mask"])
-        return self._memo.get(checked_index(self, i), self._pixels_label_mask)
-
-    def _pixels_label_mask(self, i: int) -> tuple[np.ndarray, int, np.ndarray]:
-        s = self.render(i)
-        return s["image"], s["label"], s["mask"]
 
     def render(self, i) -> dict:
         """Generate sample ``i`` with its parts, for inspection and tests.

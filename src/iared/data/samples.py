@@ -56,3 +56,31 @@ class RenderCache:
         bits = np.unpackbits(masks[i])[:int(np.prod(self.mask_shape))]
         return (torch.from_numpy(pixels[i]).float().div_(255), int(labels[i]),
                 torch.from_numpy(bits.reshape(self.mask_shape).astype(bool)))
+
+
+class RenderedTask(torch.utils.data.Dataset):
+    """An embedded task whose ``render(i)`` dict holds the pixels (key ``PIXELS``), ``label`` and the
+    mask (key ``MASK``). Items are ``(pixels, label, mask)`` tensors, rendered each time or, with
+    ``cache``, kept in ``_memo`` (a :class:`RenderCache` the subclass sizes)."""
+
+    PIXELS = "image"
+    MASK = "mask"
+    length: int
+    cache: bool
+    _memo: RenderCache
+
+    def render(self, i) -> dict:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i) -> tuple[torch.Tensor, int, torch.Tensor]:
+        if not self.cache:
+            pixels, label, mask = self._parts(i)
+            return torch.from_numpy(pixels), label, torch.from_numpy(mask)
+        return self._memo.get(checked_index(self, i), self._parts)
+
+    def _parts(self, i) -> tuple[np.ndarray, int, np.ndarray]:
+        s = self.render(i)
+        return s[self.PIXELS], s["label"], s[self.MASK]
