@@ -14,6 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from iared.checkpoint import CheckpointError, extract_state_dict, load_weights, read_checkpoint
+from iared.models.convnet import CONVNET_CONFIGS, ConvNet, ConvNetConfig, build_convnet
 from iared.models.mvit import MVIT_CONFIGS, MultiScaleViT, MViTConfig, build_mvit
 from iared.models.timesformer import (
     TIMESFORMER_CONFIGS,
@@ -30,6 +31,8 @@ __all__ = [
     "MODEL_BUILDERS",
     "MODEL_CONFIGS",
     "Block",
+    "ConvNet",
+    "ConvNetConfig",
     "MViTConfig",
     "MultiScaleViT",
     "TimeSformer",
@@ -82,6 +85,8 @@ MODEL_BUILDERS: dict[str, tuple] = {name: (build_mvit, cfg) for name, cfg in MVI
 # TimeSformer (official model zoo: K400 / K600 / SSv2, 8 x 224, HR 16 x 448, L 96 x 224 or 64 x 224 on SSv2);
 # architecture only, weights from a local .pyth file (checkpoint=...).
 MODEL_BUILDERS.update({name: (build_timesformer, cfg) for name, cfg in TIMESFORMER_CONFIGS.items()})
+# Plain CNN teachers for distilling ViTs (iared.train.distill); not token models.
+MODEL_BUILDERS.update({name: (build_convnet, cfg) for name, cfg in CONVNET_CONFIGS.items()})
 
 # A backbone for the embedded task that this project trained itself (the commands that reproduce it: src/iared/train/backbone.py's docstring).
 EMBEDDED_CHECKPOINT = "digits_vit.safetensors"

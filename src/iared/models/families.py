@@ -15,12 +15,13 @@ __all__ = ["backbone_families", "build_backbone", "family_of", "family_of_config
 
 def backbone_families() -> dict[str, tuple[type, type]]:
     """The name a checkpoint records -> (model class, config class)."""
+    from iared.models.convnet import ConvNet, ConvNetConfig
     from iared.models.mvit import MultiScaleViT, MViTConfig
     from iared.models.timesformer import TimeSformer, TimeSformerConfig
     from iared.models.vit import VisionTransformer, ViTConfig
 
     return {"vit": (VisionTransformer, ViTConfig), "mvit": (MultiScaleViT, MViTConfig),
-            "timesformer": (TimeSformer, TimeSformerConfig)}
+            "timesformer": (TimeSformer, TimeSformerConfig), "convnet": (ConvNet, ConvNetConfig)}
 
 
 def family_of(backbone) -> str | None:
@@ -37,8 +38,9 @@ def family_of_config(config: dict | None, path: str | os.PathLike = "<memory>") 
     families = backbone_families()
     family = config.get("architecture")
     if family is None:
-        model = config.get("model")
-        family = "timesformer" if isinstance(model, dict) and {"num_frames", "attention_type"} & set(model) else "vit"
+        fields = set(config["model"]) if isinstance(config.get("model"), dict) else set()
+        family = "timesformer" if {"num_frames", "attention_type"} & fields else \
+            "convnet" if {"widths", "pools"} <= fields else "vit"
     if family not in families:
         raise CheckpointError(f"bad checkpoint {path}: unknown backbone architecture {family!r}; "
                               f"this version reads {', '.join(families)}")

@@ -97,6 +97,10 @@ class BackboneTrainConfig:
     export: str | None = None  # float16 safetensors of the final weights
     progress: bool = True
     max_bad_steps: int = 0  # steps with a non-finite loss / gradient skipped before the run stops
+    teacher: str | None = None  # a trained ConvNet to distil from (iared.train.distill)
+    kd: float = 1.0  # with a teacher: weight of KL(teacher || student) on the logits
+    hint: float = 1.0  # with a teacher: weight of the per-token feature hints
+    hint_class: float = 1.0  # with a teacher: weight of the class-token hints
 
 
 # Fields that may differ between a run and its resumption without changing the result.
@@ -133,6 +137,11 @@ HELP = {
     "stop_at": "stop after this step (saving a checkpoint), as if the job were preempted",
     "export": "also write the final weights as float16 safetensors to PATH",
     "progress": "show a progress bar",
+    "teacher": "distil from this trained CNN (iared train --model digits_natural_cnn): its logits and, token by "
+               "token, its feature maps (see iared.train.distill)",
+    "kd": "with --teacher: weight of the logit distillation (KL divergence)",
+    "hint": "with --teacher: weight of the per-token feature hints (0: off)",
+    "hint_class": "with --teacher: weight of the class-token hints (0: off)",
     "max_bad_steps": "skip up to N steps whose loss or gradient is NaN / inf (0: the first one stops the run, "
                      "keeping the last good checkpoint)",
 }
@@ -183,13 +192,26 @@ def _evaluate(model: nn.Module, loader, device, cache: list | None = None) -> di
     return {"top1": s["correct"] / s["n"], "loss": s["loss_sum"] / s["n"], "n": int(s["n"])}
 
 
+def _model_config(name: str, overrides: dict[str, Any]):
+    """The config of a trainable backbone name (a ViT, or a CNN teacher), overrides applied."""
+    from iared.models import MODEL_CONFIGS, ViTConfig
+    from iared.models.convnet import CONVNET_CONFIGS, ConvNetConfig
+
+    if name in MODEL_CONFIGS:
+        return ViTConfig(**{**MODEL_CONFIGS[name], **overrides})
+    if name in CONVNET_CONFIGS:
+        return ConvNetConfig(**{**CONVNET_CONFIGS[name], **overrides})
+    raise ValueError(f"unknown model {name!r} for iared train; known: "
+                     f"{', '.join(sorted([*MODEL_CONFIGS, *CONVNET_CONFIGS]))}")
+
+
 def _train(cfg: BackboneTrainConfig, rank: int, world: int, device: torch.device) -> dict[str, Any]:
-    from iared.models import MODEL_CONFIGS, ViTConfig, create_model
+    from iared.models import create_model
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.model not in MODEL_CONFIGS:
-        raise ValueError(f"unknown model {cfg.model!r}; known: {', '.join(sorted(MODEL_CONFIGS))}")
+    if cfg.teacher and world > 1:
+        raise ValueError("--teacher: distillation runs in one process (not under torchrun)")
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {world} torchrun processes")
     if cfg.max_bad_steps < 0:
@@ -207,7 +229,7 @@ def _train(cfg: BackboneTrainConfig, rank: int, world: int, device: torch.device
         print(f"iared train: no checkpoint in {out}; starting a new run")
 
     overrides = dict(cfg.model_overrides)
-    model_cfg = ViTConfig(**{**MODEL_CONFIGS[cfg.model], **overrides})
+    model_cfg = _model_config(cfg.model, overrides)
     train_set, val_loader, test_loader = _build_data(cfg, model_cfg, rank, world)
     num_classes = getattr(train_set, "num_classes", None)
     if num_classes and num_classes != model_cfg.num_classes and "num_classes" not in overrides:
@@ -218,7 +240,22 @@ def _train(cfg: BackboneTrainConfig, rank: int, world: int, device: torch.device
         raise ValueError("--pretrained and --checkpoint exclude each other: which initial weights should be used?")
     model = create_model(cfg.model, checkpoint=None if state else cfg.checkpoint,
                          pretrained=cfg.pretrained and state is None, **overrides).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    distiller = None
+    if cfg.teacher:
+        from iared.train.distill import Distiller, load_teacher
+
+        distiller = Distiller(load_teacher(cfg.teacher, device), model, cfg.kd, cfg.hint, cfg.hint_class,
+                              path=cfg.teacher)
+        if distiller.pairs and cfg.token_drop > 0:
+            raise ValueError("--teacher with --token-drop: token hints need every token; add --hint 0 --hint-class 0")
+        if state is not None:
+            distiller.adapters.load_state_dict(state["distill"])
+    groups = param_groups(model, cfg.weight_decay)
+    if distiller is not None:  # the adapters learn with the student (last group, so resumed optimizers line up)
+        groups.append({"params": list(distiller.adapters.parameters()), "weight_decay": cfg.weight_decay})
+    if cfg.token_drop > 0 and not hasattr(model.cfg, "num_patches"):
+        raise ValueError(f"--token-drop: {cfg.model} has no tokens to drop")
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     step = resume_training_state(model, optimizer, state) if state is not None else 0
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -232,7 +269,8 @@ def _train(cfg: BackboneTrainConfig, rank: int, world: int, device: torch.device
         log.log(event="start", step=step, world_size=world, device=str(device), resumed=state is not None)
 
     def state_fn():
-        return training_state(model, optimizer, step, cfg, world_size=world, bad_steps=guard.bad_steps)
+        extra = {"distill": distiller.adapters.state_dict()} if distiller is not None else {}
+        return training_state(model, optimizer, step, cfg, world_size=world, bad_steps=guard.bad_steps, **extra)
 
     sampler = StepBatchSampler(len(train_set), cfg.batch_size, cfg.seed, cfg.steps, start_step=step,
                                rank=rank, world=world)
@@ -241,6 +279,7 @@ def _train(cfg: BackboneTrainConfig, rank: int, world: int, device: torch.device
     stop = min(cfg.steps, cfg.stop_at) if cfg.stop_at is not None else cfg.steps
     val_cache: list = []
     loss_acc, n_acc, t_window, start = torch.zeros((), device=device), 0, time.time(), time.time()
+    part_acc: dict[str, float] = {}  # distillation: the loss's parts, summed since the last log line
     bar = progress(total=stop, initial=step, desc="train", disable=not cfg.progress)
     params = dict(model.named_parameters())
     for batch in loader:
@@ -252,7 +291,12 @@ def _train(cfg: BackboneTrainConfig, rank: int, world: int, device: torch.device
         model.train()
         keep = random_patch_keep(len(images), unwrap(model).cfg.num_patches, cfg.token_drop, device) \
             if cfg.token_drop > 0 else None
-        loss = classification_loss(model(images, keep=keep), labels, cfg.label_smoothing)
+        if distiller is not None:
+            loss, parts = distiller.loss(model, images, labels, cfg.label_smoothing, keep)
+            for k, v in parts.items():
+                part_acc[k] = part_acc.get(k, 0.0) + v
+        else:
+            loss = classification_loss(model(images, keep=keep), labels, cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         good = guard.check(step + 1, loss, params, optimizer)
@@ -270,7 +314,9 @@ def _train(cfg: BackboneTrainConfig, rank: int, world: int, device: torch.device
         if (step % cfg.log_every == 0 or step == stop) and n_acc:
             mean_loss = all_reduce_sums({"loss": float(loss_acc) / n_acc}, device)["loss"] / world
             rate = n_acc * cfg.batch_size / max(time.time() - t_window, 1e-9)
-            log.log(event="train", step=step, loss=mean_loss, lr=lr, images_per_s=round(rate, 1))
+            parts = {k: round(v / n_acc, 5) for k, v in part_acc.items()}
+            log.log(event="train", step=step, loss=mean_loss, lr=lr, images_per_s=round(rate, 1), **parts)
+            part_acc.clear()
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
             loss_acc.zero_()
             n_acc, t_window = 0, time.time()
