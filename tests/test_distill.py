@@ -5,7 +5,6 @@ of width 32 as student; a few steps of batch 8 per run.
 """
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -308,3 +308,53 @@ def test_config_refuses_inconsistent_variants():
         ViTConfig(distilled=True, reg_tokens=1)
     # The default config is unchanged: class token, token pooling, one prefix token.
     assert VisionTransformer(ViTConfig(**{**SMALL, "num_heads": 3})).num_prefix_tokens == 1
+
+
+def test_conv_stem_matches_timms_hybrid_embed_and_prunes_exactly(tmp_path):
+    """A hybrid ViT (``conv_stem``): timm's ``HybridEmbed`` around the same stages gives the same logits
+    from the same state dict (keys ``patch_embed.backbone.*``, 1x1 ``patch_embed.proj``); MACs count
+    the stem; IA-RED² at threshold 0 reproduces the unpruned logits and packed equals padded."""
+    from functools import partial
+
+    from timm.models.vision_transformer_hybrid import HybridEmbed
+
+    from iared import flops
+    from iared.models.vit import conv_stem_stages
+
+    torch.manual_seed(0)
+    ours = create_model("digits_natural_vit", depth=3).eval()
+    perturbed(ours)  # biases and norms away from 0 / 1
+    stem = torch.nn.Sequential(*conv_stem_stages(3, (16, 32, 64)))
+    stem.num_features = 64  # what HybridEmbed reads when told the feature size
+    ref = TimmViT(img_size=64, patch_size=1, in_chans=3, num_classes=10, embed_dim=144, depth=3, num_heads=4,
+                  embed_layer=partial(HybridEmbed, backbone=stem, feature_size=8)).eval()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=0)
+    stem_macs = 64 * 64 * 3 * 16 * 9 + 32 * 32 * 16 * 32 * 9 + 16 * 16 * 32 * 64 * 9 + 64 * 144 * 64
+    assert flops.embed_macs(ours.cfg) == stem_macs
+    model = spread_interpreters(IARed(ours), std=2.0).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, threshold=0.0).logits, ours(x), atol=1e-5, rtol=0)
+        packed, padded = model(x, threshold=0.5, layout="packed"), model(x, threshold=0.5, layout="padded")
+    assert (packed.keep[-1].sum(1) < ours.num_tokens).all()
+    torch.testing.assert_close(packed.logits, padded.logits, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="log2\\(patch_size\\) = 3"):
+        create_model("digits_natural_vit", conv_stem=(16, 32))
+
+
+def test_student_stem_starts_from_the_teachers_first_stages():
+    from iared.models import ConvNet, ConvNetConfig
+    from iared.train.distill import init_stem_from_teacher
+
+    torch.manual_seed(0)
+    teacher = ConvNet(ConvNetConfig(widths=(16, 32, 64, 128, 128)))
+    perturbed(teacher)
+    student = create_model("digits_natural_vit", depth=1).eval()
+    assert init_stem_from_teacher(student, teacher.eval())
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(student.patch_embed.backbone(x), teacher.feature_maps(x)[2])
+    other = ConvNet(ConvNetConfig(widths=(8, 32, 64, 128, 128)))
+    assert not init_stem_from_teacher(student, other)  # widths differ: nothing copied

@@ -74,7 +74,15 @@ def significance_macs(n):
 
 
 def embed_macs(cfg: ViTConfig) -> int:
-    return cfg.num_patches * cfg.embed_dim * cfg.in_chans * cfg.patch_size**2
+    """The patch embedding: one ``patch_size`` convolution, or a ``conv_stem`` (3x3 convs, each at its
+    stage's input resolution) and a 1x1 projection."""
+    if not getattr(cfg, "conv_stem", ()):
+        return cfg.num_patches * cfg.embed_dim * cfg.in_chans * cfg.patch_size**2
+    macs, prev, side = 0, cfg.in_chans, cfg.img_size
+    for width in cfg.conv_stem:
+        macs += side * side * prev * width * 9
+        prev, side = width, side // 2
+    return macs + cfg.num_patches * cfg.embed_dim * prev
 
 
 def head_macs(cfg: ViTConfig) -> int:

@@ -58,7 +58,7 @@ class ConvNetConfig:
 
 CONVNET_CONFIGS: dict[str, dict] = {
     # digits-natural's teacher: one 8x8 cell per patch of digits_natural_vit; 60 M MACs per image.
-    "digits_natural_cnn": dict(img_size=64, in_chans=3, num_classes=10),
+    "digits_natural_cnn": dict(img_size=64, in_chans=3, num_classes=10, widths=(16, 32, 64, 128, 128)),
 }
 
 
@@ -67,15 +67,10 @@ class ConvNet(nn.Module):
         super().__init__()
         cfg = cfg or ConvNetConfig(**overrides)
         self.cfg = cfg
-        stages, prev = [], cfg.in_chans
-        for i, width in enumerate(cfg.widths):
-            layers = [nn.Conv2d(prev, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
-            if i < cfg.pools:
-                layers.append(nn.MaxPool2d(2))
-            stages.append(nn.Sequential(*layers))
-            prev = width
-        self.stages = nn.ModuleList(stages)
-        self.head = nn.Linear(prev, cfg.num_classes)
+        from iared.models.vit import conv_stem_stages
+
+        self.stages = nn.ModuleList(conv_stem_stages(cfg.in_chans, cfg.widths, cfg.pools))
+        self.head = nn.Linear(cfg.widths[-1], cfg.num_classes)
 
     def feature_maps(self, images: Tensor) -> list[Tensor]:
         """The output of every stage, ``(B, C_i, H_i, W_i)``, first to last."""

@@ -61,6 +61,10 @@ class ViTConfig:
     final_norm: bool = True
     aug_shortcuts: int = 0  # augmented shortcuts beside each attention and each MLP (Tang et al. 2021)
     aug_circulant_blocks: int = 4  # their projection: a grid of k x k circulant blocks of size embed_dim / k
+    # A convolutional stem (timm's hybrid ViTs: ``patch_embed.backbone`` then a 1x1 ``patch_embed.proj``):
+    # the widths of its stages, each 3x3 conv -> BatchNorm -> ReLU -> 2x2 max-pool, so 2 ** len(conv_stem)
+    # must be patch_size. Tokens are still one per patch (the stem costs the same whatever is dropped).
+    conv_stem: tuple[int, ...] = ()
     mean: tuple[float, ...] = field(default=IMAGENET_MEAN)
     std: tuple[float, ...] = field(default=IMAGENET_STD)
 
@@ -83,6 +87,10 @@ class ViTConfig:
                                or self.use_fc_norm):
             raise ValueError("distilled (DeiT) models read the class and distillation tokens: they need the "
                              "class token, token pooling, no fc_norm and no register tokens")
+        self.conv_stem = tuple(int(w) for w in self.conv_stem)
+        if self.conv_stem and (2 ** len(self.conv_stem) != self.patch_size or min(self.conv_stem) < 1):
+            raise ValueError(f"conv_stem {self.conv_stem}: each stage halves the resolution, so it needs "
+                             f"log2(patch_size) = {math.log2(self.patch_size):g} positive widths")
         self.mean, self.std = tuple(self.mean), tuple(self.std)
 
     @property
@@ -120,9 +128,10 @@ class ConvPatches(nn.Module):
     """Square images of ``img_size`` -> ``(B, N, C)`` features of a convolution ``proj``, row-major.
     Key: ``patch_embed.proj``. The ViT and MViT embeddings differ only in the convolution."""
 
-    def __init__(self, img_size: int, proj: nn.Conv2d):
+    def __init__(self, img_size: int, proj: nn.Conv2d, backbone: nn.Module | None = None):
         super().__init__()
         self.img_size = img_size
+        self.backbone = backbone if backbone is not None else nn.Identity()  # hybrid models' conv stem
         self.proj = proj
 
     def forward(self, images: Tensor) -> Tensor:
@@ -131,14 +140,34 @@ class ConvPatches(nn.Module):
                 f"expected {self.img_size}x{self.img_size} images, got {tuple(images.shape[-2:])}; "
                 "resize or create the model with a matching img_size"
             )
-        return self.proj(images).flatten(2).transpose(1, 2)
+        return self.proj(self.backbone(images)).flatten(2).transpose(1, 2)
+
+
+def conv_stem_stages(in_chans: int, widths: tuple[int, ...], pools: int | None = None) -> list[nn.Sequential]:
+    """3x3 conv -> BatchNorm -> ReLU (-> 2x2 max-pool for the first ``pools`` stages, default all): the
+    stages of a ViT's ``conv_stem`` and of :class:`iared.models.convnet.ConvNet`, with the same keys
+    (``{i}.0`` conv, ``{i}.1`` BatchNorm), so a teacher's first stages load into a student's stem."""
+    pools = len(widths) if pools is None else pools
+    stages, prev = [], in_chans
+    for i, width in enumerate(widths):
+        layers = [nn.Conv2d(prev, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        if i < pools:
+            layers.append(nn.MaxPool2d(2))
+        stages.append(nn.Sequential(*layers))
+        prev = width
+    return stages
 
 
 class PatchEmbed(ConvPatches):
-    """Non-overlapping ``patch_size`` patches."""
+    """Non-overlapping ``patch_size`` patches: one ``patch_size`` convolution, or with ``conv_stem`` the
+    stem's stages (``patch_embed.backbone``) and a 1x1 projection, as timm's ``HybridEmbed``."""
 
     def __init__(self, cfg: ViTConfig):
         # timm drops the projection's bias under pre-norm (the LayerNorm that follows has one).
+        if cfg.conv_stem:
+            super().__init__(cfg.img_size, nn.Conv2d(cfg.conv_stem[-1], cfg.embed_dim, 1, bias=not cfg.pre_norm),
+                             nn.Sequential(*conv_stem_stages(cfg.in_chans, cfg.conv_stem)))
+            return
         super().__init__(cfg.img_size, nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size,
                                                  stride=cfg.patch_size, bias=not cfg.pre_norm))
 

@@ -138,7 +138,8 @@ HELP = {
     "export": "also write the final weights as float16 safetensors to PATH",
     "progress": "show a progress bar",
     "teacher": "distil from this trained CNN (iared train --model digits_natural_cnn): its logits and, token by "
-               "token, its feature maps (see iared.train.distill)",
+               "token, its feature maps (see iared.train.distill); a student conv stem of the same widths starts "
+               "from its first stages",
     "kd": "with --teacher: weight of the logit distillation (KL divergence)",
     "hint": "with --teacher: weight of the per-token feature hints (0: off)",
     "hint_class": "with --teacher: weight of the class-token hints (0: off)",
@@ -242,7 +243,7 @@ def _train(cfg: BackboneTrainConfig, rank: int, world: int, device: torch.device
                          pretrained=cfg.pretrained and state is None, **overrides).to(device)
     distiller = None
     if cfg.teacher:
-        from iared.train.distill import Distiller, load_teacher
+        from iared.train.distill import Distiller, init_stem_from_teacher, load_teacher
 
         distiller = Distiller(load_teacher(cfg.teacher, device), model, cfg.kd, cfg.hint, cfg.hint_class,
                               path=cfg.teacher)
@@ -250,6 +251,8 @@ def _train(cfg: BackboneTrainConfig, rank: int, world: int, device: torch.device
             raise ValueError("--teacher with --token-drop: token hints need every token; add --hint 0 --hint-class 0")
         if state is not None:
             distiller.adapters.load_state_dict(state["distill"])
+        elif not cfg.checkpoint and init_stem_from_teacher(model, distiller.teacher) and is_main():
+            print(f"iared train: the conv stem starts from the first {len(model.cfg.conv_stem)} stages of {cfg.teacher}")
     groups = param_groups(model, cfg.weight_decay)
     if distiller is not None:  # the adapters learn with the student (last group, so resumed optimizers line up)
         groups.append({"params": list(distiller.adapters.parameters()), "weight_decay": cfg.weight_decay})

@@ -19,6 +19,11 @@ stroke, nor where the digit is. The teacher tells it both, densely:
 The adapters are trained with the student and saved in the training checkpoint
 (``distill`` entry), never in the student's weights: the exported backbone is a plain ViT.
 Hints need every token, so they are refused with ``--token-drop`` (logit distillation works there).
+
+A student with a convolutional stem (``ViTConfig.conv_stem``, a hybrid ViT) whose widths are the
+teacher's first stages starts with those stages' weights (:func:`init_stem_from_teacher`): its
+tokens then begin with the teacher's polarity-free stroke features, and the transformer learns
+where the digit is and what it is.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Distiller", "hint_pairs", "load_teacher"]
+__all__ = ["Distiller", "hint_pairs", "init_stem_from_teacher", "load_teacher"]
 
 
 def hint_pairs(teacher_stages: list[int], depth: int) -> list[tuple[int, int]]:
@@ -50,6 +55,19 @@ def load_teacher(path: str, device) -> nn.Module:
         raise CheckpointError(f"--teacher {path}: holds a {type(teacher).__name__}; a teacher is a ConvNet "
                               "(train one with `iared train --model digits_natural_cnn`)")
     return teacher.to(device).eval().requires_grad_(False)
+
+
+def init_stem_from_teacher(student: nn.Module, teacher: nn.Module) -> bool:
+    """Copy the teacher's first stages into the student's ``conv_stem`` when their shapes agree (same
+    widths, each of those teacher stages pooling); returns whether it did."""
+    stem = tuple(getattr(student.cfg, "conv_stem", ()))
+    n = len(stem)
+    if not n or tuple(teacher.cfg.widths[:n]) != stem or teacher.cfg.pools < n \
+            or teacher.cfg.in_chans != student.cfg.in_chans:
+        return False
+    for i in range(n):
+        student.patch_embed.backbone[i].load_state_dict(teacher.stages[i].state_dict())
+    return True
 
 
 class Distiller:
