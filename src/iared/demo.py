@@ -1,6 +1,7 @@
-"""``iared demo``: the whole IA-RED² story on the embedded task, offline, in a few minutes on a CPU.
+"""``iared demo``: the whole IA-RED² story on an embedded task, offline, in a few minutes on a CPU.
 
-1. the project's digits-clutter backbone (shipped with the package),
+1. the project's backbone for the task (shipped with the package; ``digits-natural`` by default,
+   ``--task digits-clutter`` for the black-background task),
 2. interpreters trained by reward, stage by stage (:mod:`iared.train.interpreters`),
 3. evaluation on the test split: accuracy, kept tokens, GFLOPs, measured throughput,
 4. ``results.json``, a table on the terminal, pictures of what each stage kept, and the
@@ -26,6 +27,9 @@ NUM_PICTURES = 16
 # distillation steps under the learned policy (about a minute on 2 cores) bring the test loss to
 # 0.5 points (README, "Measured results").
 DEMO_FINETUNE_STEPS = 300
+# The embedded image tasks the demo runs on, and the backbone shipped for each (iared/assets).
+DEMO_BACKBONES = {"digits-natural": "digits_natural_vit", "digits-clutter": "digits_vit"}
+DEFAULT_TASK = "digits-clutter"
 # thresholds of the accuracy-against-throughput plot (the run's own threshold is added)
 CURVE_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
@@ -131,7 +135,9 @@ def format_table(results: dict) -> str:
 
 
 def run_demo(out: Path, cfg: InterpreterTrainConfig, test_samples: int = 2000, progress: bool = True) -> dict:
-    from iared.data import DigitsClutter
+    """The demo on ``cfg.task`` (an embedded image task) with ``cfg``'s backbone (default: the task's
+    shipped one, :data:`DEMO_BACKBONES`)."""
+    from iared.data import build_dataset
 
     check_output_dir(out, "--out folder")
     started = time.perf_counter()
@@ -139,12 +145,12 @@ def run_demo(out: Path, cfg: InterpreterTrainConfig, test_samples: int = 2000, p
     model, history = train_from_config(cfg, progress=progress)
     train_seconds = time.perf_counter() - started
 
-    images, labels = load_split("digits-clutter", "test", test_samples)
+    images, labels = load_split(cfg.task, "test", test_samples)
     # the unpruned reference is the backbone as shipped, also when the run fine-tuned model.backbone
     reference = build_model(cfg).backbone if cfg.finetune_steps else None
     results = accuracy_and_compute(model, images, labels, threshold=cfg.threshold, reference=reference)
-    test = DigitsClutter("test")
-    masks = torch.stack([test[i][2] for i in range(min(500, test_samples))])
+    test = build_dataset(cfg.task, "test")
+    masks = torch.stack([torch.as_tensor(test[i][2]) for i in range(min(500, test_samples))])
     results.update(mask_score_contrast(model, images[: len(masks)], masks, cfg.threshold))
     results.update(compare_throughput(model, images, threshold=cfg.threshold, batch_size=64))
     results["pictures"] = save_pictures(model, images[:NUM_PICTURES], labels[:NUM_PICTURES], out, cfg.threshold)
@@ -152,6 +158,7 @@ def run_demo(out: Path, cfg: InterpreterTrainConfig, test_samples: int = 2000, p
     results["curve"] = accuracy_throughput_curve(model, images, labels, thresholds, reference=reference)
     plot_curve(results["curve"], float(cfg.threshold), out / "accuracy_vs_throughput.png")
     results.update(
+        task=cfg.task, backbone=cfg.backbone or f"{cfg.model} (shipped)",
         train_seconds=round(train_seconds, 1), total_seconds=round(time.perf_counter() - started, 1),
         machine=machine_info(images.device),
         checkpoint=str(Path(cfg.out) / "pruned.pt"), history=history,

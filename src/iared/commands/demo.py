@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from iared.demo import DEMO_FINETUNE_STEPS, format_table, run_demo
+from iared.demo import DEFAULT_TASK, DEMO_BACKBONES, DEMO_FINETUNE_STEPS, format_table, run_demo
 from iared.train.interpreters import InterpreterTrainConfig
 
 
@@ -19,6 +19,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("demo", help="train interpreters on the embedded task, evaluate, draw pictures",
                               description=demo.__doc__.split("\n\n")[0])
     d = InterpreterTrainConfig()
+    p.add_argument("--task", default=DEFAULT_TASK, choices=sorted(DEMO_BACKBONES),
+                   help="embedded task (each has its shipped backbone)")
     p.add_argument("--out", default="demo-out", help="output folder (results.json, PNGs, checkpoint)")
     p.add_argument("--steps-per-stage", type=int, default=d.steps_per_stage)
     p.add_argument("--test-samples", type=int, default=2000, help="test images evaluated (and timed: the first 64)")
@@ -37,7 +39,9 @@ def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     cfg = InterpreterTrainConfig(steps_per_stage=args.steps_per_stage, threshold=args.threshold, seed=args.seed,
                                  eval_samples=args.eval_samples, backbone=args.backbone,
-                                 finetune_steps=args.finetune_steps)
+                                 finetune_steps=args.finetune_steps, task=args.task,
+                                 model=None if args.backbone else DEMO_BACKBONES[args.task],
+                                 pretrained=args.backbone is None)
     results = run_demo(Path(args.out), cfg, test_samples=args.test_samples, progress=not args.quiet)
     print(format_table(results))
     print(f"wrote {Path(args.out) / 'results.json'}, {len(results['pictures'])} pictures and "

@@ -28,6 +28,7 @@ from iared.models.vit import Block, VisionTransformer, ViTConfig, adapt_state_di
 
 __all__ = [
     "EMBEDDED_CHECKPOINT",
+    "EMBEDDED_CHECKPOINTS",
     "MODEL_BUILDERS",
     "MODEL_CONFIGS",
     "Block",
@@ -91,8 +92,10 @@ MODEL_BUILDERS.update({name: (build_timesformer, cfg) for name, cfg in TIMESFORM
 # Plain CNN teachers for distilling ViTs (iared.train.distill); not token models.
 MODEL_BUILDERS.update({name: (build_convnet, cfg) for name, cfg in CONVNET_CONFIGS.items()})
 
-# A backbone for the embedded task that this project trained itself (the commands that reproduce it: src/iared/train/backbone.py's docstring).
-EMBEDDED_CHECKPOINT = "digits_vit.safetensors"
+# Backbones for the embedded tasks that this project trained itself, shipped in iared/assets (the commands
+# that reproduce them: src/iared/train/backbone.py's docstring).
+EMBEDDED_CHECKPOINTS = {"digits_vit": "digits_vit.safetensors", "digits_natural_vit": "digits_natural_vit.safetensors"}
+EMBEDDED_CHECKPOINT = EMBEDDED_CHECKPOINTS["digits_vit"]
 
 
 def list_models() -> list[str]:
@@ -117,8 +120,8 @@ def create_model(name: str, *, pretrained: bool = False, checkpoint: str | os.Pa
     if checkpoint is not None:
         state_dict = extract_state_dict(read_checkpoint(checkpoint), checkpoint)
         load_weights(model, adapt_state_dict(state_dict, model.cfg), checkpoint)
-    elif pretrained and name == "digits_vit":
-        path = embedded_checkpoint_path()
+    elif pretrained and name in EMBEDDED_CHECKPOINTS:
+        path = embedded_checkpoint_path(name)
         load_weights(model, adapt_state_dict(extract_state_dict(read_checkpoint(path), path), model.cfg), path)
     elif pretrained:
         import timm
@@ -128,12 +131,12 @@ def create_model(name: str, *, pretrained: bool = False, checkpoint: str | os.Pa
     return model
 
 
-def embedded_checkpoint_path() -> Path:
-    path = Path(str(resources.files("iared") / "assets" / EMBEDDED_CHECKPOINT))
+def embedded_checkpoint_path(name: str = "digits_vit") -> Path:
+    """The shipped weights of an embedded task's backbone (``EMBEDDED_CHECKPOINTS``)."""
+    path = Path(str(resources.files("iared") / "assets" / EMBEDDED_CHECKPOINTS[name]))
     if not path.is_file():
-        raise FileNotFoundError(
-            f"embedded backbone checkpoint missing at {path}; train one with `iared train --task digits-clutter`"
-        )
+        raise FileNotFoundError(f"embedded backbone checkpoint missing at {path}; the commands that train it are in "
+                                "iared.train.backbone's docstring")
     return path
 
 
