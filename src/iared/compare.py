@@ -296,12 +296,13 @@ def _dynamicvit(cfg: CompareConfig, backbone, train_set, ratio, progress):
 def run_compare(cfg: CompareConfig, progress: Callable[[str], None] = _log) -> dict:
     """Run the comparison and write ``compare.json``, ``compare.md`` and ``compare.png`` under ``cfg.out``."""
     from iared.loading import load_backbone, task_dataset
+    from iared.models import TASK_BACKBONES
     from iared.reducers import registry
     from iared.train.interpreters import stack_batch
 
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.out)
-    default = {"digits-natural": "digits_natural_vit", "moving-digits": None}.get(cfg.task, "digits_vit")
+    default = None if cfg.task == "moving-digits" else TASK_BACKBONES.get(cfg.task, "digits_vit")
     if cfg.backbone is None and cfg.model is None and default is None:
         raise ValueError(f"--task {cfg.task}: no shipped backbone for it yet; pass --backbone FILE (and --model NAME "
                          "where the file does not say what it is)")

@@ -27,8 +27,6 @@ NUM_PICTURES = 16
 # distillation steps under the learned policy (about a minute on 2 cores) bring the test loss to
 # 0.5 points (README, "Measured results").
 DEMO_FINETUNE_STEPS = 300
-# The embedded image tasks the demo runs on, and the backbone shipped for each (iared/assets).
-DEMO_BACKBONES = {"digits-natural": "digits_natural_vit", "digits-clutter": "digits_vit"}
 DEFAULT_TASK = "digits-clutter"
 # thresholds of the accuracy-against-throughput plot (the run's own threshold is added)
 CURVE_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -136,7 +134,7 @@ def format_table(results: dict) -> str:
 
 def run_demo(out: Path, cfg: InterpreterTrainConfig, test_samples: int = 2000, progress: bool = True) -> dict:
     """The demo on ``cfg.task`` (an embedded image task) with ``cfg``'s backbone (default: the task's
-    shipped one, :data:`DEMO_BACKBONES`)."""
+    shipped one, :data:`iared.models.TASK_BACKBONES`)."""
     from iared.data import build_dataset
 
     check_output_dir(out, "--out folder")

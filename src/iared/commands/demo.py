@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from iared.demo import DEFAULT_TASK, DEMO_BACKBONES, DEMO_FINETUNE_STEPS, format_table, run_demo
+from iared.demo import DEFAULT_TASK, DEMO_FINETUNE_STEPS, format_table, run_demo
+from iared.models import TASK_BACKBONES
 from iared.train.interpreters import InterpreterTrainConfig
 
 
@@ -19,7 +20,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("demo", help="train interpreters on the embedded task, evaluate, draw pictures",
                               description=demo.__doc__.split("\n\n")[0])
     d = InterpreterTrainConfig()
-    p.add_argument("--task", default=DEFAULT_TASK, choices=sorted(DEMO_BACKBONES),
+    p.add_argument("--task", default=DEFAULT_TASK, choices=sorted(TASK_BACKBONES),
                    help="embedded task (each has its shipped backbone)")
     p.add_argument("--out", default="demo-out", help="output folder (results.json, PNGs, checkpoint)")
     p.add_argument("--steps-per-stage", type=int, default=d.steps_per_stage)
@@ -40,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = InterpreterTrainConfig(steps_per_stage=args.steps_per_stage, threshold=args.threshold, seed=args.seed,
                                  eval_samples=args.eval_samples, backbone=args.backbone,
                                  finetune_steps=args.finetune_steps, task=args.task,
-                                 model=None if args.backbone else DEMO_BACKBONES[args.task],
+                                 model=None if args.backbone else TASK_BACKBONES[args.task],
                                  pretrained=args.backbone is None)
     results = run_demo(Path(args.out), cfg, test_samples=args.test_samples, progress=not args.quiet)
     print(format_table(results))

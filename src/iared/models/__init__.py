@@ -31,6 +31,7 @@ __all__ = [
     "EMBEDDED_CHECKPOINTS",
     "MODEL_BUILDERS",
     "MODEL_CONFIGS",
+    "TASK_BACKBONES",
     "Block",
     "ConvNet",
     "ConvNetConfig",
@@ -96,6 +97,8 @@ MODEL_BUILDERS.update({name: (build_convnet, cfg) for name, cfg in CONVNET_CONFI
 # that reproduce them: src/iared/train/backbone.py's docstring).
 EMBEDDED_CHECKPOINTS = {"digits_vit": "digits_vit.safetensors", "digits_natural_vit": "digits_natural_vit.safetensors"}
 EMBEDDED_CHECKPOINT = EMBEDDED_CHECKPOINTS["digits_vit"]
+# The shipped backbone of each embedded task: what demo, compare and train-interpreters use when given none.
+TASK_BACKBONES = {"digits-natural": "digits_natural_vit", "digits-clutter": "digits_vit"}
 
 
 def list_models() -> list[str]:

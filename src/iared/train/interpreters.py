@@ -289,11 +289,12 @@ def _config_dict(cfg: InterpreterTrainConfig) -> dict:
 # -- command line ----------------------------------------------------------------------------------
 
 def build_model(cfg: InterpreterTrainConfig) -> IARed:
-    """The backbone the config names (:func:`iared.loading.load_backbone`; default: the shipped
-    digits backbone) with fresh interpreters."""
+    """The backbone the config names (:func:`iared.loading.load_backbone`; default: the task's shipped
+    backbone, ``TASK_BACKBONES``) with fresh interpreters."""
     from iared.loading import load_backbone
+    from iared.models import TASK_BACKBONES
 
-    backbone = load_backbone(cfg.backbone, cfg.model, cfg.pretrained, default="digits_vit")
+    backbone = load_backbone(cfg.backbone, cfg.model, cfg.pretrained, default=TASK_BACKBONES.get(cfg.task, "digits_vit"))
     return IARed(backbone, IARedConfig(num_stages=cfg.num_stages, interpreter_heads=cfg.interpreter_heads))
 
 
