@@ -27,7 +27,7 @@ NUM_PICTURES = 16
 # distillation steps under the learned policy (about a minute on 2 cores) bring the test loss to
 # 0.5 points (README, "Measured results").
 DEMO_FINETUNE_STEPS = 300
-DEFAULT_TASK = "digits-clutter"
+DEFAULT_TASK = "digits-natural"
 # thresholds of the accuracy-against-throughput plot (the run's own threshold is added)
 CURVE_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
