@@ -164,3 +164,28 @@ def test_token_drop_with_hints_is_refused_before_training(tmp_path, capsys):
     assert cli_main(["train", "--task", "digits-clutter", *STUDENT, *RUN, "--steps", "2", "--out", str(tmp_path / "k"),
                      "--teacher", str(teacher_dir / "checkpoint.pt"), "--token-drop", "0.5", "--hint", "0",
                      "--hint-class", "0"]) == 0
+
+
+def test_skipped_bad_steps_leave_the_logged_parts_finite(tmp_path, monkeypatch):
+    """A step skipped by --max-bad-steps (NaN loss) must not enter the logged means of the loss's parts."""
+    import math
+
+    teacher_dir = tmp_path / "teacher"
+    assert cli_main(["train", "--task", "digits-clutter", *TEACHER, *RUN, "--steps", "1", "--out", str(teacher_dir)]) == 0
+    real, calls = Distiller.loss, []
+
+    def nan_at_second(self, *a, **kw):
+        loss, parts = real(self, *a, **kw)
+        calls.append(1)
+        if len(calls) == 2:
+            return loss * float("nan"), {k: float("nan") for k in parts}
+        return loss, parts
+
+    monkeypatch.setattr(Distiller, "loss", nan_at_second)
+    out = tmp_path / "s"
+    assert cli_main(["train", "--task", "digits-clutter", *STUDENT, *RUN, "--steps", "3", "--log-every", "3",
+                     "--max-bad-steps", "1", "--out", str(out), "--teacher", str(teacher_dir / "checkpoint.pt")]) == 0
+    lines = [json.loads(s) for s in (out / "log.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "bad_step" for e in lines)
+    train = [e for e in lines if e["event"] == "train"][-1]
+    assert all(math.isfinite(train[k]) for k in ("ce", "kd", "hint", "hint_class")), train

@@ -312,10 +312,9 @@ def _train(cfg: BackboneTrainConfig, rank: int, world: int, device: torch.device
         model.train()
         keep = random_patch_keep(len(images), unwrap(model).cfg.num_patches, cfg.token_drop, device) \
             if cfg.token_drop > 0 else None
+        parts: dict[str, float] = {}
         if distiller is not None:
             loss, parts = distiller.loss(model, images, labels, cfg.label_smoothing, keep)
-            for k, v in parts.items():
-                part_acc[k] = part_acc.get(k, 0.0) + v
         else:
             loss = classification_loss(model(images, keep=keep), labels, cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
@@ -329,14 +328,16 @@ def _train(cfg: BackboneTrainConfig, rank: int, world: int, device: torch.device
         if good:
             loss_acc += loss.detach()
             n_acc += 1
+            for k, v in parts.items():  # averaged over the same good steps as the loss
+                part_acc[k] = part_acc.get(k, 0.0) + v
         else:
             log.log(event="bad_step", step=step, loss=float(loss.detach()), bad_steps=guard.bad_steps)
         bar.update(1)
         if (step % cfg.log_every == 0 or step == stop) and n_acc:
             mean_loss = all_reduce_sums({"loss": float(loss_acc) / n_acc}, device)["loss"] / world
             rate = n_acc * cfg.batch_size / max(time.time() - t_window, 1e-9)
-            parts = {k: round(v / n_acc, 5) for k, v in part_acc.items()}
-            log.log(event="train", step=step, loss=mean_loss, lr=lr, images_per_s=round(rate, 1), **parts)
+            mean_parts = {k: round(v / n_acc, 5) for k, v in part_acc.items()}
+            log.log(event="train", step=step, loss=mean_loss, lr=lr, images_per_s=round(rate, 1), **mean_parts)
             part_acc.clear()
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
             loss_acc.zero_()
