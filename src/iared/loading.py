@@ -56,7 +56,7 @@ def infer_vit_config(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
     Average pooling is recognised by its ``fc_norm``; timm's rarer average pooling without
     ``fc_norm`` looks like token pooling in the keys unless there is no class token."""
     from iared.models import MODEL_CONFIGS, ViTConfig
-    from iared.models.vit import rename_official_keys
+    from iared.models.vit import rename_official_keys, stem_widths
 
     state_dict = rename_official_keys(state_dict)
 
@@ -71,6 +71,9 @@ def infer_vit_config(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
         raise CheckpointError(f"bad checkpoint {path}: patch_embed.proj.weight has shape {tuple(proj.shape)}, "
                               "not (C, C_in, P, P)")
     embed_dim, in_chans, patch = int(proj.shape[0]), int(proj.shape[1]), int(proj.shape[2])
+    stem = stem_widths(state_dict)
+    if stem:  # a hybrid (timm's HybridEmbed layout): the stem makes the patches, the projection is 1x1
+        in_chans, patch = int(state_dict["patch_embed.backbone.0.0.weight"].shape[1]), 2 ** len(stem)
     distilled = "dist_token" in state_dict
     class_token = "cls_token" in state_dict
     reg_tokens = int(state_dict["reg_token"].shape[1]) if "reg_token" in state_dict else 0
@@ -101,7 +104,7 @@ def infer_vit_config(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
         fc_norm=True if "fc_norm.weight" in state_dict else False if pool == "avg" and "norm.weight" in state_dict
         else None,
         pre_norm="norm_pre.weight" in state_dict,
-        final_norm="norm.weight" in state_dict or "fc_norm.weight" in state_dict,
+        final_norm="norm.weight" in state_dict or "fc_norm.weight" in state_dict, conv_stem=stem,
     )
     shortcut_key = re.compile(r"blocks\.0\.attn_shortcuts\.(\d+)\.weight$")
     shortcuts = {int(m.group(1)) for k in state_dict if (m := shortcut_key.match(k))}
@@ -181,6 +184,22 @@ def load_backbone(checkpoint: str | os.PathLike | None = None, model: str | None
     net = VisionTransformer(cfg)
     load_weights(net, adapt_state_dict(sd, cfg), checkpoint)
     return net
+
+
+def inflate_from_image(model, image: str | os.PathLike) -> list[str]:
+    """Start the TimeSformer ``model`` from an image ViT (:func:`iared.models.timesformer.inflate_image_weights`):
+    ``image`` is a weights file (safetensors, timm / iared state dict, a pruned checkpoint's backbone) or the
+    name of a shipped backbone (``digits_natural_vit``). Returns the keys left at initialisation."""
+    from iared.models import EMBEDDED_CHECKPOINTS, embedded_checkpoint_path
+    from iared.models.timesformer import TimeSformer, inflate_image_weights
+
+    if not isinstance(model, TimeSformer):
+        raise ValueError(f"--init-image inflates an image ViT into a TimeSformer; {type(model).__name__} is not one")
+    path = embedded_checkpoint_path(str(image)) if str(image) in EMBEDDED_CHECKPOINTS else Path(image)
+    if not path.is_file():
+        raise FileNotFoundError(f"--init-image {image}: no such file (nor a shipped backbone: "
+                                f"{', '.join(EMBEDDED_CHECKPOINTS)})")
+    return inflate_image_weights(model, _backbone_weights(read_checkpoint(path), path), path)
 
 
 def _holds_timesformer(obj: dict) -> bool:

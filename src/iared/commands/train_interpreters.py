@@ -52,6 +52,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-bad-steps", type=int, default=d.max_bad_steps,
                    help="skip up to N steps whose loss or gradient is NaN / inf (default 0: the first one stops the "
                         "run, keeping the last good train_state.pt)")
+    p.add_argument("--prerender", type=int, default=d.prerender, metavar="N",
+                   help="render the embedded task's train split once, in N processes, before training (a GPU would "
+                        "otherwise wait on rendering; keeps it in memory)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=main)

@@ -46,7 +46,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import av
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -100,8 +99,18 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(text).split()) or type(e).__name__
 
 
+def _av():
+    """PyAV, imported when a video is first opened (the embedded tasks and image work never need it)."""
+    try:
+        import av
+    except ImportError as e:
+        raise ImportError(f"decoding videos needs PyAV: pip install av ({_one_line(e)})") from None
+    return av
+
+
 def _open(path: Path):
     """``(container, video stream)``, or a BadVideoError for files that are not usable videos."""
+    av = _av()
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -146,6 +155,7 @@ def _announced_frames(container, stream) -> int:
 def _decode(path: Path, container, stream, stop: int | None = None):
     """Decode frames in order, yielding ``(index, frame)`` up to index ``stop`` (inclusive; None: all).
     Decoder errors become BadVideoError."""
+    av = _av()
     index = -1
     try:
         for frame in container.decode(stream):

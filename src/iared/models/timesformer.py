@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from iared import flops
-from iared.models.vit import BlockRecord, Mlp
+from iared.models.vit import BlockRecord, Mlp, conv_stem_stages, stem_widths
 from iared.tokens import DenseTokens, Tokens, segments_as_packed
 
 ATTENTION_TYPES = ("divided_space_time", "joint_space_time", "space_only")
@@ -86,6 +86,10 @@ class TimeSformerConfig:
     qkv_bias: bool = True
     attention_type: str = "divided_space_time"
     norm_eps: float = 1e-6
+    # A convolutional stem applied to every frame (``patch_embed.backbone``, then a 1x1
+    # ``patch_embed.proj``), as a hybrid ViT's (:class:`iared.models.vit.ViTConfig`'s ``conv_stem``):
+    # stage widths, each 3x3 conv -> BatchNorm -> ReLU -> 2x2 max-pool, so 2 ** len(conv_stem) == patch_size.
+    conv_stem: tuple[int, ...] = ()
     mean: tuple[float, ...] = field(default=KINETICS_MEAN)
     std: tuple[float, ...] = field(default=KINETICS_STD)
 
@@ -99,6 +103,10 @@ class TimeSformerConfig:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
+        self.conv_stem = tuple(int(w) for w in self.conv_stem)
+        if self.conv_stem and (2 ** len(self.conv_stem) != self.patch_size or min(self.conv_stem) < 1):
+            raise ValueError(f"conv_stem {self.conv_stem}: each stage halves the resolution, so it needs "
+                             f"log2(patch_size) = {math.log2(self.patch_size):g} positive widths")
         self.mean, self.std = tuple(self.mean), tuple(self.std)
 
     @property
@@ -291,15 +299,21 @@ def _dense(x: Tensor) -> DenseTokens:
 
 
 class PatchEmbed(nn.Module):
-    """Frame by frame non-overlapping patches (official key ``patch_embed.proj``)."""
+    """Frame by frame non-overlapping patches (official key ``patch_embed.proj``), or with ``conv_stem``
+    the stem's stages (``patch_embed.backbone``) and a 1x1 projection, as a hybrid ViT's."""
 
     def __init__(self, cfg: TimeSformerConfig):
         super().__init__()
-        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
+        if cfg.conv_stem:
+            self.backbone = nn.Sequential(*conv_stem_stages(cfg.in_chans, cfg.conv_stem))
+            self.proj = nn.Conv2d(cfg.conv_stem[-1], cfg.embed_dim, 1)
+        else:
+            self.backbone = nn.Identity()
+            self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
 
     def forward(self, frames: Tensor) -> Tensor:
         """``(B * T, C_in, H, W)`` -> ``(B * T, H' W', C)``, row-major."""
-        return self.proj(frames).flatten(2).transpose(1, 2)
+        return self.proj(self.backbone(frames)).flatten(2).transpose(1, 2)
 
 
 class TimeSformer(nn.Module):
@@ -434,9 +448,9 @@ class TimeSformer(nn.Module):
         return even + exact
 
     def fixed_macs(self) -> float:
-        """Patch embedding and classifier."""
+        """Patch embedding (every frame's) and classifier."""
         c = self.cfg
-        return float(c.num_patches * c.embed_dim * c.in_chans * c.patch_size**2 + c.embed_dim * c.num_classes)
+        return float(flops.embed_macs(c) + c.embed_dim * c.num_classes)
 
     def patch_pixels(self, clips: Tensor, block: int = 0) -> Tensor:
         """``(B, T*H'*W', C_in * p * p)``: the pixels under every patch token, in token order."""
@@ -500,6 +514,9 @@ def config_from_state_dict(state_dict: Mapping[str, Tensor], **overrides) -> Tim
         raise ValueError("not a TimeSformer state dict (no blocks.* / pos_embed)")
     proj = state_dict["patch_embed.proj.weight"]
     dim, in_chans, patch = proj.shape[0], proj.shape[1], proj.shape[-1]
+    stem = stem_widths(state_dict, "patch_embed.backbone.")
+    if stem:  # a hybrid: the stem's stages make the patches, the projection is 1x1
+        in_chans, patch = state_dict["patch_embed.backbone.0.0.weight"].shape[1], 2 ** len(stem)
     grid = math.isqrt(state_dict["pos_embed"].shape[1] - 1)
     depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
     values = dict(
@@ -507,7 +524,7 @@ def config_from_state_dict(state_dict: Mapping[str, Tensor], **overrides) -> Tim
         num_heads=max(dim // 64, 1), mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / dim,
         qkv_bias="blocks.0.attn.qkv.bias" in state_dict, attention_type=kind,
         num_classes=state_dict["head.weight"].shape[0] if "head.weight" in state_dict else 400,
-        num_frames=state_dict["time_embed"].shape[1] if "time_embed" in state_dict else 8,
+        num_frames=state_dict["time_embed"].shape[1] if "time_embed" in state_dict else 8, conv_stem=stem,
     )
     return TimeSformerConfig(**{**values, **overrides})
 
@@ -544,6 +561,57 @@ def load_timesformer(path: str | os.PathLike, **overrides) -> TimeSformer:
     model = TimeSformer(cfg)
     load_timesformer_weights(model, path)
     return model
+
+
+def inflate_image_weights(model: TimeSformer, image_state_dict: Mapping[str, Tensor],
+                          path: str | os.PathLike = "<memory>") -> list[str]:
+    """Start ``model`` from an image ViT's weights (timm layout, a hybrid's conv stem included), as the
+    TimeSformer paper starts from ImageNet ViTs.
+
+    Copied: the patch embedding, class token, each block's spatial attention, MLP and norms, the final
+    norm and (same classes) the head; the position table is resampled to the frame's patch grid. Each
+    block's temporal attention and norm start as copies of its spatial ones (the official loader's rule),
+    every ``temporal_fc`` and ``time_embed`` at zero: the temporal path starts as the identity, so the
+    clip model starts as the image model run frame by frame, its class token shared by the frames.
+    Returns the keys left at their initialisation (``head.*`` when the classes differ). One-line
+    :class:`~iared.checkpoint.CheckpointError` naming ``path`` when the ViT does not fit (depth, width,
+    patch embedding, attention type)."""
+    from iared.checkpoint import CheckpointError
+    from iared.models.vit import resample_pos_embed
+
+    c = model.cfg
+    if c.attention_type != "divided_space_time":
+        raise CheckpointError(f"{path}: inflating an image ViT needs a divided_space_time TimeSformer, "
+                              f"not {c.attention_type}")
+    image = dict(image_state_dict)
+    depth = len({k.split(".")[1] for k in image if k.startswith("blocks.")})
+    if depth != c.depth or "pos_embed" not in image or "cls_token" not in image:
+        raise CheckpointError(f"bad image checkpoint {path}: a ViT with {depth} blocks (cls_token and pos_embed "
+                              f"{'present' if 'pos_embed' in image else 'missing'}); the TimeSformer has {c.depth}")
+    pos = image["pos_embed"]
+    old_side = math.isqrt(pos.shape[1] - 1)
+    if old_side * old_side != pos.shape[1] - 1:
+        raise CheckpointError(f"bad image checkpoint {path}: pos_embed of {pos.shape[1]} rows is not one class "
+                              "token and a square grid")
+    image["pos_embed"] = resample_pos_embed(pos, (c.grid_size, c.grid_size), 1, (old_side, old_side))
+    for key in list(image):
+        if key.startswith("blocks.") and (".attn." in key or ".norm1." in key):
+            image[key.replace(".attn.", ".temporal_attn.").replace(".norm1.", ".temporal_norm1.")] = image[key]
+    own = model.state_dict()
+    fresh = [k for k in own if k.startswith("head.") and (k not in image or image[k].shape != own[k].shape)]
+    missing = [k for k in own if k not in image and k != "time_embed" and ".temporal_fc." not in k and k not in fresh]
+    wrong = [k for k in own if k in image and k not in fresh and image[k].shape != own[k].shape]
+    if missing or wrong:
+        what = f"missing {', '.join(missing[:4])}" if missing else \
+            f"{wrong[0]} is {tuple(image[wrong[0]].shape)}, the TimeSformer's {tuple(own[wrong[0]].shape)}"
+        raise CheckpointError(f"bad image checkpoint {path}: does not fit the TimeSformer ({what})")
+    with torch.no_grad():
+        for key, value in own.items():
+            if key == "time_embed" or ".temporal_fc." in key:
+                value.zero_()
+            elif key not in fresh:
+                value.copy_(image[key].to(value.dtype))
+    return fresh
 
 
 # transformers' TimesformerLayer names (left) -> the official Block's (right).
@@ -635,6 +703,12 @@ for _name, _geometry in _GEOMETRY.items():
     TIMESFORMER_CONFIGS[f"{_name}_k600"] = dict(_geometry, num_classes=600)
     TIMESFORMER_CONFIGS[f"{_name}_ssv2"] = dict(_geometry, num_classes=174)
 TIMESFORMER_CONFIGS["timesformer_l_patch16_224_ssv2"]["num_frames"] = 64
+# moving-digits' backbone: digits_natural_vit's width, depth, heads and conv stem on 8 frames of 48x48
+# (36 patches of 8 per frame, 288 space-time tokens), trained from that image model
+# (:func:`inflate_image_weights`; the command is in iared.train.backbone's docstring).
+TIMESFORMER_CONFIGS["moving_digits_tsf"] = dict(
+    img_size=48, patch_size=8, in_chans=3, num_frames=8, num_classes=10, embed_dim=144, depth=6, num_heads=4,
+    conv_stem=(16, 32, 64), mean=(0.0,) * 3, std=(1.0,) * 3)
 
 
 def build_timesformer(name: str, config: dict, *, pretrained: bool = False, checkpoint=None,

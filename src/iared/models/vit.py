@@ -25,6 +25,7 @@ computation between blocks (see :mod:`iared.pruning`), in whatever layout suits 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -156,6 +157,18 @@ def conv_stem_stages(in_chans: int, widths: tuple[int, ...], pools: int | None =
         stages.append(nn.Sequential(*layers))
         prev = width
     return stages
+
+
+def stem_widths(state_dict: Mapping[str, Tensor], prefix: str = "patch_embed.backbone.") -> tuple[int, ...]:
+    """The stage widths of the conv stem whose weights sit under ``prefix`` (``{i}.0.weight`` is stage
+    i's 3x3 convolution; see :func:`conv_stem_stages`); ``()`` for a model without one."""
+    widths = {}
+    for key, value in state_dict.items():
+        rest = key[len(prefix):] if key.startswith(prefix) else ""
+        parts = rest.split(".")
+        if len(parts) == 3 and parts[0].isdigit() and parts[1:] == ["0", "weight"] and value.dim() == 4:
+            widths[int(parts[0])] = int(value.shape[0])
+    return tuple(widths[i] for i in range(len(widths))) if sorted(widths) == list(range(len(widths))) else ()
 
 
 class PatchEmbed(ConvPatches):

@@ -119,11 +119,13 @@ class BackboneTrainConfig:
     kd: float = 1.0  # with a teacher: weight of KL(teacher || student) on the logits
     hint: float = 1.0  # with a teacher: weight of the per-token feature hints
     hint_class: float = 1.0  # with a teacher: weight of the class-token hints
+    init_image: str | None = None  # a video model's initial weights: an image ViT's, inflated; ignored on resume
+    prerender: int = 0  # render the embedded task's samples up front in N processes (fast accelerators)
 
 
 # Fields that may differ between a run and its resumption without changing the result.
 OPERATIONAL = {"eval_every", "save_every", "log_every", "out", "workers", "device", "threads", "resume", "stop_at",
-               "export", "progress", "checkpoint", "pretrained", "max_bad_steps"}
+               "export", "progress", "checkpoint", "pretrained", "max_bad_steps", "init_image", "prerender"}
 
 HELP = {
     "model": "backbone name (see iared.models.list_models)",
@@ -161,6 +163,11 @@ HELP = {
     "kd": "with --teacher: weight of the logit distillation (KL divergence)",
     "hint": "with --teacher: weight of the per-token feature hints (0: off)",
     "hint_class": "with --teacher: weight of the class-token hints (0: off)",
+    "init_image": "start a TimeSformer (--model moving_digits_tsf) from an image ViT: a weights file or a shipped "
+                  "backbone's name (digits_natural_vit); spatial parts copied, temporal attention starting as the "
+                  "identity (iared.models.timesformer.inflate_image_weights)",
+    "prerender": "render the embedded task's train / val / test samples once, in N processes, before training "
+                 "(a GPU would otherwise wait on rendering; keeps them in memory; use with --workers 0)",
     "max_bad_steps": "skip up to N steps whose loss or gradient is NaN / inf (0: the first one stops the run, "
                      "keeping the last good checkpoint)",
 }
@@ -189,6 +196,11 @@ def _build_data(cfg: BackboneTrainConfig, model_cfg, rank: int, world: int):
         # val/test always use the canonical samples (seed 0) so numbers compare across runs
         val_set = task_dataset(cfg.task, "val", model_cfg, **({"length": cfg.val_size} if cfg.val_size else {}))
         test_set = task_dataset(cfg.task, "test", model_cfg)
+        if cfg.prerender:
+            from iared.data.samples import prerender_task
+
+            for ds in (train_set, val_set, test_set):
+                prerender_task(ds, cfg.prerender, show_progress=cfg.progress and rank == 0)
     else:  # folders: images adapted to the model's size, normalisation and input channels
         train_set = task_dataset(cfg.task, "train", model_cfg, augment=True)
         val_set = task_dataset(cfg.task, "val", model_cfg)
@@ -212,16 +224,19 @@ def _evaluate(model: nn.Module, loader, device, cache: list | None = None) -> di
 
 
 def _model_config(name: str, overrides: dict[str, Any]):
-    """The config of a trainable backbone name (a ViT, or a CNN teacher), overrides applied."""
+    """The config of a trainable backbone name (a ViT, a TimeSformer, or a CNN teacher), overrides applied."""
     from iared.models import MODEL_CONFIGS, ViTConfig
     from iared.models.convnet import CONVNET_CONFIGS, ConvNetConfig
+    from iared.models.timesformer import TIMESFORMER_CONFIGS, TimeSformerConfig
 
     if name in MODEL_CONFIGS:
         return ViTConfig(**{**MODEL_CONFIGS[name], **overrides})
     if name in CONVNET_CONFIGS:
         return ConvNetConfig(**{**CONVNET_CONFIGS[name], **overrides})
+    if name in TIMESFORMER_CONFIGS:
+        return TimeSformerConfig(**{**TIMESFORMER_CONFIGS[name], **overrides})
     raise ValueError(f"unknown model {name!r} for iared train; known: "
-                     f"{', '.join(sorted([*MODEL_CONFIGS, *CONVNET_CONFIGS]))}")
+                     f"{', '.join(sorted([*MODEL_CONFIGS, *CONVNET_CONFIGS, *TIMESFORMER_CONFIGS]))}")
 
 
 def _train(cfg: BackboneTrainConfig, rank: int, world: int, device: torch.device) -> dict[str, Any]:
@@ -235,6 +250,10 @@ def _train(cfg: BackboneTrainConfig, rank: int, world: int, device: torch.device
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {world} torchrun processes")
     if cfg.max_bad_steps < 0:
         raise ValueError(f"--max-bad-steps must be >= 0, got {cfg.max_bad_steps}")
+    if cfg.init_image and (cfg.checkpoint or cfg.pretrained):
+        raise ValueError("--init-image excludes --checkpoint and --pretrained: which initial weights should be used?")
+    if cfg.prerender and cfg.workers:
+        raise ValueError("--prerender keeps the samples in this process: use it with --workers 0")
     out = check_output_dir(cfg.out, "--out folder")
     if cfg.export:
         check_output_file(cfg.export, "--export file")
@@ -259,6 +278,13 @@ def _train(cfg: BackboneTrainConfig, rank: int, world: int, device: torch.device
         raise ValueError("--pretrained and --checkpoint exclude each other: which initial weights should be used?")
     model = create_model(cfg.model, checkpoint=None if state else cfg.checkpoint,
                          pretrained=cfg.pretrained and state is None, **overrides).to(device)
+    if cfg.init_image and state is None:
+        from iared.loading import inflate_from_image
+
+        fresh = inflate_from_image(model, cfg.init_image)
+        if is_main():
+            print(f"iared train: started from the image model {cfg.init_image}"
+                  + (f" (left at initialisation: {', '.join(fresh)})" if fresh else ""))
     distiller = None
     if cfg.teacher:
         from iared.train.distill import Distiller, init_stem_from_teacher, load_teacher

@@ -76,6 +76,7 @@ class InterpreterTrainConfig:
     seed: int = 0
     device: str = "cpu"
     max_bad_steps: int = 0  # steps with a non-finite loss / gradient skipped before the run stops
+    prerender: int = 0  # render the embedded task's train split up front in N processes (fast accelerators)
     history: list = field(default_factory=list, repr=False)
 
 
@@ -324,6 +325,10 @@ def train_from_config(cfg: InterpreterTrainConfig, resume: bool = False, progres
     # interpreters learn on the evaluation view of the images: the data of a step stays a pure
     # function of (seed, stage, step), so --resume is exact on folders too
     train_set = task_dataset(cfg.task, "train", model.backbone.cfg)
+    if cfg.prerender:
+        from iared.data.samples import prerender_task
+
+        prerender_task(train_set, cfg.prerender, show_progress=progress and is_main())
     val = load_split(cfg.task, "val", cfg.eval_samples, model_cfg=model.backbone.cfg)
     trainer = InterpreterTrainer(model, train_set, cfg, val_data=val, progress=progress)
     if resume:
