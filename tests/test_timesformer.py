@@ -315,7 +315,7 @@ def test_create_model_names():
         "timesformer_base_patch16_224_ssv2": (8, 224, 174), "timesformer_hr_patch16_448_ssv2": (16, 448, 174),
         "timesformer_l_patch16_224_ssv2": (64, 224, 174),
     }
-    assert set(TIMESFORMER_CONFIGS) == set(expected)
+    assert set(TIMESFORMER_CONFIGS) == set(expected) | {"moving_digits_tsf"}  # the embedded video task's
     for name, (frames, size, classes) in expected.items():
         cfg = TimeSformerConfig(**TIMESFORMER_CONFIGS[name])
         geometry = (cfg.num_frames, cfg.img_size, cfg.num_classes, cfg.embed_dim, cfg.depth)

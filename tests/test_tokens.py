@@ -120,9 +120,35 @@ def test_bucket_plan_indices_are_a_permutation():
     assert single.groups == (3,) and single.dest is None  # one group: real rows come out in packed order
 
 
+def test_varlen_off_cuda_says_what_to_use():
+    tokens, q, k, v = packed([4, 9, 2], attention="varlen")
+    with pytest.raises(RuntimeError, match="varlen.*CUDA.*bucket"):
+        tokens.attend(q, k, v)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen kernels are CUDA's")
+@pytest.mark.parametrize("dtype,dim", [(torch.bfloat16, 64), (torch.float16, 36), (torch.float32, 8)])
+def test_varlen_on_cuda_matches_each_image_alone_forward_and_backward(dtype, dim):
+    counts = [5, 9, 2, 9, 17, 1, 30, 12]
+    tokens, q, k, v = packed(counts, dim=dim, attention="varlen")
+    tokens = PackedTokens.from_counts(tokens.data.cuda(), tokens.index.cuda(), torch.tensor(counts).cuda(), 1,
+                                      "varlen")
+    q, k, v = (t.to("cuda", dtype).requires_grad_() for t in (q, k, v))
+    out = tokens.attend(q, k, v)
+    ref_q, ref_k, ref_v = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = per_image(ref_q, ref_k, ref_v, counts)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert out.shape == q.shape and (out.float() - ref).abs().max() <= tol
+    grad = torch.randn_like(ref)
+    out.backward(grad.to(dtype))
+    ref.backward(grad)
+    for mine, theirs in ((q, ref_q), (k, ref_k), (v, ref_v)):
+        assert (mine.grad.float() - theirs.grad).abs().max() <= 5 * tol
+
+
 def test_default_strategy_is_known_per_device():
     for dev in ("cpu", "cuda", "mps"):
-        assert default_packed_attention(torch.device(dev)) in ("loop", "bucket", "nested")
+        assert default_packed_attention(torch.device(dev)) in ("loop", "bucket", "nested", "varlen")
     # auto never picks nested off CUDA (no fused kernel there; can crash in CUDA init on CPU-only hosts)
     assert default_packed_attention(torch.device("cpu")) != "nested"
     assert default_packed_attention(torch.device("mps")) != "nested"

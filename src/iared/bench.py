@@ -54,7 +54,7 @@ from iared.timing import (  # noqa: F401  (CLOCKS, synchronize: re-exported)
 from iared.tokens import default_packed_attention
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-STRATEGIES = ("loop", "bucket", "nested")
+STRATEGIES = ("loop", "bucket", "nested", "varlen")
 MODEL_ALIASES = {"digits": "digits_vit", "deit-s": "deit_small_patch16_224", "deit-t": "deit_tiny_patch16_224",
                  "deit-b": "deit_base_patch16_224"}
 # --quick: a tiny geometry and one timed call, so the whole command runs in seconds (smoke tests)
@@ -360,8 +360,9 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = _log) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device available")
     if cfg.strategies is None:
-        # torch's jagged-nested SDPA is a fused varlen kernel on CUDA only; elsewhere it is a slow
-        # per-image math path (and crashes on CPU-only machines unless its inputs are contiguous)
+        # the fused varlen kernels (varlen, and nested through torch's jagged SDPA) are CUDA's; elsewhere
+        # nested is a slow per-image math path (and crashes on CPU-only machines unless its inputs are
+        # contiguous) and varlen does not run
         cfg.strategies = STRATEGIES if device.type == "cuda" else ("loop", "bucket")
     for s in cfg.strategies:
         if s not in STRATEGIES:

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 RaggedLayout = Literal["packed", "padded"]
-PackedAttention = Literal["auto", "nested", "loop", "bucket"]
+PackedAttention = Literal["auto", "varlen", "nested", "loop", "bucket"]
 
 
 @dataclass
@@ -641,14 +641,16 @@ class PackedTokens(Tokens):
         """Block-diagonal attention: each image's rows attend only to that image's rows.
 
         ``q, k, v``: ``(T, H, D)``. Strategies (``self.attention``; ``auto`` asks
-        :func:`default_packed_attention`): ``loop`` runs one SDPA per image, ``nested`` one
-        jagged nested-tensor SDPA (a fused varlen kernel on CUDA), ``bucket`` sorts the images by
+        :func:`default_packed_attention`): ``loop`` runs one SDPA per image, ``varlen`` torch's fused
+        varlen kernel directly (CUDA only), ``nested`` the same kernel through a jagged nested-tensor
+        SDPA, ``bucket`` sorts the images by
         length into a few groups and runs one padded SDPA per group. All give the same result as
         running each image alone (up to float rounding).
         """
         strategy = self.attention if self.attention != "auto" else default_packed_attention(q.device)
-        if strategy not in ("nested", "bucket", "loop"):
-            raise ValueError(f"unknown packed attention {strategy!r}; expected one of auto, nested, loop, bucket")
+        if strategy not in ("varlen", "nested", "bucket", "loop"):
+            raise ValueError(f"unknown packed attention {strategy!r}; expected one of auto, varlen, nested, loop, "
+                             "bucket")
         counts = self.sizes
         if len(set(counts)) == 1 or weights_out is not None:
             if weights_out is not None and len(set(counts)) != 1:
@@ -668,6 +670,8 @@ class PackedTokens(Tokens):
         if self.weights is not None:
             # Key weights (merged tokens / soft gates): one weighted attention per image.
             return self._attend_loop(q, k, v, counts)
+        if strategy == "varlen":
+            return self._attend_varlen(q, k, v)
         if strategy == "nested":
             return self._attend_nested(q, k, v)
         if strategy == "bucket":
@@ -711,6 +715,45 @@ class PackedTokens(Tokens):
             for qi, ki, vi, wi in zip(q.split(counts), k.split(counts), v.split(counts), ws)
         ]
         return torch.cat(outs)
+
+    def _attend_varlen(self, q, k, v):
+        """One fused varlen kernel for the whole batch, called as torch's jagged SDPA calls it inside
+        (``aten._flash_attention_forward`` for float16 / bfloat16, ``aten._efficient_attention_forward``
+        for float32, with cumulative lengths), without the nested-tensor subclass around it: on an
+        H200 that subclass's Python dispatch cost about 3.5 ms per block whatever the batch (DeiT-S,
+        bf16: ``nested`` 46 ms at batch 64 where the unpruned model takes 3 ms). CUDA only; both
+        kernels have their backward in torch, so training runs through it too."""
+        if q.device.type != "cuda":
+            raise RuntimeError(f"packed attention 'varlen' needs CUDA (tensors on {q.device}); use 'bucket'")
+        head_dim = q.shape[-1]
+        scale = head_dim ** -0.5
+        if head_dim % 8:  # the kernels want a head size that is a multiple of 8: pad, then cut
+            q, k, v = (F.pad(t, (0, 8 - head_dim % 8)) for t in (q, k, v))
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        cu = self._cu_seqlens()
+        longest = max(self.sizes)
+        try:
+            if q.dtype in (torch.float16, torch.bfloat16):
+                out = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, longest, longest, 0.0, False, False,
+                                                              scale=scale)[0]
+            else:
+                out = torch.ops.aten._efficient_attention_forward(
+                    q[None], k[None], v[None], None, cu, cu, longest, longest, 0.0, 0,
+                    torch.is_grad_enabled() and q.requires_grad, scale=scale)[0][0]
+        except (RuntimeError, NotImplementedError) as e:
+            raise RuntimeError(
+                f"packed attention 'varlen' failed on device {q.device} with {q.dtype} inputs "
+                f"(torch {torch.__version__}): {str(e).splitlines()[0]}; use attention='bucket' or 'nested'"
+            ) from e
+        return out[..., :head_dim]
+
+    def _cu_seqlens(self) -> Tensor:
+        """``offsets`` as the int32 cumulative lengths the varlen kernels take (once per selection)."""
+        cu = self.__dict__.get("_cu")
+        if cu is None:
+            cu = self.offsets.to(torch.int32)
+            object.__setattr__(self, "_cu", cu)
+        return cu
 
     def _attend_nested(self, q, k, v):
         """Jagged nested tensors: one fused varlen kernel on CUDA (flash / memory-efficient / cuDNN).
@@ -908,11 +951,13 @@ def _cached_bucket_plan(counts: tuple[int, ...], buckets: int, device: torch.dev
 def default_packed_attention(device: torch.device) -> PackedAttention:
     """The strategy ``auto`` picks on ``device`` (measure with ``iared bench``).
 
-    CUDA: ``nested``, torch's fused varlen SDPA kernels (one launch, no padding). Elsewhere: never
+    CUDA: ``varlen``, torch's fused varlen kernels called directly (one launch, no padding; ``nested``
+    reaches the same kernels through the nested-tensor subclass, whose Python dispatch made it slower
+    than ``bucket`` on an H200, see ``_attend_varlen``). Elsewhere: never
     ``nested`` (off CUDA torch's jagged SDPA is a per-image math path, and on CPU-only machines it
     can fail inside CUDA initialisation); ``bucket``, which on CPU ties ``loop`` with one thread
     (DeiT-S, batch 64, keep 0.7: both within 1% of budget mode), ties it with 2 threads on an idle
     machine, and is faster when threads are contended (each of ``loop``'s per-image SDPA calls is a
     separate parallel region; 1.18x on the digits model at batch 64).
     """
-    return "nested" if device.type == "cuda" else "bucket"
+    return "varlen" if device.type == "cuda" else "bucket"
