@@ -302,10 +302,7 @@ def run_compare(cfg: CompareConfig, progress: Callable[[str], None] = _log) -> d
 
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.out)
-    default = None if cfg.task == "moving-digits" else TASK_BACKBONES.get(cfg.task, "digits_vit")
-    if cfg.backbone is None and cfg.model is None and default is None:
-        raise ValueError(f"--task {cfg.task}: no shipped backbone for it yet; pass --backbone FILE (and --model NAME "
-                         "where the file does not say what it is)")
+    default = TASK_BACKBONES.get(cfg.task, "digits_vit")
     backbone = load_backbone(cfg.backbone, cfg.model, pretrained=cfg.backbone is None, default=default).eval()
     backbone.requires_grad_(False)
     check_methods(cfg, backbone)

@@ -95,10 +95,12 @@ MODEL_BUILDERS.update({name: (build_convnet, cfg) for name, cfg in CONVNET_CONFI
 
 # Backbones for the embedded tasks that this project trained itself, shipped in iared/assets (the commands
 # that reproduce them: src/iared/train/backbone.py's docstring).
-EMBEDDED_CHECKPOINTS = {"digits_vit": "digits_vit.safetensors", "digits_natural_vit": "digits_natural_vit.safetensors"}
+EMBEDDED_CHECKPOINTS = {"digits_vit": "digits_vit.safetensors", "digits_natural_vit": "digits_natural_vit.safetensors",
+                        "moving_digits_tsf": "moving_digits_tsf.safetensors"}
 EMBEDDED_CHECKPOINT = EMBEDDED_CHECKPOINTS["digits_vit"]
 # The shipped backbone of each embedded task: what demo, compare and train-interpreters use when given none.
-TASK_BACKBONES = {"digits-natural": "digits_natural_vit", "digits-clutter": "digits_vit"}
+TASK_BACKBONES = {"digits-natural": "digits_natural_vit", "digits-clutter": "digits_vit",
+                  "moving-digits": "moving_digits_tsf"}
 
 
 def list_models() -> list[str]:

@@ -714,8 +714,13 @@ TIMESFORMER_CONFIGS["moving_digits_tsf"] = dict(
 def build_timesformer(name: str, config: dict, *, pretrained: bool = False, checkpoint=None,
                       **overrides) -> TimeSformer:
     """The TimeSformer ``name`` with ``config`` and ``overrides`` (``TimeSformerConfig`` fields); weights
-    from a local ``checkpoint`` (official ``.pyth``, plain state dict, safetensors). Nothing is downloaded."""
-    if pretrained:
+    from a local ``checkpoint`` (official ``.pyth``, plain state dict, safetensors), or with ``pretrained``
+    the shipped ones of an embedded task's backbone (``moving_digits_tsf``). Nothing is downloaded."""
+    from iared.models import EMBEDDED_CHECKPOINTS, embedded_checkpoint_path
+
+    if pretrained and checkpoint is None and name in EMBEDDED_CHECKPOINTS:  # trained by this project, shipped
+        checkpoint = embedded_checkpoint_path(name)
+    elif pretrained:
         raise ValueError(f"{name}: no download here; get the official .pyth file (facebookresearch/TimeSformer "
                          "model zoo) and pass checkpoint=PATH, or convert a transformers model with "
                          "iared.models.timesformer.from_hf_timesformer")
