@@ -11,3 +11,11 @@ def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     return model.eval()
+
+
+def spread_interpreters(model, std: float = 1.0):
+    """Random interpreters score ~0.5 everywhere; give them a spread so thresholds bite."""
+    torch.manual_seed(1)
+    for interp in model.interpreters:
+        torch.nn.init.normal_(interp.qk.weight, std=std)
+    return model

@@ -43,3 +43,32 @@ def test_demo_writes_results_table_and_pictures(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "top-1 accuracy" in table and "speed-up" in table
     assert not list(out.glob(".*tmp*"))  # nothing half-written left behind
+
+
+def test_video_demo_draws_a_strip_and_a_gif_per_clip_and_reads_masks_frame_major(tmp_path):
+    """``demo --task moving-digits``'s own parts, on a tiny random TimeSformer: one PNG strip and one GIF
+    per clip; the mask contrast pairs each clip mask's patches with the space-time tokens in frame-major
+    order (a patch of frame 1 is token S + p, not token p)."""
+    import torch
+
+    from iared.demo import mask_score_contrast, save_clip_pictures
+    from iared.models.timesformer import TimeSformer, TimeSformerConfig
+    from iared.pruning import IARed
+
+    torch.manual_seed(0)
+    backbone = TimeSformer(TimeSformerConfig(img_size=16, patch_size=8, num_frames=2, num_classes=3, embed_dim=16,
+                                             depth=3, num_heads=2, mean=(0.0,) * 3, std=(1.0,) * 3))
+    model = IARed(backbone, num_stages=3).eval()
+    for interp in model.interpreters:
+        torch.nn.init.normal_(interp.qk.weight, std=2.0)
+    clips, labels = torch.rand(2, 2, 3, 16, 16), torch.tensor([0, 2])
+    names = save_clip_pictures(model, clips, labels, tmp_path, 0.5)
+    assert names == ["test_00.png", "test_00.gif", "test_01.png", "test_01.gif"]
+    assert all((tmp_path / n).stat().st_size > 1000 for n in names)
+    masks = torch.zeros(2, 2, 16, 16, dtype=torch.bool)
+    masks[:, 1, 8:, 8:] = True  # frame 1, last patch: token 2 * 2 + 3 = 7 of 8
+    result = mask_score_contrast(model, clips, masks, 0.5)
+    with torch.no_grad():
+        scores = model(clips, threshold=0.5).scores[0][:, 1:]
+    assert result["score_inside_mask"] == pytest.approx(float(scores[:, 7].mean()), abs=1e-6)
+    assert result["score_outside_mask"] == pytest.approx(float(scores[:, :7].mean()), abs=1e-6)

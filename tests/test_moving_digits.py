@@ -135,3 +135,32 @@ def test_make_dataset_writes_a_video_folder(tmp_path, capsys):
             png = np.asarray(Image.open(out / "masks" / str(label) / path.stem / f"{t}.png")) > 127
             assert np.array_equal(png, masks[t].numpy())
     assert cli_main(["make-dataset", "moving-digits", "--n", "5", "--out", str(out)]) == 2  # not empty: refused
+
+
+@pytest.mark.parametrize("task", ["digits-natural", "moving-digits"])
+def test_prerender_makes_exactly_the_samples_rendering_on_demand_makes(task):
+    """``--prerender``: forked workers fill the cache; every sample equals the one rendered in this
+    process (samples are pure functions of the index), masks and labels too."""
+    from iared.data.samples import prerender_task
+
+    made = TASKS[task](split="val", length=12)
+    prerender_task(made, 2, show_progress=False)
+    assert made._memo.missing() == []
+    fresh = TASKS[task](split="val", length=12, cache=False)
+    for i in (0, 7, 11):
+        (x, y, m), (x2, y2, m2) = made[i], fresh[i]
+        assert torch.equal(x, x2) and y == y2 and torch.equal(m, m2)
+    with pytest.raises(ValueError, match="no rendered samples"):
+        prerender_task(TASKS["digits-clutter"](split="val"), 2)
+
+
+def test_train_refuses_conflicting_start_options_before_any_work(tmp_path):
+    from iared.train.backbone import BackboneTrainConfig, train
+
+    base = dict(task="digits-natural", out=str(tmp_path / "run"), steps=1, progress=False)
+    with pytest.raises(ValueError, match="--init-image excludes --checkpoint"):
+        train(BackboneTrainConfig(model="moving_digits_tsf", init_image="digits_natural_vit", checkpoint="x.pt",
+                                  **base))
+    with pytest.raises(ValueError, match="--prerender .* --workers 0"):
+        train(BackboneTrainConfig(model="digits_natural_vit", prerender=2, workers=2, **base))
+    assert not (tmp_path / "run").exists()  # refused before the output folder was made

@@ -24,7 +24,7 @@ from iared.pruning import IARed
 from iared.reducers.floors import RandomReducer
 from iared.stages import ReducedModel
 from iared.tokens import DenseTokens, PackedTokens, PaddedTokens
-from tests.helpers import perturbed
+from tests.helpers import perturbed, spread_interpreters
 
 TOL = 1e-5
 ATTENTION = ("divided_space_time", "joint_space_time", "space_only")
@@ -381,3 +381,86 @@ def test_wrong_files_give_one_line_errors_naming_the_file(tmp_path):
             create_model("timesformer_base_patch16_224", checkpoint=path, **overrides)
         text = str(info.value)
         assert "\n" not in text and str(path) in text, (name, text)
+
+
+# -- the hybrid TimeSformer (conv stem per frame) and its start from an image ViT ----------------------
+
+
+def hybrid_vit(depth=2, seed=0):
+    torch.manual_seed(seed)
+    return perturbed(create_model("digits_natural_vit", depth=depth, img_size=32), seed).eval()
+
+
+def hybrid_tsf(depth=2, frames=4, **kw):
+    return TimeSformer(TimeSformerConfig(**{**TIMESFORMER_CONFIGS["moving_digits_tsf"], "depth": depth,
+                                            "num_frames": frames, "img_size": 32, **kw})).eval()
+
+
+def test_inflated_image_model_gives_the_image_models_logits_on_a_still_clip():
+    """``inflate_image_weights``: temporal paths start as the identity, so a clip of one repeated frame
+    (and a one-frame clip) gets exactly the image ViT's logits; the stem's BatchNorm statistics come along."""
+    from iared.models.timesformer import inflate_image_weights
+
+    vit = hybrid_vit()
+    tsf = hybrid_tsf()
+    assert inflate_image_weights(tsf, vit.state_dict()) == []  # same classes: nothing left fresh
+    frame = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = vit(frame)
+        torch.testing.assert_close(tsf(frame[:, None].expand(-1, 4, -1, -1, -1)), expected, atol=1e-5, rtol=0)
+        moving = tsf(torch.rand(3, 4, 3, 32, 32))
+    assert moving.shape == (3, 10)
+    one = hybrid_tsf(frames=1)
+    inflate_image_weights(one, vit.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(one(frame[:, None]), expected, atol=1e-5, rtol=0)
+
+
+def test_inflation_refuses_what_does_not_fit_in_one_line():
+    from iared.models.timesformer import inflate_image_weights
+
+    vit = hybrid_vit(depth=2)
+    with pytest.raises(CheckpointError, match=r"vit\.pt: a ViT with 2 blocks.*has 3"):
+        inflate_image_weights(hybrid_tsf(depth=3), vit.state_dict(), "vit.pt")
+    with pytest.raises(CheckpointError, match="divided_space_time"):
+        inflate_image_weights(hybrid_tsf(attention_type="joint_space_time"), vit.state_dict(), "vit.pt")
+    with pytest.raises(CheckpointError, match=r"vit\.pt: does not fit the TimeSformer \(cls_token is \(1, 1, 144\)"):
+        inflate_image_weights(hybrid_tsf(embed_dim=96, num_heads=4), vit.state_dict(), "vit.pt")
+    fresh_head = hybrid_tsf(num_classes=7)
+    assert inflate_image_weights(fresh_head, vit.state_dict()) == ["head.weight", "head.bias"]
+
+
+def test_hybrid_timesformer_geometry_is_read_off_its_weights_and_its_stem_is_counted(tmp_path):
+    """A TimeSformer file without a config: the conv stem's widths, the patch (2 ** stages) and input
+    channels come from ``patch_embed.backbone.*``; MACs count the stem once per frame."""
+    from safetensors.torch import save_file
+
+    from iared import flops
+    from iared.models.timesformer import config_from_state_dict
+
+    model = perturbed(hybrid_tsf(), 3)
+    cfg = config_from_state_dict(model.state_dict(), num_heads=4)
+    assert (cfg.conv_stem, cfg.patch_size, cfg.in_chans, cfg.img_size) == ((16, 32, 64), 8, 3, 32)
+    path = tmp_path / "tsf.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    loaded = load_timesformer(path, num_heads=4, mean=model.cfg.mean, std=model.cfg.std).eval()
+    x = torch.rand(2, 4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), atol=1e-6, rtol=0)
+    per_frame = 32 * 32 * 3 * 16 * 9 + 16 * 16 * 16 * 32 * 9 + 8 * 8 * 32 * 64 * 9
+    assert flops.embed_macs(model.cfg) == 4 * per_frame + model.cfg.num_patches * 144 * 64
+    assert model.fixed_macs() == flops.embed_macs(model.cfg) + 144 * 10
+    with pytest.raises(ValueError, match=r"log2\(patch_size\) = 3"):
+        TimeSformerConfig(img_size=32, patch_size=8, conv_stem=(16, 32))
+
+
+def test_hybrid_timesformer_prunes_exactly():
+    """Threshold 0 keeps everything (the unpruned logits); packed equals padded with tokens dropped."""
+    model = perturbed(hybrid_tsf(), 1)
+    pruned = spread_interpreters(IARed(model, num_stages=2), std=2.0).eval()
+    x = torch.rand(3, 4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x, threshold=0.0).logits, model(x), atol=1e-5, rtol=0)
+        packed, padded = pruned(x, threshold=0.5, layout="packed"), pruned(x, threshold=0.5, layout="padded")
+    assert (packed.keep[-1].sum(1) < model.num_tokens).all()
+    torch.testing.assert_close(packed.logits, padded.logits, atol=1e-5, rtol=0)

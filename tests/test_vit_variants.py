@@ -26,7 +26,7 @@ from iared.models.vit import (
 from iared.pruning import IARed
 from iared.reducers.registry import build_reduced
 from iared.tokens import DenseTokens
-from tests.helpers import perturbed
+from tests.helpers import perturbed, spread_interpreters
 
 TOL = 1e-5
 SMALL = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=5)
@@ -63,14 +63,6 @@ def timm_variant(name: str, seed: int = 0, **extra) -> TimmViT:
 
 def images(n: int = 4, size: int = 32, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def spread_interpreters(model: IARed, std: float = 1.0) -> IARed:
-    """Random interpreters score ~0.5 everywhere; give them a spread so thresholds bite."""
-    torch.manual_seed(1)
-    for interp in model.interpreters:
-        torch.nn.init.normal_(interp.qk.weight, std=std)
-    return model
 
 
 @torch.no_grad()

@@ -75,14 +75,15 @@ def significance_macs(n):
 
 def embed_macs(cfg: ViTConfig) -> int:
     """The patch embedding: one ``patch_size`` convolution, or a ``conv_stem`` (3x3 convs, each at its
-    stage's input resolution) and a 1x1 projection."""
+    stage's input resolution) and a 1x1 projection; for a video model (``num_frames``), every frame's."""
     if not getattr(cfg, "conv_stem", ()):
         return cfg.num_patches * cfg.embed_dim * cfg.in_chans * cfg.patch_size**2
     macs, prev, side = 0, cfg.in_chans, cfg.img_size
     for width in cfg.conv_stem:
         macs += side * side * prev * width * 9
         prev, side = width, side // 2
-    return macs + cfg.num_patches * cfg.embed_dim * prev
+    frames = getattr(cfg, "num_frames", 1)  # a video model runs the stem on every frame
+    return frames * macs + cfg.num_patches * cfg.embed_dim * prev
 
 
 def head_macs(cfg: ViTConfig) -> int:

@@ -9,6 +9,7 @@ from iared import IARed, IARedConfig, flops
 from iared.interpreter import MultiHeadInterpreter
 from iared.models import VisionTransformer, ViTConfig, create_model
 from iared.tokens import DenseTokens
+from tests.helpers import spread_interpreters
 
 
 def tiny_vit(**kw):
@@ -16,14 +17,6 @@ def tiny_vit(**kw):
     cfg.update(kw)
     torch.manual_seed(0)
     return VisionTransformer(ViTConfig(**cfg)).eval()
-
-
-def spread_interpreters(model: IARed, std: float = 1.0):
-    """Random interpreters score ~0.5 everywhere; give them a spread so thresholds bite."""
-    torch.manual_seed(1)
-    for interp in model.interpreters:
-        torch.nn.init.normal_(interp.qk.weight, std=std)
-    return model
 
 
 def test_interpreter_matches_hand_computation():
