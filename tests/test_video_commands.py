@@ -100,8 +100,12 @@ def test_compare_default_methods_and_refusals(tmp_path, capsys):
     assert cli_main(["compare", "--quick", "--methods", "random,framediff", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "images have no frames" in err
-    assert cli_main(["compare", "--quick", "--task", "moving-digits", "--out", str(tmp_path / "y")]) == 2
-    assert "no shipped backbone" in capsys.readouterr().err
+    from iared.loading import load_backbone
+    from iared.models import TASK_BACKBONES
+    from iared.models.timesformer import TimeSformer
+
+    shipped = load_backbone(default=TASK_BACKBONES["moving-digits"])  # what compare / eval / demo use when given none
+    assert isinstance(shipped, TimeSformer) and shipped.cfg.conv_stem == (16, 32, 64)
 
 
 def test_train_interpreters_and_eval_pruned_on_moving_digits(tmp_path, capsys):

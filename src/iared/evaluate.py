@@ -26,7 +26,6 @@ from torch import nn
 from iared.timing import REPEATS
 
 __all__ = [
-    "DEFAULT_BACKBONES",
     "build_loader",
     "evaluate_backbone",
     "evaluate_classifier",
@@ -35,9 +34,6 @@ __all__ = [
     "format_pruned",
     "resolve_device",
 ]
-
-# Embedded tasks whose shipped backbone is used when no model is named (``iared eval`` alone).
-DEFAULT_BACKBONES = {"digits-clutter": "digits_vit"}
 
 
 @torch.no_grad()
@@ -95,11 +91,12 @@ def evaluate_backbone(*, checkpoint: str | None = None, model: str | None = None
                       batch_size: int = 256, workers: int = 0, limit: int | None = None, device: str = "auto",
                       progress: bool = False) -> dict[str, Any]:
     """Top-1 and loss of the backbone named by ``checkpoint`` / ``model`` on ``task``'s ``split``;
-    with neither, the task's shipped backbone (:data:`DEFAULT_BACKBONES`)."""
+    with neither, the task's shipped backbone (:data:`iared.models.TASK_BACKBONES`)."""
     from iared.loading import load_backbone
+    from iared.models import TASK_BACKBONES
 
     dev = resolve_device(device)
-    default = DEFAULT_BACKBONES.get(task)
+    default = TASK_BACKBONES.get(task)
     if checkpoint is None and model is None and default is None:
         raise ValueError(f"nothing to evaluate: --task {task} has no shipped backbone; give --checkpoint FILE, "
                          "or --model NAME --pretrained")
