@@ -60,3 +60,30 @@ def test_overhead_table_runs_every_method_at_equal_token_counts(tmp_path):
             assert all(b <= a for a, b in zip(drop, row["tokens_per_block"]))
     assert result["patch_tokens_per_stage"] == [45, 31, 22]  # round(0.7 * 64), 0.7 * 45 = 31.49.., ...
     assert drop == [65, 65, 46, 46, 32, 32, 23, 23]  # + the class token
+
+
+def test_on_digits_natural_the_pixel_floor_is_measurably_worse_than_the_shipped_learned_policy():
+    """Not intensity-separable: at exactly the shipped IA-RED² model's kept fraction per stage (threshold
+    0.5, first 200 test images), keeping the patches of largest pixel variance loses at least 5 points
+    more than the interpreters do (on digits-clutter such a rule matched them). Random dropping too."""
+    from importlib import resources
+
+    from iared.compare import _floor_ratios, _runner, evaluate
+    from iared.loading import task_dataset
+    from iared.pruning import load_pruned
+    from iared.reducers import registry
+    from iared.stages import ReducedModel
+    from iared.train.interpreters import stack_batch
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    model = load_pruned(resources.files("iared") / "assets" / "digits_natural_pruned.pt")
+    images, labels = stack_batch(task_dataset("digits-natural", "test", model.backbone.cfg), torch.arange(200))
+    full, _, _ = evaluate(ReducedModel(model.backbone, [None], [0]), images, labels)
+    learned, _, kept = evaluate(_runner(model, mode="threshold", threshold=0.5), images, labels)
+    assert learned >= full - 0.05 and kept[-1] < 0.5  # the shipped policy: most tokens gone, a little lost
+    for floor in ("pixel", "random"):
+        ratios = _floor_ratios(kept)
+        reduced = registry.build_reduced(floor, model.backbone, ratios, model.stage_starts)
+        top1, _, floor_kept = evaluate(registry.runner(floor, reduced, ratios), images, labels)
+        assert abs(floor_kept[-1] - kept[-1]) < 0.02, (floor, floor_kept, kept)  # the same budget
+        assert top1 <= learned - 0.05, (floor, top1, learned)
