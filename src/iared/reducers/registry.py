@@ -107,7 +107,7 @@ METHODS: dict[str, Method] = {
                         1.0, (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3), three_equal_stages,
                         lambda backbone, knob, stage: FrameDifference(), _budget, video_only=True),
     "iared": Method("iared", "threshold on the interpreter's keep score (threshold mode)", 0.0,
-                    (0.3, 0.4, 0.5, 0.6, 0.7, 0.8), three_equal_stages, None,
+                    (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8), three_equal_stages, None,
                     lambda knob: {"mode": "threshold", "threshold": knob}, learns=True),
     "tome": Method("tome", "r: tokens merged per image before every block from block 1", 0,
                    (1, 2, 4, 6, 8, 12, 16), every_block_from_one,
