@@ -28,13 +28,10 @@ NUM_PICTURES = 16
 # distillation steps under the learned policy (about a minute on 2 cores) bring the test loss to
 # 0.5 points (README, "Measured results").
 DEMO_FINETUNE_STEPS = 300
-# Per task: (REINFORCE steps per stage, fine-tuning steps, tau: the reward of a wrong prediction is -tau).
-# digits-natural: 300 steps per stage without fine-tuning fits the demo in about 10 minutes on 2 cores;
-# tau 10, not the default 5: on the 96.6 % backbone tau 5 learned to keep 14 / 14 / 6 % of the patches and
-# lost 2.6 pt at threshold 0.5, tau 10 keeps about as many and loses far less (README, digits-natural).
+# Per task: (REINFORCE steps per stage, fine-tuning steps); tau per task is iared.train.interpreters.TASK_TAU.
+# digits-natural: 300 steps per stage without fine-tuning fits the demo in about 10 minutes on 2 cores.
 # moving-digits: REINFORCE on 288 space-time tokens per clip costs about 5x an image step on 2 cores.
-DEMO_SCHEDULES = {"digits-natural": (300, 0, 10.0), "digits-clutter": (500, DEMO_FINETUNE_STEPS, 5.0),
-                  "moving-digits": (200, 0, 5.0)}
+DEMO_SCHEDULES = {"digits-natural": (300, 0), "digits-clutter": (500, DEMO_FINETUNE_STEPS), "moving-digits": (200, 0)}
 # the batch the demo times at: 64 images, or 8 clips (what #13's target is stated at)
 THROUGHPUT_BATCH = {"moving-digits": 8}
 NUM_CLIP_PICTURES = 4

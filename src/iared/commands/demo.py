@@ -11,7 +11,7 @@ import torch
 
 from iared.demo import DEFAULT_TASK, DEMO_SCHEDULES, format_table, run_demo
 from iared.models import TASK_BACKBONES
-from iared.train.interpreters import InterpreterTrainConfig
+from iared.train.interpreters import InterpreterTrainConfig, default_tau
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -25,14 +25,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo-out", help="output folder (results.json, PNGs, checkpoint)")
     p.add_argument("--steps-per-stage", type=int, default=None,
                    help="REINFORCE steps per stage (default per task: " +
-                        ", ".join(f"{t} {s}" for t, (s, _, _) in DEMO_SCHEDULES.items()) + ")")
+                        ", ".join(f"{t} {s}" for t, (s, _) in DEMO_SCHEDULES.items()) + ")")
     p.add_argument("--test-samples", type=int, default=2000, help="test images evaluated (and timed: the first 64)")
     p.add_argument("--eval-samples", type=int, default=d.eval_samples, help="validation images per progress check")
     p.add_argument("--backbone", default=None, help="backbone checkpoint (default: the one shipped with iared)")
     p.add_argument("--threshold", type=float, default=d.threshold)
     p.add_argument("--finetune-steps", type=int, default=None,
                    help="fine-tune the backbone under the learned policy, distilling from the unpruned one (default per "
-                        "task: " + ", ".join(f"{t} {f}" for t, (_, f, _) in DEMO_SCHEDULES.items()) + ")")
+                        "task: " + ", ".join(f"{t} {f}" for t, (_, f) in DEMO_SCHEDULES.items()) + ")")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=main)
@@ -41,10 +41,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    steps, finetune, tau = DEMO_SCHEDULES[args.task]
+    steps, finetune = DEMO_SCHEDULES[args.task]
     steps = steps if args.steps_per_stage is None else args.steps_per_stage
     finetune = finetune if args.finetune_steps is None else args.finetune_steps
-    cfg = InterpreterTrainConfig(steps_per_stage=steps, threshold=args.threshold, seed=args.seed, tau=tau,
+    cfg = InterpreterTrainConfig(steps_per_stage=steps, threshold=args.threshold, seed=args.seed,
+                                 tau=default_tau(args.task),
                                  eval_samples=args.eval_samples, backbone=args.backbone,
                                  finetune_steps=finetune, task=args.task,
                                  model=None if args.backbone else TASK_BACKBONES[args.task],

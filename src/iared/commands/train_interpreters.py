@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from iared.files import json_safe
-from iared.train.interpreters import InterpreterTrainConfig, train_from_config
+from iared.train.interpreters import InterpreterTrainConfig, default_tau, train_from_config
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -31,7 +31,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps-per-stage", type=int, default=d.steps_per_stage)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--tau", type=float, default=d.tau, help="penalty of a wrong prediction (reward -tau)")
+    p.add_argument("--tau", type=float, default=None,
+                   help=f"penalty of a wrong prediction (reward -tau; default {d.tau:g}, digits-natural "
+                        f"{default_tau('digits-natural'):g}: iared.train.interpreters.TASK_TAU)")
     p.add_argument("--stage-weights", type=float, nargs="+", default=list(d.stage_weights))
     p.add_argument("--baseline", choices=["self-critical", "mean"], default=d.baseline)
     p.add_argument("--exploration", type=float, default=d.exploration)
@@ -65,6 +67,8 @@ def main(args: argparse.Namespace) -> int:
     names = {f.name for f in dataclasses.fields(InterpreterTrainConfig)}
     fields = {k: v for k, v in vars(args).items() if k in names}
     fields["stage_weights"] = tuple(fields["stage_weights"])
+    if fields.get("tau") is None:
+        fields["tau"] = default_tau(fields["task"])
     cfg = InterpreterTrainConfig(**fields)
     model, history = train_from_config(cfg, resume=args.resume, progress=not args.quiet)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports

@@ -125,13 +125,13 @@ class RenderedTask(torch.utils.data.Dataset):
             return
         _PRERENDERING = self
         try:
-            with multiprocessing.get_context("fork").Pool(max(1, processes), _one_thread) as pool:
-                with tqdm(total=len(todo), desc=f"render {type(self).__name__}", disable=not show_progress,
-                          dynamic_ncols=True, mininterval=1.0) as bar:
-                    for rendered in pool.imap_unordered(_render_chunk, chunks):
-                        for i, pixels, label, mask_bits in rendered:
-                            self._memo.store(i, pixels, label, mask_bits)
-                        bar.update(len(rendered))
+            with multiprocessing.get_context("fork").Pool(max(1, processes), _one_thread) as pool, \
+                    tqdm(total=len(todo), desc=f"render {type(self).__name__}", disable=not show_progress,
+                         dynamic_ncols=True, mininterval=1.0) as bar:
+                for rendered in pool.imap_unordered(_render_chunk, chunks):
+                    for i, pixels, label, mask_bits in rendered:
+                        self._memo.store(i, pixels, label, mask_bits)
+                    bar.update(len(rendered))
         finally:
             _PRERENDERING = None
 
