@@ -174,3 +174,9 @@ def test_cli_bench_backbone_weights_file(tmp_path, capsys):
     assert report["model"]["embed_dim"] == 192 and report["model"]["depth"] == 3  # geometry read off the file
     packed = [r for r in report["runs"][0]["rows"] if r["config"].startswith("threshold-packed")]
     assert packed and all(r["mean_kept"][0] == 8.0 for r in packed)  # calibrated: stage 1 keeps half of 16 on average
+
+
+def test_varlen_is_refused_off_cuda_before_any_timing():
+    cfg = BenchConfig(model="digits_vit", dtypes=("float32",), batch_sizes=(2,), strategies=("varlen",), device="cpu")
+    with pytest.raises(ValueError, match="varlen: the fused varlen kernels are CUDA's"):
+        run(cfg, progress=lambda msg: None)

@@ -33,6 +33,7 @@ def test_compare_quick_writes_json_markdown_and_plot(tmp_path):
         assert set(c["images_per_s"]) == {"8", "1"}
     assert (out / "compare.png").stat().st_size > 1000
     assert "| unpruned |" in (out / "compare.md").read_text()
+    assert str(tmp_path) not in (out / "compare.json").read_text()  # the report does not name the machine's folders
 
 
 def test_compare_rejects_unknown_methods_in_one_line(tmp_path, capsys):

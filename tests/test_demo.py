@@ -72,3 +72,17 @@ def test_video_demo_draws_a_strip_and_a_gif_per_clip_and_reads_masks_frame_major
         scores = model(clips, threshold=0.5).scores[0][:, 1:]
     assert result["score_inside_mask"] == pytest.approx(float(scores[:, 7].mean()), abs=1e-6)
     assert result["score_outside_mask"] == pytest.approx(float(scores[:, :7].mean()), abs=1e-6)
+
+
+def test_tau_per_task_reaches_the_commands(tmp_path, monkeypatch):
+    """``TASK_TAU``: digits-natural trains with tau 10 unless --tau says otherwise, other tasks with the
+    dataclass default; ``train-interpreters`` without --tau takes the task's value."""
+    import iared.commands.train_interpreters as command
+    from iared.train.interpreters import InterpreterTrainConfig, default_tau
+
+    assert default_tau("digits-natural") == 10.0 and default_tau("digits-clutter") == InterpreterTrainConfig.tau
+    seen = []
+    monkeypatch.setattr(command, "train_from_config", lambda cfg, **kw: seen.append(cfg.tau) or (None, []))
+    for extra in ([], ["--tau", "3"]):
+        assert main(["train-interpreters", "--task", "digits-natural", "--out", str(tmp_path / "x"), *extra]) == 0
+    assert seen == [10.0, 3.0]

@@ -464,3 +464,26 @@ def test_hybrid_timesformer_prunes_exactly():
         packed, padded = pruned(x, threshold=0.5, layout="packed"), pruned(x, threshold=0.5, layout="padded")
     assert (packed.keep[-1].sum(1) < model.num_tokens).all()
     torch.testing.assert_close(packed.logits, padded.logits, atol=1e-5, rtol=0)
+
+
+def test_init_image_takes_a_shipped_name_or_a_file_and_refuses_the_rest(tmp_path):
+    """``iared train --init-image``: the shipped ``digits_natural_vit`` by name, or any weights file of it,
+    inflate into ``moving_digits_tsf`` alike; an image model or a missing file is refused in one line."""
+    from safetensors.torch import save_file
+
+    from iared.loading import inflate_from_image
+
+    by_name = create_model("moving_digits_tsf")
+    assert inflate_from_image(by_name, "digits_natural_vit") == []
+    path = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in create_model("digits_natural_vit", pretrained=True).state_dict().items()},
+              str(path))
+    by_file = create_model("moving_digits_tsf")
+    inflate_from_image(by_file, path)
+    for (name, a), b in zip(by_name.state_dict().items(), by_file.state_dict().values()):
+        # the shipped file is float16: its position table is resampled from float16 values there
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=0, msg=name)
+    with pytest.raises(ValueError, match="inflates an image ViT into a TimeSformer; VisionTransformer"):
+        inflate_from_image(create_model("digits_natural_vit"), path)
+    with pytest.raises(FileNotFoundError, match=r"--init-image .*nope\.safetensors: no such file"):
+        inflate_from_image(create_model("moving_digits_tsf"), tmp_path / "nope.safetensors")

@@ -367,6 +367,9 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = _log) -> dict:
     for s in cfg.strategies:
         if s not in STRATEGIES:
             raise ValueError(f"--strategies {s!r}: expected some of {', '.join(STRATEGIES)}")
+    if "varlen" in cfg.strategies and device.type != "cuda":
+        raise ValueError(f"--strategies varlen: the fused varlen kernels are CUDA's; on {device.type} time "
+                         "loop and bucket")
     if cfg.clock not in CLOCKS:
         raise ValueError(f"--clock {cfg.clock!r}: expected one of {', '.join(CLOCKS)}")
     if cfg.clock == "cpu" and device.type != "cpu":

@@ -257,7 +257,7 @@ def _iared(cfg: CompareConfig, backbone, train_set, progress):
         if diff > 1e-6:
             raise ValueError(f"--iared-checkpoint {cfg.iared_checkpoint}: its backbone differs from the compared "
                              f"one (max weight difference {diff:.2e}); every method must run on the same backbone")
-        return model.eval(), {"loaded": str(cfg.iared_checkpoint)}
+        return model.eval(), {"loaded": Path(cfg.iared_checkpoint).name}
     from iared.train.interpreters import InterpreterTrainConfig, default_tau, train_on_backbone
 
     tcfg = InterpreterTrainConfig(task=cfg.task, out=str(Path(cfg.out) / "iared"), steps_per_stage=cfg.train_steps,
@@ -292,6 +292,16 @@ def _dynamicvit(cfg: CompareConfig, backbone, train_set, ratio, progress):
 
 
 # -- the whole comparison ---------------------------------------------------------------------------
+
+
+def _public_config(cfg: CompareConfig) -> dict:
+    """The settings as the report keeps them: where the outputs went is not how they were measured, and
+    input files by name only (as ``iared bench``: a shared report does not name the machine's folders)."""
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "json")}
+    for key in ("backbone", "iared_checkpoint"):
+        if config[key]:
+            config[key] = Path(config[key]).name
+    return config
 
 
 def run_compare(cfg: CompareConfig, progress: Callable[[str], None] = _log) -> dict:
@@ -332,9 +342,9 @@ def run_compare(cfg: CompareConfig, progress: Callable[[str], None] = _log) -> d
 
     result = {
         "task": cfg.task,
-        "backbone": cfg.backbone or f"{default} (shipped)",
+        "backbone": Path(cfg.backbone).name if cfg.backbone else f"{default} (shipped)",
         "test_images": len(images),
-        "config": dataclasses.asdict(cfg),
+        "config": _public_config(cfg),
         "machine": machine_info(images.device),
         "unpruned": {"top1": full_top1, "gflops": full_gflops, "images_per_s": baseline_ips},
         "trained": trained,

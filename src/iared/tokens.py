@@ -730,7 +730,7 @@ class PackedTokens(Tokens):
         if head_dim % 8:  # the kernels want a head size that is a multiple of 8: pad, then cut
             q, k, v = (F.pad(t, (0, 8 - head_dim % 8)) for t in (q, k, v))
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        cu = self._cu_seqlens()
+        cu = self.cu_seqlens
         longest = max(self.sizes)
         try:
             if q.dtype in (torch.float16, torch.bfloat16):
@@ -739,7 +739,7 @@ class PackedTokens(Tokens):
             else:
                 out = torch.ops.aten._efficient_attention_forward(
                     q[None], k[None], v[None], None, cu, cu, longest, longest, 0.0, 0,
-                    torch.is_grad_enabled() and q.requires_grad, scale=scale)[0][0]
+                    torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)), scale=scale)[0][0]
         except (RuntimeError, NotImplementedError) as e:
             raise RuntimeError(
                 f"packed attention 'varlen' failed on device {q.device} with {q.dtype} inputs "
@@ -747,13 +747,11 @@ class PackedTokens(Tokens):
             ) from e
         return out[..., :head_dim]
 
-    def _cu_seqlens(self) -> Tensor:
-        """``offsets`` as the int32 cumulative lengths the varlen kernels take (once per selection)."""
-        cu = self.__dict__.get("_cu")
-        if cu is None:
-            cu = self.offsets.to(torch.int32)
-            object.__setattr__(self, "_cu", cu)
-        return cu
+    @functools.cached_property
+    def cu_seqlens(self) -> Tensor:
+        """``offsets`` as the int32 cumulative lengths the varlen kernels take: made once per selection,
+        read by every block of the stage."""
+        return self.offsets.to(torch.int32)
 
     def _attend_nested(self, q, k, v):
         """Jagged nested tensors: one fused varlen kernel on CUDA (flash / memory-efficient / cuDNN).
