@@ -36,10 +36,51 @@ def test_compare_quick_writes_json_markdown_and_plot(tmp_path):
     assert str(tmp_path) not in (out / "compare.json").read_text()  # the report does not name the machine's folders
 
 
+def test_finetuned_variants_are_trained_once_then_reloaded_exactly(tmp_path):
+    """--finetune-steps: every method but the floors gets a "+ft" variant on its own fine-tuned copy of
+    the backbone (the shared one untouched); an untimed run (--batch-sizes '') leaves everything it
+    trained under --out, and a rerun reloads it (no training) and measures the same top-1."""
+    out = tmp_path / "cmp"
+    args = ["compare", "--quick", "--task", "digits-natural", "--methods", "iared,evit,dynamicvit,pixel",
+            "--finetune-steps", "2", "--out", str(out), "--test-samples", "16"]
+    assert cli_main([*args, "--batch-sizes", ""]) == 0
+    first = json.loads((out / "compare.json").read_text())
+    methods = {c["method"] for c in first["candidates"]}
+    assert methods == {"iared", "iared+ft", "evit", "evit+ft", "dynamicvit", "dynamicvit+ft", "pixel"}
+    assert first["trained"]["evit+ft"]["steps"] == 2 and first["trained"]["evit+ft"]["backbone"] == "fine-tuned"
+    assert not (out / "compare.png").exists() and first["best_speedup_at_loss"] == {}
+    saved = sorted(p.name for p in (out / "finetune").iterdir())
+    assert saved == ["dynamicvit-0.7.safetensors", "evit-0.6.safetensors", "iared-0.5.safetensors"]
+    from safetensors.torch import load_file
+
+    from iared.loading import load_backbone
+
+    shipped = load_backbone(None, None, pretrained=True, default="digits_natural_vit").state_dict()
+    tuned = load_file(out / "finetune" / "evit-0.6.safetensors")
+    assert max(float((tuned[k].float() - v).abs().max()) for k, v in shipped.items()) > 0  # it did train
+
+    assert cli_main([*args, "--batch-sizes", "2"]) == 0
+    second = json.loads((out / "compare.json").read_text())
+    assert second["trained"]["evit+ft"]["loaded"] and second["trained"]["dynamicvit"]["runs"][0]["loaded"]
+    assert second["unpruned"]["top1"] == first["unpruned"]["top1"]  # nothing trained touched the shared backbone
+    for a, b in zip(first["candidates"], second["candidates"]):
+        assert (a["method"], a["knob"], a["top1"], a["gflops"]) == (b["method"], b["knob"], b["top1"], b["gflops"])
+
+    # other settings on the same --out: refused in one line, nothing overwritten
+    before = (out / "finetune" / "evit-0.6.safetensors").read_bytes()
+    assert cli_main([*args[:-4], "--finetune-lr", "1e-3", "--out", str(out), "--test-samples", "16"]) == 2
+    assert (out / "finetune" / "evit-0.6.safetensors").read_bytes() == before
+
+
 def test_compare_rejects_unknown_methods_in_one_line(tmp_path, capsys):
     rc = cli_main(["compare", "--quick", "--methods", "iared,nonsense", "--out", str(tmp_path / "x")])
     assert rc == 2
     assert "unknown method(s) nonsense" in capsys.readouterr().err
+    # a floor stands for no learning: it is never fine-tuned
+    rc = cli_main(["compare", "--quick", "--methods", "evit,pixel", "--finetune-steps", "2", "--finetune-methods",
+                   "pixel", "--out", str(tmp_path / "y")])
+    assert rc == 2
+    assert "--finetune-methods pixel" in capsys.readouterr().err
 
 
 def test_overhead_table_runs_every_method_at_equal_token_counts(tmp_path):

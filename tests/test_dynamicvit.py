@@ -197,6 +197,22 @@ def test_training_moves_the_kept_fraction_to_the_target():
     assert out.kept_fraction()[0, 1:].tolist() == pytest.approx(expected)
 
 
+def test_training_with_a_frozen_backbone_leaves_it_exactly_as_it_was():
+    """A hybrid stem's BatchNorm statistics must not drift during predictor training: the backbone is
+    shared with every other method in ``iared compare``."""
+    from iared.models import create_model
+
+    torch.manual_seed(0)
+    backbone = create_model("digits_natural_vit", depth=2, img_size=32).eval()
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    data = list(zip(torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g).tolist()))
+    train_dynamicvit(backbone, data, keep_ratio=0.7, steps=3, batch_size=8, lr=1e-2, progress=False,
+                     locations=(1,))
+    for k, v in backbone.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 def test_training_is_deterministic():
     def run():
         backbone = tiny_backbone(depth=4)

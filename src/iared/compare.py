@@ -11,8 +11,20 @@ knob, on the test images of a task:
 
 Methods that learn (IA-RED²'s interpreters, DynamicViT's predictors) are trained here on the
 same training images with the same number of optimiser steps, on the same frozen backbone; the
-result says which were trained and for how long. Training is resumable (``out/iared`` holds the
-interpreter trainer's checkpoints).
+result says which were trained and for how long.
+
+``finetune_steps`` N > 0 adds a fine-tuned variant of every method but the floors (``iared+ft``,
+``evit+ft``, ``tome+ft``, ``ats+ft``, ``dynamicvit+ft``): a copy of the backbone trained N steps under
+the method, its reducers frozen and set to the middle of its knob sweep (IA-RED²: threshold 0.5,
+EViT and ATS 0.6; DynamicViT: each trained keep ratio), with distillation from the unpruned backbone
+(:func:`iared.train.finetune.finetune_reduced`); then the method's whole sweep runs on that backbone.
+Every variant gets the same steps, batch, learning rate and data. Fine-tuned backbones are rounded to
+float16, as the shipped backbones are, so a run that reloads them measures exactly what was trained.
+
+Everything trained is kept under ``out`` (``iared/``: the interpreter trainer's checkpoints;
+``dynamicvit/`` and ``finetune/``: safetensors with their settings), and a rerun with the same
+settings and backbone loads it instead of training again: train on an accelerator (``device``,
+``batch_sizes=()`` for no timing), then time the same ``out`` on the CPU.
 
 Outputs: ``compare.json`` (figures, machine, the ``best_speedup_at_loss`` summary), ``compare.md``
 (a Markdown table) and ``compare.png`` (accuracy against measured throughput, Pareto front marked).
@@ -20,6 +32,7 @@ Outputs: ``compare.json`` (figures, machine, the ``best_speedup_at_loss`` summar
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 from collections.abc import Callable, Sequence
@@ -36,6 +49,7 @@ from iared.timing import REPEATS, machine_info, median_ms, time_interleaved
 DEFAULT_METHODS = ("iared", "dynamicvit", "tome", "evit", "ats", "random", "pixel")
 LOSS_LEVELS = (0.5, 1.0)  # points of top-1 lost, for the best_speedup_at_loss summary
 FLOOR_METHODS = ("random", "pixel", "framediff")
+FT = "+ft"  # suffix of a method's fine-tuned variant (CompareConfig.finetune_steps)
 DYNAMICVIT_LR = 1e-3  # the predictors' learning rate (Adam-style; the paper's 1e-3 scaled for batch 512)
 
 
@@ -52,6 +66,11 @@ class CompareConfig:
     train_batch: int = 64
     iared_checkpoint: str | None = None  # trained interpreters on this same backbone: skip training them
     dynamicvit_ratios: tuple[float, ...] = (0.7, 0.5)  # one DynamicViT trained per keep ratio (it learns one budget)
+    finetune_steps: int = 0  # > 0: a fine-tuned variant of every method but the floors, this many steps each
+    finetune_lr: float = 5e-5
+    finetune_methods: tuple[str, ...] | None = None  # which get a fine-tuned variant; None: every one but the floors
+    device: str = "cpu"  # where everything runs: training, evaluation and timing
+    prerender: int = 0  # render the embedded task's training split up front in N processes (fast accelerators)
     test_samples: int = 1000
     batch_sizes: tuple[int, ...] = (64, 1)
     repeats: int = REPEATS
@@ -61,12 +80,14 @@ class CompareConfig:
 
     def __post_init__(self):
         self.methods = None if self.methods is None else tuple(self.methods)
+        self.finetune_methods = None if self.finetune_methods is None else tuple(self.finetune_methods)
         self.dynamicvit_ratios = tuple(float(r) for r in self.dynamicvit_ratios)
         self.batch_sizes = tuple(int(b) for b in self.batch_sizes)
         if self.quick:
             self.test_samples = min(self.test_samples, 64)
             self.train_steps = min(self.train_steps, 4)
             self.train_batch = min(self.train_batch, 16)
+            self.finetune_steps = min(self.finetune_steps, 2)
             self.batch_sizes = tuple(min(b, 8) for b in self.batch_sizes)
             self.repeats = 1
 
@@ -199,8 +220,9 @@ def _floor_ratios(kept: Sequence[float]) -> list[float]:
 
 def build_candidates(cfg: CompareConfig, backbone, train_set, progress: Callable[[str], None] = _log
                      ) -> tuple[list[Candidate], dict, ReducedModel | None]:
-    """Every (method, knob) to measure, training the methods that learn. Returns the candidates,
-    what was trained (method -> steps, batch, seconds) and the IA-RED² model (None if not compared)."""
+    """Every (method, knob) to measure, training the methods that learn (and, with
+    ``cfg.finetune_steps``, fine-tuning a backbone per method). Returns the candidates, what was
+    trained (method -> steps, batch, seconds) and the IA-RED² model (None if not compared)."""
     from iared.reducers import registry
 
     check_methods(cfg, backbone)
@@ -211,18 +233,43 @@ def build_candidates(cfg: CompareConfig, backbone, train_set, progress: Callable
         knobs = registry.default_knobs(method, quick=cfg.quick, backbone=backbone)
         if method == "iared":
             iared_model, trained[method] = _iared(cfg, backbone, train_set, progress)
-            for t in knobs:
-                candidates.append(Candidate(method, t, _runner(iared_model, mode="threshold", threshold=t)))
+            variants = [(method, iared_model)]
+            if finetunes(cfg, method):
+                ft_knob = registry.default_knobs(method, quick=True)[0]
+                tuned, trained[method + FT] = _finetuned(cfg, method, copy.deepcopy(iared_model), ft_knob,
+                                                         train_set, progress)
+                variants.append((method + FT, tuned))
+            for name, model in variants:
+                candidates += [Candidate(name, t, _runner(model, mode="threshold", threshold=t)) for t in knobs]
         elif method == "dynamicvit":
             for ratio in (knobs if cfg.quick else cfg.dynamicvit_ratios):
                 model, info = _dynamicvit(cfg, backbone, train_set, ratio, progress)
                 trained.setdefault(method, {"runs": []})["runs"].append(info)
                 candidates.append(Candidate(method, ratio, registry.runner(method, model, ratio)))
+                if finetunes(cfg, method):
+                    tuned, info = _finetuned(cfg, method, _with_backbone(model, copy.deepcopy(backbone)), ratio,
+                                             train_set, progress)
+                    trained.setdefault(method + FT, {"runs": []})["runs"].append(info)
+                    candidates.append(Candidate(method + FT, ratio, registry.runner(method, tuned, ratio)))
         else:
-            for knob in knobs:
-                model = registry.build_reduced(method, backbone, knob)
-                candidates.append(Candidate(method, knob, registry.runner(method, model, knob)))
+            backbones = [(method, backbone)]
+            if finetunes(cfg, method):
+                ft_knob = registry.default_knobs(method, quick=True, backbone=backbone)[0]
+                model = registry.build_reduced(method, copy.deepcopy(backbone), ft_knob)
+                tuned, trained[method + FT] = _finetuned(cfg, method, model, ft_knob, train_set, progress)
+                backbones.append((method + FT, tuned.backbone))
+            for name, bb in backbones:
+                for knob in knobs:
+                    model = registry.build_reduced(method, bb, knob)
+                    candidates.append(Candidate(name, knob, registry.runner(method, model, knob)))
     return candidates, trained, iared_model
+
+
+def finetunes(cfg: CompareConfig, method: str) -> bool:
+    """Whether ``method`` gets a fine-tuned variant (never the floors: they stand for no learning)."""
+    if cfg.finetune_steps <= 0 or method in FLOOR_METHODS:
+        return False
+    return cfg.finetune_methods is None or method in cfg.finetune_methods
 
 
 def check_methods(cfg: CompareConfig, backbone) -> None:
@@ -237,6 +284,10 @@ def check_methods(cfg: CompareConfig, backbone) -> None:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(registry.METHODS)}")
     for m in cfg.methods:
         registry.check_applies(m, backbone)
+    for m in cfg.finetune_methods or ():
+        if m not in cfg.methods or m in FLOOR_METHODS:
+            raise ValueError(f"--finetune-methods {m}: not one of the compared methods that can be fine-tuned "
+                             f"({', '.join(x for x in cfg.methods if x not in FLOOR_METHODS)})")
 
 
 def _runner(model: ReducedModel, **kw) -> Callable[[Tensor], ReducedOutput]:
@@ -257,13 +308,13 @@ def _iared(cfg: CompareConfig, backbone, train_set, progress):
         if diff > 1e-6:
             raise ValueError(f"--iared-checkpoint {cfg.iared_checkpoint}: its backbone differs from the compared "
                              f"one (max weight difference {diff:.2e}); every method must run on the same backbone")
-        return model.eval(), {"loaded": Path(cfg.iared_checkpoint).name}
+        return model.to(cfg.device).eval(), {"loaded": Path(cfg.iared_checkpoint).name}
     from iared.train.interpreters import InterpreterTrainConfig, default_tau, train_on_backbone
 
     tcfg = InterpreterTrainConfig(task=cfg.task, out=str(Path(cfg.out) / "iared"), steps_per_stage=cfg.train_steps,
                                   tau=default_tau(cfg.task),
                                   batch_size=cfg.train_batch, seed=cfg.seed, eval_samples=min(200, cfg.test_samples),
-                                  eval_every=max(cfg.train_steps, 1))
+                                  eval_every=max(cfg.train_steps, 1), device=cfg.device)
     progress(f"training IA-RED² interpreters: {cfg.train_steps} steps per stage, batch {cfg.train_batch}")
     resumed = (Path(tcfg.out) / "train_state.pt").is_file()
     t0 = time.perf_counter()
@@ -276,19 +327,135 @@ def _iared(cfg: CompareConfig, backbone, train_set, progress):
 
 
 def _dynamicvit(cfg: CompareConfig, backbone, train_set, ratio, progress):
-    import copy
+    """DynamicViT's predictors for keep ``ratio`` on the frozen backbone: loaded from
+    ``out/dynamicvit`` when an earlier run with the same settings left them, else trained here."""
     import time
 
+    from iared.reducers.dynamicvit import build_dynamicvit
     from iared.train.dynamicvit import train_dynamicvit
 
     steps = cfg.train_steps * 3  # as many optimiser steps as IA-RED²'s three stages together
+    settings = {"method": "dynamicvit", "keep_ratio": ratio, "steps": steps, "batch": cfg.train_batch,
+                "lr": DYNAMICVIT_LR, "seed": cfg.seed, "task": cfg.task, "backbone_sha1": weights_sha1(backbone)}
+    path = Path(cfg.out) / "dynamicvit" / f"keep{ratio:g}.safetensors"
+    info = {"keep_ratio": ratio, "steps": steps, "batch": cfg.train_batch, "backbone": "frozen"}
+    saved = load_cached(path, settings)
+    if saved is not None:
+        progress(f"DynamicViT (keep {ratio}): loaded from {path}")
+        model = build_dynamicvit(backbone, ratio)
+        model.reducers.load_state_dict(saved)
+        return model.eval(), {**info, "loaded": True, "seconds": float(settings_of(path).get("seconds", 0))}
     progress(f"training DynamicViT (keep {ratio}): {steps} steps, batch {cfg.train_batch}")
     t0 = time.perf_counter()
-    model = train_dynamicvit(copy.deepcopy(backbone), train_set, keep_ratio=ratio, steps=steps,
-                             batch_size=cfg.train_batch, lr=DYNAMICVIT_LR, seed=cfg.seed, progress=True)
-    info = {"keep_ratio": ratio, "steps": steps, "batch": cfg.train_batch,
-            "seconds": round(time.perf_counter() - t0, 1), "backbone": "frozen"}
+    # the backbone stays frozen (backbone_lr 0), so the shared one serves: only the predictors learn
+    model = train_dynamicvit(backbone, train_set, keep_ratio=ratio, steps=steps, batch_size=cfg.train_batch,
+                             lr=DYNAMICVIT_LR, seed=cfg.seed, device=cfg.device, progress=True)
+    info["seconds"] = round(time.perf_counter() - t0, 1)
+    save_cached(path, model.reducers.state_dict(), {**settings, "seconds": info["seconds"]})
     return model.eval(), info
+
+
+def _with_backbone(model: ReducedModel, backbone) -> ReducedModel:
+    """A copy of ``model``'s reducers and stages around another backbone (for fine-tuning a copy)."""
+    return ReducedModel(backbone, [copy.deepcopy(model.reducer(g)) for g in range(model.num_stages)],
+                        model.stage_starts)
+
+
+def _finetuned(cfg: CompareConfig, method: str, model: ReducedModel, knob, train_set, progress):
+    """``model`` (reducers of ``method`` around a copy of the backbone) with its backbone fine-tuned
+    under ``knob`` for ``cfg.finetune_steps`` steps, or loaded from ``out/finetune`` when an earlier
+    run with the same settings left it. The backbone is rounded to float16 either way."""
+    import time
+
+    from iared.reducers import registry
+    from iared.train.finetune import FinetuneConfig, finetune_reduced
+
+    ft = FinetuneConfig(steps=cfg.finetune_steps, batch_size=cfg.train_batch, lr=cfg.finetune_lr, seed=cfg.seed,
+                        device=cfg.device)
+    settings = {"method": method, "knob": knob, "steps": ft.steps, "batch": ft.batch_size, "lr": ft.lr,
+                "distill_weight": ft.distill_weight, "seed": ft.seed, "task": cfg.task,
+                "backbone_sha1": weights_sha1(model.backbone),
+                # the reducers it ran under (IA-RED²'s interpreters, DynamicViT's predictors) are part of it
+                "reducers_sha1": weights_sha1(model.reducers)}
+    path = Path(cfg.out) / "finetune" / f"{method}-{_fmt_knob(knob)}.safetensors"
+    info = {"knob": knob, "steps": ft.steps, "batch": ft.batch_size, "lr": ft.lr, "backbone": "fine-tuned"}
+    saved = load_cached(path, settings)
+    if saved is not None:
+        progress(f"{method}{FT} ({_fmt_knob(knob)}): fine-tuned backbone loaded from {path}")
+        model.backbone.load_state_dict(saved)
+        return model.eval(), {**info, "loaded": True, "seconds": float(settings_of(path).get("seconds", 0))}
+    progress(f"fine-tuning the backbone under {method} ({_fmt_knob(knob)}): {ft.steps} steps, batch {ft.batch_size}")
+    t0 = time.perf_counter()
+    finetune_reduced(model, train_set, registry.forward_kwargs(method, knob), ft, desc=f"{method}{FT}")
+    with torch.no_grad():  # as shipped backbones are: what a reloading run measures is what ran here
+        for t in model.backbone.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(t.half())
+    info["seconds"] = round(time.perf_counter() - t0, 1)
+    save_cached(path, {k: v.half() if v.is_floating_point() else v for k, v in model.backbone.state_dict().items()},
+                {**settings, "seconds": info["seconds"]})
+    return model.eval(), info
+
+
+# -- what training left in ``out`` -------------------------------------------------------------------
+
+
+def weights_sha1(module: torch.nn.Module) -> str:
+    """A fingerprint of ``module``'s weights (names, dtypes, values): cached training results are
+    reused only on the weights they were trained from."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_cached(path: Path, tensors: dict[str, Tensor], settings: dict) -> None:
+    """Tensors and the settings that made them, in one safetensors file (written atomically)."""
+    import json
+
+    from safetensors.torch import save
+
+    from iared.files import write_bytes
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    write_bytes(path, save(tensors, metadata={"iared_settings": json.dumps(settings, sort_keys=True)}))
+
+
+def settings_of(path: Path) -> dict:
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return json.loads((f.metadata() or {}).get("iared_settings", "{}"))
+
+
+def load_cached(path: Path, settings: dict) -> dict[str, Tensor] | None:
+    """The tensors saved at ``path`` if they were made with exactly ``settings`` (the time they took
+    aside); None when there is no such file. A file made with other settings is refused in one line:
+    overwriting another run's training silently would lose it."""
+    from iared.checkpoint import read_checkpoint
+
+    if not path.is_file():
+        return None
+    saved = {k: v for k, v in settings_of(path).items() if k != "seconds"}
+    want = json_roundtrip(settings)
+    if saved != want:
+        differ = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
+        raise ValueError(f"{path} was trained with other settings ({', '.join(differ)} differ); "
+                         "use a new --out folder (or delete the file) to train again")
+    return read_checkpoint(path)
+
+
+def json_roundtrip(obj):
+    import json
+
+    return json.loads(json.dumps(obj, sort_keys=True))
 
 
 # -- the whole comparison ---------------------------------------------------------------------------
@@ -314,12 +481,17 @@ def run_compare(cfg: CompareConfig, progress: Callable[[str], None] = _log) -> d
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.out)
     default = TASK_BACKBONES.get(cfg.task, "digits_vit")
+    device = torch.device(cfg.device)
     backbone = load_backbone(cfg.backbone, cfg.model, pretrained=cfg.backbone is None, default=default).eval()
-    backbone.requires_grad_(False)
+    backbone.requires_grad_(False).to(device)
     check_methods(cfg, backbone)
     test_set = task_dataset(cfg.task, "test", backbone.cfg)
     train_set = task_dataset(cfg.task, "train", backbone.cfg)
-    images, labels = stack_batch(test_set, torch.arange(min(cfg.test_samples, len(test_set))))
+    if cfg.prerender:
+        from iared.data.samples import prerender_task
+
+        prerender_task(train_set, cfg.prerender)
+    images, labels = (t.to(device) for t in stack_batch(test_set, torch.arange(min(cfg.test_samples, len(test_set)))))
 
     candidates, trained, iared_model = build_candidates(cfg, backbone, train_set, progress)
 
@@ -338,6 +510,7 @@ def run_compare(cfg: CompareConfig, progress: Callable[[str], None] = _log) -> d
     for c in candidates:
         progress(f"evaluating {c.label} on {len(images)} test images")
         c.top1, c.gflops, c.kept = evaluate(c.run, images, labels)
+    # no batch sizes: accuracy and FLOPs only (e.g. a training run on an accelerator, timed later on the CPU)
     baseline_ips = time_candidates(candidates, backbone, images, cfg.batch_sizes, cfg.repeats, progress)
 
     result = {
@@ -349,14 +522,16 @@ def run_compare(cfg: CompareConfig, progress: Callable[[str], None] = _log) -> d
         "unpruned": {"top1": full_top1, "gflops": full_gflops, "images_per_s": baseline_ips},
         "trained": trained,
         "candidates": [c.to_dict() for c in candidates],
-        "best_speedup_at_loss": best_speedup_at_loss(candidates, full_top1, str(cfg.batch_sizes[0])),
+        "best_speedup_at_loss": (best_speedup_at_loss(candidates, full_top1, str(cfg.batch_sizes[0]))
+                                 if cfg.batch_sizes else {}),
     }
     if len(cfg.batch_sizes) > 1:
         result["best_speedup_at_loss_by_batch"] = {
             str(b): best_speedup_at_loss(candidates, full_top1, str(b)) for b in cfg.batch_sizes}
     write_json(out_dir / "compare.json", result)
     write_text(out_dir / "compare.md", format_markdown(result))
-    plot(result, out_dir / "compare.png")
+    if cfg.batch_sizes:
+        plot(result, out_dir / "compare.png")
     return result
 
 
@@ -367,15 +542,17 @@ def format_markdown(result: dict) -> str:
     head += [f"img/s b{b}" for b in batches] + [f"speed-up b{b}" for b in batches]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     u = result["unpruned"]
-    lines.append("| unpruned | - | " + f"{100 * u['top1']:.2f} | {u['gflops']:.4f} | - | "
-                 + " | ".join(f"{u['images_per_s'][b]:.0f}" for b in batches) + " | "
-                 + " | ".join("1.00x" for _ in batches) + " |")
+    def row(cells):
+        return "| " + " | ".join(cells) + " |"
+
+    lines.append(row(["unpruned", "-", f"{100 * u['top1']:.2f}", f"{u['gflops']:.4f}", "-"]
+                     + [f"{u['images_per_s'][b]:.0f}" for b in batches] + ["1.00x" for _ in batches]))
     for c in result["candidates"]:
         knob = _fmt_knob(c["knob"]) + (f" ({c['note']})" if c["note"] else "")
         kept = "/".join(f"{k:.2f}" for k in c["kept_fraction"]) or "-"
-        lines.append(f"| {c['method']} | {knob} | {100 * c['top1']:.2f} | {c['gflops']:.4f} | {kept} | "
-                     + " | ".join(f"{c['images_per_s'][b]:.0f}" for b in batches) + " | "
-                     + " | ".join(f"{c['speedup'][b]:.2f}x" for b in batches) + " |")
+        lines.append(row([c["method"], knob, f"{100 * c['top1']:.2f}", f"{c['gflops']:.4f}", kept]
+                         + [f"{c['images_per_s'][b]:.0f}" for b in batches]
+                         + [f"{c['speedup'][b]:.2f}x" for b in batches]))
     lines.append("")
     for level, best in result["best_speedup_at_loss"].items():
         ranked = ", ".join(f"{m} {s:.2f}x" for m, s in best.items()) or "none"

@@ -32,9 +32,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="interpreters already trained on this same backbone (skips their training)")
     p.add_argument("--dynamicvit-ratios", type=_csv(float), default=d.dynamicvit_ratios,
                    help="keep ratios to train one DynamicViT each for (default 0.7,0.5)")
+    p.add_argument("--finetune-steps", type=int, default=d.finetune_steps,
+                   help="> 0: also a fine-tuned variant of every method but the floors (iared+ft, evit+ft, ...): "
+                        "a copy of the backbone trained this many steps under the method (default %(default)s)")
+    p.add_argument("--finetune-lr", type=float, default=d.finetune_lr)
+    p.add_argument("--finetune-methods", type=_csv(str), default=d.finetune_methods,
+                   help="comma list of the methods that get a fine-tuned variant (default: all but the floors)")
+    p.add_argument("--device", default=d.device,
+                   help="where training, evaluation and timing run (default %(default)s); train on an "
+                        "accelerator with --batch-sizes '' (no timing), then rerun on the CPU with the same --out: "
+                        "everything trained is reloaded from there")
+    p.add_argument("--prerender", type=int, default=d.prerender, metavar="N",
+                   help="render the embedded task's training split up front in N processes, for training on a "
+                        "fast accelerator (default: render each sample when a step needs it)")
     p.add_argument("--test-samples", type=int, default=d.test_samples)
     p.add_argument("--batch-sizes", type=_csv(int), default=d.batch_sizes,
-                   help="timed batch sizes, the first one ranks the summary (default 64,1)")
+                   help="timed batch sizes, the first one ranks the summary (default 64,1; '': no timing)")
     p.add_argument("--repeats", type=int, default=d.repeats, help="interleaved timed calls; the median is reported")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", default=d.out, help="folder for compare.json, compare.md, compare.png and training runs")

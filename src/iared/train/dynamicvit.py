@@ -94,6 +94,9 @@ def train_dynamicvit(backbone, dataset, *, keep_ratio: float, steps: int, batch_
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, cfg.steps)
     unpruned = ReducedModel(teacher, [None], [0])
     model.train()
+    # The backbone's normalisation statistics stay as trained (a hybrid stem's BatchNorm would
+    # otherwise drift towards the pruned batches, in the backbone every other method shares too).
+    backbone.eval()
     bar = tqdm(range(cfg.steps), desc="dynamicvit", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     for step in bar:
         batch = stack_batch(dataset, torch.as_tensor(sampler.global_batch(step)))

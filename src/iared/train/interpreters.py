@@ -15,14 +15,12 @@ The data order is a pure function of (seed, stage, step), so ``--resume`` contin
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -259,36 +257,16 @@ class InterpreterTrainer:
 
 def finetune_backbone(model: IARed, dataset, cfg: InterpreterTrainConfig, progress: bool = True,
                       guard: StepGuard | None = None) -> None:
-    """Fine-tune the backbone under the learned policy, distilling from the unpruned backbone.
+    """Fine-tune the backbone under the learned policy (threshold mode at ``cfg.threshold``),
+    distilling from the unpruned backbone (:func:`iared.train.finetune.finetune_reduced`).
     ``guard`` (default: ``cfg.max_bad_steps``, nothing written) vets every step."""
-    if cfg.finetune_steps <= 0:
-        return
-    teacher = copy.deepcopy(model.backbone).eval().requires_grad_(False)
-    model.backbone.requires_grad_(True)
-    model.interpreters.requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.backbone.parameters(), lr=cfg.finetune_lr, weight_decay=0.0)
-    device = torch.device(cfg.device)
-    guard = guard or StepGuard(cfg.max_bad_steps, device=device)
-    guard.what = "fine-tune step"
-    params = {f"backbone.{n}": p for n, p in model.backbone.named_parameters()}
-    w = cfg.distill_weight
-    for step in tqdm(range(cfg.finetune_steps), desc="fine-tune", disable=not (progress and is_main()),
-                     file=sys.stderr):
-        idx = rank_share(batch_indices(len(dataset), cfg.batch_size, cfg.seed, -1, step))
-        images, labels = (t.to(device) for t in stack_batch(dataset, idx))
-        with torch.no_grad(), autocast(device):
-            soft = teacher(images).float().softmax(-1)
-        with autocast(device):
-            logits = model(images, threshold=cfg.threshold, layout="padded").logits.float()
-        loss = (1 - w) * F.cross_entropy(logits, labels) + w * F.kl_div(logits.log_softmax(-1), soft,
-                                                                        reduction="batchmean")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        average_gradients(model.backbone.parameters())
-        if guard.check(step + 1, loss, params, optimizer):
-            optimizer.step()
-    model.backbone.requires_grad_(False)
-    model.eval()
+    from iared.train.finetune import FinetuneConfig, finetune_reduced
+
+    ft = FinetuneConfig(steps=cfg.finetune_steps, batch_size=cfg.batch_size, lr=cfg.finetune_lr,
+                        distill_weight=cfg.distill_weight, seed=cfg.seed, device=cfg.device,
+                        max_bad_steps=cfg.max_bad_steps)
+    finetune_reduced(model, dataset, {"mode": "threshold", "threshold": cfg.threshold}, ft, progress=progress,
+                     guard=guard)
 
 
 def _config_dict(cfg: InterpreterTrainConfig) -> dict:
