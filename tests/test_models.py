@@ -160,3 +160,24 @@ def test_each_embedded_task_has_its_shipped_backbone_and_it_is_trained(task):
     with torch.no_grad():
         top1 = (model(images).argmax(1) == labels).float().mean().item()
     assert top1 >= 0.9, (task, top1)
+
+
+def test_the_conv_stem_runs_channels_last_with_the_same_values():
+    """``run_stem`` (hybrid ViT and TimeSformer embeddings) holds the images channels-last for oneDNN:
+    the values of the plain NCHW stem within float rounding, and the patch features come out
+    ``(B, N, C)``-contiguous, so nothing downstream copies them."""
+    from iared.models.vit import run_stem
+
+    torch.manual_seed(0)
+    model = perturbed(create_model("digits_natural_vit", depth=1, img_size=32), 0).eval()
+    x = torch.rand(4, 3, 32, 32)
+    stem = model.patch_embed.backbone
+    with torch.no_grad():
+        fast, plain = run_stem(stem, x), stem(x)
+        assert fast.is_contiguous(memory_format=torch.channels_last)
+        assert float((fast - plain).abs().max()) <= 1e-5 * max(1.0, float(plain.abs().max()))
+        patches = model.patch_embed(x)
+        assert patches.is_contiguous()
+        reference = model.patch_embed.proj(plain).flatten(2).transpose(1, 2)
+        assert float((patches - reference).abs().max()) <= 1e-4
+    assert run_stem(torch.nn.Identity(), x) is x  # a plain patch embedding is untouched

@@ -73,11 +73,15 @@ def test_explain_stops_on_a_corrupt_image_before_writing_anything(tmp_path, tiny
 def test_default_checkpoint_is_the_shipped_one_or_a_clear_error(tmp_path, tiny_checkpoint, digits_samples,
                                                                  monkeypatch, capsys):
     images, _ = write_pairs(tmp_path, digits_samples[:1])
-    monkeypatch.setattr(explain_cli, "default_checkpoint_path", lambda: tmp_path / "missing" / "digits_pruned.pt")
+    # the default task is digits-natural; digits-clutter keeps its own shipped model
+    assert explain_cli.default_checkpoint_path().name == "digits_natural_pruned.pt"
+    assert explain_cli.default_checkpoint_path("digits-clutter").name == "digits_pruned.pt"
+    monkeypatch.setattr(explain_cli, "default_checkpoint_path",
+                        lambda task=None: tmp_path / "missing" / "digits_pruned.pt")
     code, _, err = run(["explain", images, "--out", tmp_path / "o"], capsys)
     assert code == 2 and "--checkpoint" in err and "digits_pruned.pt" in err
     assert len(err.strip().splitlines()) == 1
-    monkeypatch.setattr(explain_cli, "default_checkpoint_path", lambda: tiny_checkpoint)
+    monkeypatch.setattr(explain_cli, "default_checkpoint_path", lambda task=None: tiny_checkpoint)
     code, _, err = run(["explain", images, "--out", tmp_path / "o", "--methods", "interpreter"], capsys)
     assert code == 0, err
 

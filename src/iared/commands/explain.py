@@ -25,7 +25,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="pruned model (iared.pruning.save_pruned), or backbone weights (fresh "
-                                        "interpreters); default: the shipped pruned digits model")
+                                        "interpreters); default: the pruned model shipped for digits-natural "
+                                        "(explain-eval --task digits-clutter: the one for digits-clutter)")
     p.add_argument("--model", metavar="NAME", help="backbone name: builds --checkpoint's weights (official DeiT .pth, "
                                                    "state dicts) or, with --pretrained, timm's")
     p.add_argument("--pretrained", action="store_true", help="with --model and no --checkpoint: timm's download")

@@ -67,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
     if args.methods:
         build_methods(args.methods, args.threshold)
     pairs = lib.pair_folders(args.images, args.masks)[: args.limit] if args.images is not None else None
-    model = lib.load_explain_model(args.checkpoint, args.device, args.model, args.pretrained)
+    model = lib.load_explain_model(args.checkpoint, args.device, args.model, args.pretrained, task=args.task)
     total = len(pairs) if pairs is not None else (args.limit or lib.DIGITS_DEFAULT_LIMIT)
     with tqdm(total=total, desc="explain-eval", unit="img", file=sys.stderr, disable=args.quiet) as bar, \
             warnings.catch_warnings(record=True) as caught:
@@ -79,7 +79,9 @@ def main(args: argparse.Namespace) -> int:
     notes = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UndefinedMetricWarning)))
     for note in notes:  # said once, however many methods hit it
         print(f"iared explain-eval: warning: {note}", file=sys.stderr)
-    results["checkpoint"] = str(args.checkpoint or (f"{args.model}" if args.model else lib.default_checkpoint_path()))
+    # by name: a shared report does not name this machine's folders
+    results["checkpoint"] = Path(args.checkpoint).name if args.checkpoint else (
+        args.model or f"{lib.default_checkpoint_path(args.task).name} (shipped)")
     results["warnings"] = notes
     print(format_table(results))
     print(f"n={results['n']}  pruned model agrees with backbone on {results['agreement']:.1%}; "

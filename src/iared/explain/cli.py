@@ -6,9 +6,10 @@
     iared explain-eval [--checkpoint PRUNED.pt] [--images DIR --masks DIR] [--limit N]
                        [--json PATH] [--plot PNG] [--methods ...] [--steps 16] [--baseline rise]
 
-Without ``--checkpoint`` the pruned model shipped for the embedded task
-(``iared/assets/digits_pruned.pt``, written by :func:`iared.pruning.save_pruned`) is used when
-present; otherwise the command stops and asks for ``--checkpoint``.
+Without ``--checkpoint`` the pruned model shipped for the embedded task is used
+(``iared/assets/digits_natural_pruned.pt`` for digits-natural, the default, and
+``digits_pruned.pt`` with ``--task digits-clutter``; written by :func:`iared.pruning.save_pruned`)
+when present; otherwise the command stops and asks for ``--checkpoint``.
 
 ``explain-eval`` runs on the embedded task's test split (``DigitsClutter("test")``, the first
 ``--limit`` samples, 500 by default) unless ``--images`` / ``--masks`` name a folder pair: files
@@ -38,7 +39,7 @@ from iared.pruning import IARed
 from iared.timing import machine_info
 
 __all__ = [
-    "DEFAULT_CHECKPOINT",
+    "DEFAULT_CHECKPOINTS",
     "default_checkpoint_path",
     "evaluate_methods",
     "explain_files",
@@ -49,8 +50,9 @@ __all__ = [
     "pair_folders",
 ]
 
-DEFAULT_CHECKPOINT = "digits_pruned.pt"
-"""File name, inside the package's ``assets`` folder, of the shipped pruned digits model."""
+DEFAULT_CHECKPOINTS = {"digits-natural": "digits_natural_pruned.pt", "digits-clutter": "digits_pruned.pt"}
+"""File names, inside the package's ``assets`` folder, of the pruned model shipped for each embedded task."""
+DEFAULT_TASK = "digits-natural"
 
 DIGITS_DEFAULT_LIMIT = 500
 
@@ -58,19 +60,19 @@ DIGITS_DEFAULT_LIMIT = 500
 # -- inputs -----------------------------------------------------------------------------------
 
 
-def default_checkpoint_path() -> Path:
-    """Where the shipped pruned model lives (``iared/assets/digits_pruned.pt``), present or not."""
-    return Path(str(resources.files("iared") / "assets" / DEFAULT_CHECKPOINT))
+def default_checkpoint_path(task: str | None = None) -> Path:
+    """Where the pruned model shipped for ``task`` (default digits-natural) lives, present or not."""
+    return Path(str(resources.files("iared") / "assets" / DEFAULT_CHECKPOINTS[task or DEFAULT_TASK]))
 
 
 def load_explain_model(checkpoint=None, device: str = "cpu", model: str | None = None,
-                       pretrained: bool = False) -> IARed:
+                       pretrained: bool = False, task: str | None = None) -> IARed:
     """A pruned model from ``checkpoint``; a backbone (``--model NAME`` / weights without
-    interpreters) with fresh interpreters (:func:`iared.loading.load_iared`); or the shipped pruned
-    model when nothing is given (FileNotFoundError naming it if absent)."""
+    interpreters) with fresh interpreters (:func:`iared.loading.load_iared`); or the pruned model
+    shipped for ``task`` when nothing is given (FileNotFoundError naming it if absent)."""
     from iared.loading import load_iared
 
-    return load_iared(checkpoint, model, pretrained, default=default_checkpoint_path()).to(device).eval()
+    return load_iared(checkpoint, model, pretrained, default=default_checkpoint_path(task)).to(device).eval()
 
 
 def _image_transform(model: IARed, squash: bool):

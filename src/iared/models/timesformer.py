@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from iared import flops
-from iared.models.vit import BlockRecord, Mlp, conv_stem_stages, stem_widths
+from iared.models.vit import BlockRecord, Mlp, conv_stem_stages, run_stem, stem_widths
 from iared.tokens import DenseTokens, Tokens, segments_as_packed
 
 ATTENTION_TYPES = ("divided_space_time", "joint_space_time", "space_only")
@@ -313,7 +313,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, frames: Tensor) -> Tensor:
         """``(B * T, C_in, H, W)`` -> ``(B * T, H' W', C)``, row-major."""
-        return self.proj(self.backbone(frames)).flatten(2).transpose(1, 2)
+        return self.proj(run_stem(self.backbone, frames)).flatten(2).transpose(1, 2)
 
 
 class TimeSformer(nn.Module):
