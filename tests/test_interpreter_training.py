@@ -63,3 +63,32 @@ def test_compare_refuses_to_resume_another_runs_interpreters(tmp_path):
     cfg.steps_per_stage = 2
     with pytest.raises(ValueError, match="another backbone, task or --train-steps"):
         train_on_backbone(backbone, train_set, cfg, progress=False)
+
+
+def test_probability_reward_by_hand_and_in_the_trainer():
+    """--reward probability: (1 + tau) p - tau - w f^2, so p = 1 gives the 0/1 reward of a correct
+    prediction and p = 0 that of a wrong one; the trainer prices a lost margin that 0/1 ignores."""
+    from types import SimpleNamespace
+
+    from iared.rl import blockdrop_reward, probability_reward
+    from iared.train.interpreters import InterpreterTrainer
+
+    f = torch.tensor([0.5, 0.5, 1.0])
+    p = torch.tensor([1.0, 0.0, 0.8])
+    got = probability_reward(p, f, tau=10.0, weight=2.0)
+    assert torch.allclose(got, torch.tensor([1 - 2 * 0.25, -10 - 0.5, 11 * 0.8 - 10 - 2.0]))
+    assert torch.allclose(got[:2], blockdrop_reward(torch.tensor([True, False]), f[:2], 10.0, 2.0) - torch.tensor([0, 0.5]))
+
+    # both images right (argmax = label): 0/1 pays them alike; probability pays the confident one more
+    logits = torch.tensor([[4.0, 0.0], [0.2, 0.0]])
+    labels, macs = torch.tensor([0, 0]), torch.tensor([50.0, 50.0])
+    trainer = SimpleNamespace(full_macs=100.0, cfg=SimpleNamespace(tau=10.0, stage_weights=(1.0,), reward="correct"))
+    flat = InterpreterTrainer.reward(trainer, logits, macs, labels, 0)
+    assert flat[0] == flat[1]
+    trainer.cfg.reward = "probability"
+    shaped = InterpreterTrainer.reward(trainer, logits, macs, labels, 0)
+    p0 = torch.softmax(logits, -1)[:, 0]
+    assert torch.allclose(shaped, 11 * p0 - 10 - 0.25) and shaped[0] > shaped[1]
+    trainer.cfg.reward = "nonsense"
+    with pytest.raises(ValueError, match="unknown reward"):
+        InterpreterTrainer.reward(trainer, logits, macs, labels, 0)

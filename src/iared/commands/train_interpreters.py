@@ -36,6 +36,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         f"{default_tau('digits-natural'):g}: iared.train.interpreters.TASK_TAU)")
     p.add_argument("--stage-weights", type=float, nargs="+", default=list(d.stage_weights))
     p.add_argument("--baseline", choices=["self-critical", "mean"], default=d.baseline)
+    p.add_argument("--reward", choices=["correct", "probability"], default=d.reward,
+                   help="correct: 1 - w f^2 if right, -tau if wrong (the paper's); probability: the same, continuous "
+                        "in the pruned model's probability of the true class (iared.rl.probability_reward)")
     p.add_argument("--exploration", type=float, default=d.exploration)
     p.add_argument("--threshold", type=float, default=d.threshold)
     p.add_argument("--initial-score", type=float, default=d.initial_score,

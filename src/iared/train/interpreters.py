@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from iared.checkpoint import CheckpointError, read_checkpoint
 from iared.files import check_output_dir, write_json
 from iared.pruning import IARed, IARedConfig, InferenceSettings, save_pruned
-from iared.rl import Baseline, RunningMean, blockdrop_reward, policy_gradient_loss
+from iared.rl import Baseline, RewardKind, RunningMean, blockdrop_reward, policy_gradient_loss, probability_reward
 from iared.train.common import (
     Checkpointer,
     JsonlLogger,
@@ -59,6 +59,7 @@ class InterpreterTrainConfig:
     tau: float = 5.0  # reward of a wrong prediction is -tau (README: 1 drops too much, 20 keeps all)
     stage_weights: tuple[float, ...] = (1.0, 1.0, 1.0)  # weight of the compute term, per stage
     baseline: Baseline = "self-critical"
+    reward: RewardKind = "correct"  # correct: 1 - w f^2 or -tau (BlockDrop, the paper); probability: continuous in p(true)
     exploration: float = 0.05  # sample from eps + (1 - 2 eps) * score
     initial_score: float | None = 0.9  # each stage starts from "keep ~all" (MultiHeadInterpreter.set_initial_score);
     # None: each stage starts from the interpreter as it is (retraining trained interpreters for another reward)
@@ -170,8 +171,14 @@ class InterpreterTrainer:
     # -- one step -----------------------------------------------------------------------------
 
     def reward(self, logits: Tensor, macs: Tensor, labels: Tensor, stage: int) -> Tensor:
+        weight = self.cfg.stage_weights[stage]
+        if self.cfg.reward == "probability":
+            true_prob = logits.float().softmax(-1).gather(-1, labels[:, None])[:, 0]
+            return probability_reward(true_prob, macs / self.full_macs, self.cfg.tau, weight)
+        if self.cfg.reward != "correct":
+            raise ValueError(f"unknown reward {self.cfg.reward!r}; expected correct or probability")
         correct = logits.argmax(-1) == labels
-        return blockdrop_reward(correct, macs / self.full_macs, self.cfg.tau, self.cfg.stage_weights[stage])
+        return blockdrop_reward(correct, macs / self.full_macs, self.cfg.tau, weight)
 
     def accuracy(self, logits: Tensor, labels: Tensor) -> float:
         """The batch's accuracy term for the logs (top-1 here; a dense trainer reports its own)."""
