@@ -342,7 +342,7 @@ def _dynamicvit(cfg: CompareConfig, backbone, train_set, ratio, progress):
     saved = load_cached(path, settings)
     if saved is not None:
         progress(f"DynamicViT (keep {ratio}): loaded from {path}")
-        model = build_dynamicvit(backbone, ratio)
+        model = build_dynamicvit(backbone, ratio).to(cfg.device)  # fresh predictors are made on the CPU
         model.reducers.load_state_dict(saved)
         return model.eval(), {**info, "loaded": True, "seconds": float(settings_of(path).get("seconds", 0))}
     progress(f"training DynamicViT (keep {ratio}): {steps} steps, batch {cfg.train_batch}")
