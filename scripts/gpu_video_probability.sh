@@ -24,7 +24,7 @@ left() { echo $(( $1 - (SECONDS - start) )); }
 
 lane() {  # lane TAU METHODS FINETUNE_METHODS
   local tau=$1 dir="$R/p$1"
-  timeout "$(left 270)" python3 -m iared train-interpreters --task moving-digits --reward probability --tau "$tau" \
+  [ -f "$dir/iared/pruned.pt" ] || timeout "$(left 270)" python3 -m iared train-interpreters --task moving-digits --reward probability --tau "$tau" \
       --steps-per-stage "$STEPS" --batch-size 32 --device "$DEVICE" --prerender "$PRE" --quiet --out "$dir/iared" \
       > "$OUT/p$tau.log" 2>&1
   echo "train-interpreters tau $tau: exit $? at $((SECONDS - start)) s" >> "$OUT/p$tau.log"

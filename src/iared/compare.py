@@ -303,7 +303,7 @@ def _iared(cfg: CompareConfig, backbone, train_set, progress):
 
     if cfg.iared_checkpoint:
         model = load_pruned(cfg.iared_checkpoint)
-        diff = max(float((a - b).abs().max()) for a, b in
+        diff = max(float((a - b.to(a.device)).abs().max()) for a, b in  # the backbone may be on --device already
                    zip(model.backbone.state_dict().values(), backbone.state_dict().values()))
         if diff > 1e-6:
             raise ValueError(f"--iared-checkpoint {cfg.iared_checkpoint}: its backbone differs from the compared "
