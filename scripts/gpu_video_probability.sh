@@ -28,7 +28,7 @@ lane() {  # lane TAU METHODS FINETUNE_METHODS
       --steps-per-stage "$STEPS" --batch-size 32 --device "$DEVICE" --prerender "$PRE" --quiet --out "$dir/iared" \
       > "$OUT/p$tau.log" 2>&1
   echo "train-interpreters tau $tau: exit $? at $((SECONDS - start)) s" >> "$OUT/p$tau.log"
-  timeout "$(left 540)" python3 -m iared compare --task moving-digits --methods "$2" \
+  timeout "$(left ${COMPARE_LIMIT:-540})" python3 -m iared compare --task moving-digits --methods "$2" \
       --iared-checkpoint "$dir/iared/pruned.pt" --finetune-steps "$FT" --finetune-methods "$3" $QUICK \
       --device "$DEVICE" --batch-sizes '' --prerender "$PRE" --out "$dir" >> "$OUT/p$tau.log" 2>&1
   echo "compare tau $tau: exit $? at $((SECONDS - start)) s" >> "$OUT/p$tau.log"
