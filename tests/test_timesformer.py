@@ -487,3 +487,21 @@ def test_init_image_takes_a_shipped_name_or_a_file_and_refuses_the_rest(tmp_path
         inflate_from_image(create_model("digits_natural_vit"), path)
     with pytest.raises(FileNotFoundError, match=r"--init-image .*nope\.safetensors: no such file"):
         inflate_from_image(create_model("moving_digits_tsf"), tmp_path / "nope.safetensors")
+
+
+def test_segment_plan_is_made_once_per_stage_and_stays_exact(monkeypatch):
+    """The sorts and counts behind a ragged layout's attention segments run once per stage, however
+    many blocks the stage has, and the blocks that reuse them stay exact."""
+    from iared.models import timesformer
+
+    model = tiny(depth=4)
+    loop = ReducedModel(model, [None, RandomReducer(seed=0), RandomReducer(seed=1)], [0, 1, 3]).eval()
+    made = []
+    original = timesformer._SegmentPlan.of
+    monkeypatch.setattr(timesformer._SegmentPlan, "of", staticmethod(lambda *a: made.append(1) or original(*a)))
+    x = clips(3)
+    with torch.no_grad():
+        out = loop(x, "threshold", threshold=0.4, layout="packed")
+        expected = reference_logits(model, x, loop.stage_starts, out.keep)
+    assert len(made) == 2  # stage 0 runs dense (whole grid, no plan); stages 1 (2 blocks) and 2 (1 block)
+    assert float((out.logits - expected).abs().max()) <= TOL

@@ -5,15 +5,18 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from iared.models.vit import VisionTransformer, ViTConfig
 from iared.pruning import IARed
 from iared.tokens import (
     DenseTokens,
     PackedTokens,
+    SHORT_KEYS_CPU,
     PaddedTokens,
     _bucket_cuts,
     _bucket_plan,
+    _sdpa_heads,
     default_packed_attention,
 )
 
@@ -246,3 +249,35 @@ def test_patch_mean_and_summary_per_image(layout):
     # A gated-out token does not count.
     gated = replace(dense, weights=torch.ones(3, 8).index_fill(1, torch.tensor([7]), 0.0))
     assert torch.allclose(gated.patch_mean(), x[:, 2:7].mean(1), atol=1e-6)
+
+
+@pytest.mark.parametrize("keys", [3, SHORT_KEYS_CPU, SHORT_KEYS_CPU + 1])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "bias"])
+def test_short_key_attention_matches_the_fused_kernel(keys, mask_kind):
+    """Up to SHORT_KEYS_CPU keys the CPU path is matmul + softmax (faster on many short segments):
+    the same numbers as torch's SDPA, with no mask, a key mask and an additive bias."""
+    g = torch.Generator().manual_seed(keys)
+    q, k, v = (torch.randn(5, keys, 3, 8, generator=g) for _ in range(3))  # (B, N, H, D)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(5, 1, 1, keys, generator=g) > 0.3
+        mask[..., 0] = True  # every query sees at least one key
+    elif mask_kind == "bias":
+        mask = torch.randn(5, 1, 1, keys, generator=g)
+    expected = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              attn_mask=mask).transpose(1, 2)
+    assert torch.allclose(_sdpa_heads(q, k, v, mask), expected, atol=1e-6)
+
+
+def test_layout_cache_follows_the_layout_not_the_features():
+    """What a block works out from positions alone is made once per stage: ``with_data`` (a block's
+    output) shares it, any new layout (a selection, a changed field) starts empty."""
+    tokens = DenseTokens.from_embeddings(torch.randn(2, 6, 4), 1)
+    made = []
+    first = tokens.per_layout("plan", lambda: made.append(1) or "plan of layout 1")
+    after_block = tokens.with_data(tokens.data * 2)
+    assert after_block.per_layout("plan", lambda: made.append(2) or "recomputed") == first
+    keep = torch.tensor([[True, True, False, True, False, True], [True, False, True, True, True, False]])
+    for other in (after_block.select(keep, "packed"), replace(after_block, num_prefix=2)):
+        assert other.per_layout("plan", lambda: "new") == "new"
+    assert made == [1]

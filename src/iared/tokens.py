@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -121,6 +121,10 @@ class Tokens:
     has_class_token: bool = True  # False: no class token; prefix tokens (if any) are registers
     # Grid backbones only (module docstring): ``(B, N_grid, C)`` last features of every grid position.
     grid: Tensor | None = None
+    # Values that depend on the layout alone (a video block's segment plans): made by the first block
+    # of a stage, reused by the rest. Only ``with_data`` passes it on; every other change (select,
+    # merge, ``replace``) starts an empty one, so nothing stale can be read.
+    _layout_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:
@@ -128,7 +132,16 @@ class Tokens:
 
     def with_data(self, data: Tensor) -> Tokens:
         """The same layout with new features (what a block returns)."""
-        return replace(self, data=data)
+        out = replace(self, data=data)
+        object.__setattr__(out, "_layout_cache", self._layout_cache)
+        return out
+
+    def per_layout(self, key, make: Callable[[], object]):
+        """``make()`` once per layout under ``key``: every block of a stage gets the same value."""
+        cache = self._layout_cache
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
 
     def layout(self) -> Tokens:
         """The same layout without features (zero channels, no grid cache): what lengths, masks and
@@ -391,10 +404,24 @@ class Tokens:
         raise NotImplementedError
 
 
+# Key lengths up to which CPU attention runs as plain matmul + softmax. torch's fused CPU kernel
+# splits its work over (batch, head, query block) with a fixed cost per piece; on many short
+# sequences (a TimeSformer's temporal attention: 8 keys each, thousands of them) that cost dominates,
+# and with 2 threads the kernel took 2.4 ms where two batched matmuls take 0.5 ms (288 x 4 heads x
+# 8 keys). From about 32 keys on, the fused kernel wins (measured on 2 cores; docs in the README).
+SHORT_KEYS_CPU = 16
+
+
 def _sdpa_heads(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-    """SDPA on ``(B, N, H, D)`` inputs; returns ``(B, N, H, D)``."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-    return out.transpose(1, 2)
+    """SDPA on ``(B, N, H, D)`` inputs; returns ``(B, N, H, D)``. ``mask``: bool (True = attend) or an
+    additive bias, broadcastable to ``(B, H, N, N_k)``."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if q.device.type == "cpu" and k.shape[-2] <= SHORT_KEYS_CPU and not torch.compiler.is_compiling():
+        attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        if mask is not None:
+            attn = attn.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else attn + mask
+        return (attn.softmax(dim=-1) @ v).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
 
 
 def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, weights_out: list | None = None,

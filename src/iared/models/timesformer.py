@@ -226,33 +226,21 @@ class Block(nn.Module):
     # -- any layout: attention within segments of alive tokens ----------------------------------
 
     def _segments(self, tokens: Tokens, record: BlockRecord | None) -> Tensor:
-        T = self.grid[0]
+        plan = tokens.per_layout(("timesformer-segments", self.grid, self.attention_type),
+                                 lambda: _SegmentPlan.of(tokens, self.grid, self.attention_type))
         shape = tokens.data.shape
         rows = tokens.data.reshape(-1, shape[-1])
-        weights = None if tokens.weights is None else tokens.weights.reshape(-1)
-        patch = tokens.patch_mask().reshape(-1).nonzero().squeeze(1)  # rows of real patch tokens
-        start = tokens.start_rows()  # prefix tokens lead every input
-        B = start.shape[0]
+        patch, prefix_rows, n = plan.patch, plan.prefix_rows, plan.patch.numel()
         xp = rows[patch]
-        if self.attention_type == "divided_space_time" and patch.numel():
-            positions = tokens.grid_groups(self.grid, (1, 2)).reshape(-1)[patch]
-            xp = xp + self.temporal_fc(self._attend(self.temporal_attn, self.temporal_norm1(xp), positions,
-                                                    tokens, None if weights is None else weights[patch]))
-        frames = tokens.grid_groups(self.grid, (0,)).reshape(-1)[patch]
-        frame_of_prefix = torch.arange(B * T, device=rows.device)  # (clip, frame) segment of each prefix row
-        if self.attention_type == "divided_space_time":
-            prefix_rows = start.repeat_interleave(T)  # the class token, once per frame
-        else:
-            prefix_rows = (start[:, None] + torch.arange(T, device=rows.device)).reshape(-1)
+        if plan.temporal is not None:
+            xp = xp + self.temporal_fc(_attend(self.temporal_attn, self.temporal_norm1(xp), plan.temporal))
         xs = torch.cat([xp, rows[prefix_rows]])
-        ws = None if weights is None else torch.cat([weights[patch], weights[prefix_rows]])
         qkv: list | None = [] if record is not None else None
-        res = self._attend(self.attn, self.norm1(xs), torch.cat([frames, frame_of_prefix]), tokens, ws, qkv)
-        n = patch.numel()
+        res = _attend(self.attn, self.norm1(xs), plan.spatial, qkv)
         out = rows.clone()
         out[patch] = xp + res[:n]
         if self.attention_type == "divided_space_time":
-            out[start] = rows[start] + res[n:].reshape(B, T, -1).mean(1)
+            out[plan.start] = rows[plan.start] + res[n:].reshape(plan.start.shape[0], self.grid[0], -1).mean(1)
         else:
             out[prefix_rows] = rows[prefix_rows] + res[n:]
         if record is not None:
@@ -264,16 +252,6 @@ class Block(nn.Module):
                 aligned.append(full.reshape(*shape[:-1], *t.shape[1:]))
             record.fill(tokens, *aligned)
         return out.reshape(shape)
-
-    @staticmethod
-    def _attend(attn: Attention, x: Tensor, segments: Tensor, tokens: Tokens, weights: Tensor | None,
-                qkv_out: list | None = None) -> Tensor:
-        """``attn`` on rows ``x`` ``(R, C)`` within their ``segments``; results in the rows' order."""
-        order, packed = segments_as_packed(segments, tokens.attention, weights)
-        out = attn(x[order], packed, qkv_out)
-        if qkv_out is not None:
-            qkv_out[-1] = tuple(t.new_empty(t.shape).index_copy_(0, order, t) for t in qkv_out[-1])
-        return out.new_empty(out.shape).index_copy_(0, order, out)
 
     # -- compute ------------------------------------------------------------------------------------
 
@@ -291,6 +269,64 @@ class Block(nn.Module):
         if self.attention_type == "divided_space_time":
             macs = macs + n_p * 5 * dim * dim + 2 * dim * S * (n_p / S) ** 2
         return macs
+
+
+@dataclass(frozen=True)
+class _Segments:
+    """Rows sorted into attention segments: ``rows[order]`` attend within ``packed``'s images."""
+
+    order: Tensor
+    packed: Tokens
+
+
+@dataclass(frozen=True)
+class _SegmentPlan:
+    """Where a divided / space-only block's attention segments lie in a layout (module docstring).
+
+    It depends on the token positions alone, so one plan serves every block of a stage
+    (:meth:`iared.tokens.Tokens.per_layout`): the sorts and segment counts (a host sync each) run
+    once per stage instead of once per block. ``patch``: rows of the real patch tokens;
+    ``prefix_rows``: the prefix row that each (clip, frame) spatial segment adds (divided: the class
+    token, once per frame); ``start``: each clip's first row; ``temporal`` (divided only): the patch
+    rows' (clip, position) segments; ``spatial``: the (clip, frame) segments of the patch rows
+    followed by the prefix rows."""
+
+    patch: Tensor
+    prefix_rows: Tensor
+    start: Tensor
+    temporal: _Segments | None
+    spatial: _Segments
+
+    @staticmethod
+    def of(tokens: Tokens, grid: tuple[int, int, int], attention_type: str) -> _SegmentPlan:
+        T = grid[0]
+        weights = None if tokens.weights is None else tokens.weights.reshape(-1)
+        patch = tokens.patch_mask().reshape(-1).nonzero().squeeze(1)
+        start = tokens.start_rows()  # prefix tokens lead every input
+        device = start.device
+        temporal = None
+        if attention_type == "divided_space_time" and patch.numel():
+            positions = tokens.grid_groups(grid, (1, 2)).reshape(-1)[patch]
+            temporal = _Segments(*segments_as_packed(positions, tokens.attention,
+                                                     None if weights is None else weights[patch]))
+        frames = tokens.grid_groups(grid, (0,)).reshape(-1)[patch]
+        frame_of_prefix = torch.arange(start.shape[0] * T, device=device)  # (clip, frame) of each prefix row
+        if attention_type == "divided_space_time":
+            prefix_rows = start.repeat_interleave(T)
+        else:
+            prefix_rows = (start[:, None] + torch.arange(T, device=device)).reshape(-1)
+        ws = None if weights is None else torch.cat([weights[patch], weights[prefix_rows]])
+        spatial = _Segments(*segments_as_packed(torch.cat([frames, frame_of_prefix]), tokens.attention, ws))
+        return _SegmentPlan(patch, prefix_rows, start, temporal, spatial)
+
+
+def _attend(attn: Attention, x: Tensor, segments: _Segments, qkv_out: list | None = None) -> Tensor:
+    """``attn`` on rows ``x`` ``(R, C)`` within ``segments``; results in the rows' order."""
+    order = segments.order
+    out = attn(x[order], segments.packed, qkv_out)
+    if qkv_out is not None:
+        qkv_out[-1] = tuple(t.new_empty(t.shape).index_copy_(0, order, t) for t in qkv_out[-1])
+    return out.new_empty(out.shape).index_copy_(0, order, out)
 
 
 def _dense(x: Tensor) -> DenseTokens:
