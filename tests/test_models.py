@@ -181,3 +181,37 @@ def test_the_conv_stem_runs_channels_last_with_the_same_values():
         reference = model.patch_embed.proj(plain).flatten(2).transpose(1, 2)
         assert float((patches - reference).abs().max()) <= 1e-4
     assert run_stem(torch.nn.Identity(), x) is x  # a plain patch embedding is untouched
+
+
+def test_stem_batchnorm_folded_in_inference_follows_every_weight_change():
+    """In inference ``run_stem`` folds each BatchNorm into its convolution (one cached copy per
+    weight version): changed weights, changed running statistics and a dtype round trip are all
+    seen at the next call, and training / autograd run the modules themselves."""
+    from iared.models.vit import run_stem
+
+    model = perturbed(create_model("digits_natural_vit", depth=1, img_size=32), 0).eval()
+    stem = model.patch_embed.backbone
+    x = torch.rand(2, 3, 32, 32)
+
+    def gap():
+        with torch.no_grad():
+            return float((run_stem(stem, x) - stem(x)).abs().max())
+
+    assert gap() <= 1e-5
+    with torch.no_grad():
+        stem[0][0].weight.mul_(2.0)  # an optimiser step
+        stem[0][1].running_var.mul_(3.0)  # BatchNorm statistics moved
+    assert gap() <= 1e-5
+    stem.half().float()  # new storage for every tensor
+    assert gap() <= 1e-5
+    new_bn = stem[1][1].state_dict()
+    new_bn["running_mean"] = new_bn["running_mean"] + 0.5
+    stem[1][1].load_state_dict(new_bn)
+    assert gap() <= 1e-5
+    with torch.no_grad():  # and the fold really is what ran: the stale weights would differ
+        before = run_stem(stem, x)
+        stem[1][0].weight.mul_(0.5)
+        assert float((run_stem(stem, x) - before).abs().max()) > 1e-3
+    out = run_stem(stem, x.requires_grad_())  # autograd: the modules, gradients reach the BatchNorm
+    out.sum().backward()
+    assert stem[0][1].weight.grad is not None
