@@ -180,3 +180,10 @@ def test_varlen_is_refused_off_cuda_before_any_timing():
     cfg = BenchConfig(model="digits_vit", dtypes=("float32",), batch_sizes=(2,), strategies=("varlen",), device="cpu")
     with pytest.raises(ValueError, match="varlen: the fused varlen kernels are CUDA's"):
         run(cfg, progress=lambda msg: None)
+
+
+def test_a_compile_mode_without_compile_is_refused_before_any_timing():
+    cfg = BenchConfig(model="digits_vit", dtypes=("float32",), batch_sizes=(2,), device="cpu",
+                      compile_mode="reduce-overhead")
+    with pytest.raises(ValueError, match="--compile-mode reduce-overhead needs --compile"):
+        run(cfg, progress=lambda msg: None)

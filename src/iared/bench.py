@@ -79,6 +79,9 @@ class BenchConfig:
     batch_sizes: tuple[int, ...] = (1, 8, 64, 256)
     strategies: tuple[str, ...] | None = None  # None: loop,bucket on CPU (nested is slow there), all on CUDA
     compile: bool = False
+    # torch.compile's mode: "default", or "reduce-overhead" (CUDA graphs: one replay per call instead
+    # of a launch per kernel, what small batches on a GPU are bound by), "max-autotune", ...
+    compile_mode: str = "default"
     warmup: int = WARMUP
     repeats: int = REPEATS
     threads: int | None = None
@@ -188,13 +191,14 @@ def _log(msg: str) -> None:
 
 
 def bench_model(model: IARed, images: Tensor, *, thresholds: Sequence[float], strategies: Sequence[str] = STRATEGIES,
-                compile: bool = False, warmup: int = WARMUP, repeats: int = REPEATS, dtype_name: str = "float32",
+                compile: bool = False, compile_mode: str = "default", warmup: int = WARMUP, repeats: int = REPEATS,
+                dtype_name: str = "float32",
                 clock: str = "wall", latency_calls: int = LATENCY_CALLS,
                 progress: Callable[[str], None] = _log) -> list[Row]:
     """Time every configuration on ``images`` (already on the model's device and dtype).
 
-    ``compile``: every configuration is timed twice, eager and ``torch.compile``'d, in the same
-    interleaved rounds. At batch 1 the rows also get p50 / p90 latency of ``latency_calls`` single calls."""
+    ``compile``: every configuration is timed twice, eager and ``torch.compile``'d (``compile_mode``),
+    in the same interleaved rounds. At batch 1 the rows also get p50 / p90 latency of ``latency_calls`` single calls."""
     device = images.device
     batch = images.shape[0]
     cfg = model.backbone.cfg
@@ -206,13 +210,13 @@ def bench_model(model: IARed, images: Tensor, *, thresholds: Sequence[float], st
 
     def runner(kind: str, attention: str, compiled: bool) -> Callable[[], object]:
         if kind == "unpruned":
-            return _wrap(model.backbone, compiled, lambda f: f(images))
+            return _wrap(model.backbone, compiled, lambda f: f(images), mode=compile_mode)
         if kind == "budget":
-            return _wrap(model, compiled, lambda f: f(images, "budget", keep_ratio=ratios))
+            return _wrap(model, compiled, lambda f: f(images, "budget", keep_ratio=ratios), mode=compile_mode)
         layout = "padded" if kind == "threshold-padded" else "packed"
         # dynamic: the per-image counts change with every batch; without it each new count recompiles
         return _wrap(model, compiled, lambda f: f(images, "threshold", threshold=list(thresholds), layout=layout,
-                                                  attention=attention), dynamic=True)
+                                                  attention=attention), dynamic=True, mode=compile_mode)
 
     plan = [("unpruned", None), ("budget", None), ("threshold-padded", None)]
     plan += [("threshold-packed", s) for s in strategies]
@@ -281,10 +285,10 @@ def bench_model(model: IARed, images: Tensor, *, thresholds: Sequence[float], st
     return rows
 
 
-def _wrap(module, compile: bool, call: Callable, dynamic: bool | None = None):
+def _wrap(module, compile: bool, call: Callable, dynamic: bool | None = None, mode: str = "default"):
     if not compile:
         return lambda: call(module)
-    compiled = torch.compile(module, dynamic=dynamic)
+    compiled = torch.compile(module, dynamic=dynamic, mode=mode)
     return lambda: call(compiled)
 
 
@@ -380,6 +384,8 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = _log) -> dict:
         cfg.warmup, cfg.repeats = min(cfg.warmup, 1), min(cfg.repeats, 2)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.compile_mode != "default" and not cfg.compile:
+        raise ValueError(f"--compile-mode {cfg.compile_mode} needs --compile")
     if cfg.compile:
         # every configuration (and batch size) is a new specialisation of the same forward code
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
@@ -404,7 +410,7 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = _log) -> dict:
             try:
                 thresholds = fixed or calibrate_thresholds(model, images, cfg.keep)
                 rows = bench_model(model, images, thresholds=thresholds, strategies=cfg.strategies,
-                                   compile=cfg.compile, warmup=cfg.warmup, repeats=cfg.repeats,
+                                   compile=cfg.compile, compile_mode=cfg.compile_mode, warmup=cfg.warmup, repeats=cfg.repeats,
                                    dtype_name=dtype_name, clock=cfg.clock, progress=progress,
                                    latency_calls=5 if cfg.quick else LATENCY_CALLS)
             except torch.OutOfMemoryError as e:

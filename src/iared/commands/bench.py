@@ -44,6 +44,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="also time every configuration torch.compile'd (threshold modes with dynamic shapes), "
                         "interleaved with the eager runs; the compile column is eager ms / compiled ms")
+    p.add_argument("--compile-mode", default=BenchConfig.compile_mode,
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode with --compile (reduce-overhead: CUDA graphs on a GPU)")
     p.add_argument("--warmup", type=int, default=BenchConfig.warmup)
     p.add_argument("--repeats", type=int, default=BenchConfig.repeats, help="timed calls; the median is reported")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
