@@ -86,3 +86,18 @@ def test_tau_per_task_reaches_the_commands(tmp_path, monkeypatch):
     for extra in ([], ["--tau", "3"]):
         assert main(["train-interpreters", "--task", "digits-natural", "--out", str(tmp_path / "x"), *extra]) == 0
     assert seen == [10.0, 3.0]
+
+
+def test_reward_per_task_reaches_the_commands(tmp_path, monkeypatch):
+    """``TASK_REWARD``: moving-digits trains with the probability reward unless --reward says otherwise,
+    other tasks with the paper's 0/1 reward; ``train-interpreters`` without --reward takes the task's."""
+    import iared.commands.train_interpreters as command
+    from iared.train.interpreters import InterpreterTrainConfig, default_reward
+
+    assert default_reward("moving-digits") == "probability"
+    assert default_reward("digits-natural") == InterpreterTrainConfig.reward == "correct"
+    seen = []
+    monkeypatch.setattr(command, "train_from_config", lambda cfg, **kw: seen.append(cfg.reward) or (None, []))
+    for task, extra in (("moving-digits", []), ("moving-digits", ["--reward", "correct"]), ("digits-natural", [])):
+        assert main(["train-interpreters", "--task", task, "--out", str(tmp_path / "x"), *extra]) == 0
+    assert seen == ["probability", "correct", "correct"]

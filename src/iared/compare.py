@@ -309,10 +309,10 @@ def _iared(cfg: CompareConfig, backbone, train_set, progress):
             raise ValueError(f"--iared-checkpoint {cfg.iared_checkpoint}: its backbone differs from the compared "
                              f"one (max weight difference {diff:.2e}); every method must run on the same backbone")
         return model.to(cfg.device).eval(), {"loaded": Path(cfg.iared_checkpoint).name}
-    from iared.train.interpreters import InterpreterTrainConfig, default_tau, train_on_backbone
+    from iared.train.interpreters import InterpreterTrainConfig, default_reward, default_tau, train_on_backbone
 
     tcfg = InterpreterTrainConfig(task=cfg.task, out=str(Path(cfg.out) / "iared"), steps_per_stage=cfg.train_steps,
-                                  tau=default_tau(cfg.task),
+                                  tau=default_tau(cfg.task), reward=default_reward(cfg.task),
                                   batch_size=cfg.train_batch, seed=cfg.seed, eval_samples=min(200, cfg.test_samples),
                                   eval_every=max(cfg.train_steps, 1), device=cfg.device)
     progress(f"training IA-RED² interpreters: {cfg.train_steps} steps per stage, batch {cfg.train_batch}")

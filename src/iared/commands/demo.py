@@ -11,7 +11,7 @@ import torch
 
 from iared.demo import DEFAULT_TASK, DEMO_SCHEDULES, format_table, run_demo
 from iared.models import TASK_BACKBONES
-from iared.train.interpreters import InterpreterTrainConfig, default_tau
+from iared.train.interpreters import InterpreterTrainConfig, default_reward, default_tau
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -45,7 +45,7 @@ def main(args: argparse.Namespace) -> int:
     steps = steps if args.steps_per_stage is None else args.steps_per_stage
     finetune = finetune if args.finetune_steps is None else args.finetune_steps
     cfg = InterpreterTrainConfig(steps_per_stage=steps, threshold=args.threshold, seed=args.seed,
-                                 tau=default_tau(args.task),
+                                 tau=default_tau(args.task), reward=default_reward(args.task),
                                  eval_samples=args.eval_samples, backbone=args.backbone,
                                  finetune_steps=finetune, task=args.task,
                                  model=None if args.backbone else TASK_BACKBONES[args.task],

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from iared.files import json_safe
-from iared.train.interpreters import InterpreterTrainConfig, default_tau, train_from_config
+from iared.train.interpreters import InterpreterTrainConfig, default_reward, default_tau, train_from_config
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -36,9 +36,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         f"{default_tau('digits-natural'):g}: iared.train.interpreters.TASK_TAU)")
     p.add_argument("--stage-weights", type=float, nargs="+", default=list(d.stage_weights))
     p.add_argument("--baseline", choices=["self-critical", "mean"], default=d.baseline)
-    p.add_argument("--reward", choices=["correct", "probability"], default=d.reward,
+    p.add_argument("--reward", choices=["correct", "probability"], default=None,
                    help="correct: 1 - w f^2 if right, -tau if wrong (the paper's); probability: the same, continuous "
-                        "in the pruned model's probability of the true class (iared.rl.probability_reward)")
+                        f"in the pruned model's probability of the true class (iared.rl.probability_reward); default "
+                        f"{d.reward}, moving-digits {default_reward('moving-digits')} (iared.train.interpreters.TASK_REWARD)")
     p.add_argument("--exploration", type=float, default=d.exploration)
     p.add_argument("--threshold", type=float, default=d.threshold)
     p.add_argument("--initial-score", type=float, default=d.initial_score,
@@ -72,6 +73,8 @@ def main(args: argparse.Namespace) -> int:
     fields["stage_weights"] = tuple(fields["stage_weights"])
     if fields.get("tau") is None:
         fields["tau"] = default_tau(fields["task"])
+    if fields.get("reward") is None:
+        fields["reward"] = default_reward(fields["task"])
     cfg = InterpreterTrainConfig(**fields)
     model, history = train_from_config(cfg, resume=args.resume, progress=not args.quiet)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
