@@ -164,3 +164,31 @@ def test_train_refuses_conflicting_start_options_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="--prerender .* --workers 0"):
         train(BackboneTrainConfig(model="digits_natural_vit", prerender=2, workers=2, **base))
     assert not (tmp_path / "run").exists()  # refused before the output folder was made
+
+
+def test_the_shipped_video_policy_beats_every_floor_at_its_own_budget():
+    """``moving_digits_pruned.pt`` (#13): at its threshold (0.3) on the first 100 test clips it loses at
+    most 2 points to the unpruned TimeSformer with under a third of the tokens, and at exactly its
+    kept fraction the pixel, random and frame-difference floors lose at least 10 points more."""
+    from importlib import resources
+
+    from iared.compare import _floor_ratios, _runner, evaluate
+    from iared.loading import task_dataset
+    from iared.pruning import load_pruned
+    from iared.reducers import registry
+    from iared.stages import ReducedModel
+    from iared.train.interpreters import stack_batch
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    model = load_pruned(resources.files("iared") / "assets" / "moving_digits_pruned.pt")
+    assert model.inference.threshold == 0.3
+    clips, labels = stack_batch(task_dataset("moving-digits", "test", model.backbone.cfg), torch.arange(100))
+    full, _, _ = evaluate(ReducedModel(model.backbone, [None], [0]), clips, labels, batch_size=50)
+    learned, _, kept = evaluate(_runner(model, mode="threshold", threshold=0.3), clips, labels, batch_size=50)
+    assert learned >= full - 0.02 and kept[-1] < 0.33, (full, learned, kept)
+    for floor in ("pixel", "random", "framediff"):
+        ratios = _floor_ratios(kept)
+        reduced = registry.build_reduced(floor, model.backbone, ratios, model.stage_starts)
+        top1, _, floor_kept = evaluate(registry.runner(floor, reduced, ratios), clips, labels, batch_size=50)
+        assert abs(floor_kept[-1] - kept[-1]) < 0.02, (floor, floor_kept, kept)
+        assert top1 <= learned - 0.10, (floor, top1, learned)
