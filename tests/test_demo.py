@@ -101,3 +101,22 @@ def test_reward_per_task_reaches_the_commands(tmp_path, monkeypatch):
     for task, extra in (("moving-digits", []), ("moving-digits", ["--reward", "correct"]), ("digits-natural", [])):
         assert main(["train-interpreters", "--task", task, "--out", str(tmp_path / "x"), *extra]) == 0
     assert seen == ["probability", "correct", "correct"]
+
+
+def test_resuming_keeps_the_runs_own_reward_and_tau(tmp_path, monkeypatch):
+    """``--resume`` without --reward / --tau continues with what the run was started with (its
+    config.json), not with a task default that may have changed since; given flags still win."""
+    import json
+
+    import iared.commands.train_interpreters as command
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"task": "moving-digits", "reward": "correct", "tau": 7.0}))
+    seen = []
+    monkeypatch.setattr(command, "train_from_config", lambda cfg, **kw: seen.append((cfg.reward, cfg.tau)) or (None, []))
+    for extra in ([], ["--reward", "probability"]):
+        assert main(["train-interpreters", "--task", "moving-digits", "--out", str(out), "--resume", *extra]) == 0
+    assert seen == [("correct", 7.0), ("probability", 7.0)]
+    (out / "config.json").write_text("{not json")
+    assert main(["train-interpreters", "--task", "moving-digits", "--out", str(out), "--resume"]) == 2

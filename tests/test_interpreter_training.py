@@ -1,6 +1,7 @@
 """The interpreter trainer on the shared training machinery: exact resume across a process-count
 change is not promised, but torchrun on 2 processes must follow the 1-process run."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -61,8 +62,13 @@ def test_compare_refuses_to_resume_another_runs_interpreters(tmp_path):
     train_on_backbone(backbone, train_set, cfg, progress=False)
     train_on_backbone(backbone, train_set, cfg, progress=False)  # same settings: resumes (nothing left to do)
     cfg.steps_per_stage = 2
-    with pytest.raises(ValueError, match="another backbone, task or --train-steps"):
+    with pytest.raises(ValueError, match="another backbone, task, --train-steps or reward"):
         train_on_backbone(backbone, train_set, cfg, progress=False)
+    cfg.steps_per_stage = 1
+    for field, value in (("reward", "probability"), ("tau", cfg.tau + 1)):  # a changed default must not slip in
+        other = dataclasses.replace(cfg, **{field: value})
+        with pytest.raises(ValueError, match="another backbone, task, --train-steps or reward"):
+            train_on_backbone(backbone, train_set, other, progress=False)
 
 
 def test_probability_reward_by_hand_and_in_the_trainer():

@@ -215,3 +215,28 @@ def test_stem_batchnorm_folded_in_inference_follows_every_weight_change():
     out = run_stem(stem, x.requires_grad_())  # autograd: the modules, gradients reach the BatchNorm
     out.sum().backward()
     assert stem[0][1].weight.grad is not None
+
+
+def test_stem_folding_is_never_stale_and_steps_aside_when_it_must():
+    """Swapped parameter storage (``param.data = ...``, twice, so a freed address could come back),
+    a stem made inside ``inference_mode`` (tensors without version counters), and a BatchNorm put
+    back in training mode for recalibration: each gives what the modules give."""
+    from iared.models.vit import run_stem
+
+    model = perturbed(create_model("digits_natural_vit", depth=1, img_size=32), 0).eval()
+    stem = model.patch_embed.backbone
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        for seed in range(4):
+            run_stem(stem, x)
+            stem[0][0].weight.data = torch.randn(stem[0][0].weight.shape, generator=torch.Generator().manual_seed(seed))
+            assert float((run_stem(stem, x) - stem(x)).abs().max()) <= 1e-5
+    with torch.inference_mode():
+        made_here = perturbed(create_model("digits_natural_vit", depth=1, img_size=32), 1).eval().patch_embed.backbone
+        assert float((run_stem(made_here, x) - made_here(x)).abs().max()) <= 1e-5
+    bn = stem[1][1]
+    bn.train()  # recalibrating one BatchNorm: batch statistics, running statistics updated
+    before = bn.running_mean.clone()
+    with torch.no_grad():
+        run_stem(stem, x)
+    assert not torch.equal(bn.running_mean, before)

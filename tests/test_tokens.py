@@ -252,7 +252,7 @@ def test_patch_mean_and_summary_per_image(layout):
 
 
 @pytest.mark.parametrize("keys", [3, SHORT_KEYS_CPU, SHORT_KEYS_CPU + 1])
-@pytest.mark.parametrize("mask_kind", [None, "bool", "bias"])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "bias", "query-without-keys"])
 def test_short_key_attention_matches_the_fused_kernel(keys, mask_kind):
     """Up to SHORT_KEYS_CPU keys the CPU path is matmul + softmax (faster on many short segments):
     the same numbers as torch's SDPA, with no mask, a key mask and an additive bias."""
@@ -264,9 +264,13 @@ def test_short_key_attention_matches_the_fused_kernel(keys, mask_kind):
         mask[..., 0] = True  # every query sees at least one key
     elif mask_kind == "bias":
         mask = torch.randn(5, 1, 1, keys, generator=g)
+    elif mask_kind == "query-without-keys":  # one query sees no key: zeros, as SDPA gives, not NaN
+        mask = torch.ones(5, 1, keys, keys, dtype=torch.bool)
+        mask[0, 0, 1] = False
     expected = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                               attn_mask=mask).transpose(1, 2)
-    assert torch.allclose(_sdpa_heads(q, k, v, mask), expected, atol=1e-6)
+    got = _sdpa_heads(q, k, v, mask)
+    assert not got.isnan().any() and torch.allclose(got, expected, atol=1e-6)
 
 
 def test_layout_cache_follows_the_layout_not_the_features():

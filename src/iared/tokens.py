@@ -418,9 +418,11 @@ def _sdpa_heads(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> 
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if q.device.type == "cpu" and k.shape[-2] <= SHORT_KEYS_CPU and not torch.compiler.is_compiling():
         attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-        if mask is not None:
-            attn = attn.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else attn + mask
-        return (attn.softmax(dim=-1) @ v).transpose(1, 2)
+        if mask is None:
+            return (attn.softmax(dim=-1) @ v).transpose(1, 2)
+        attn = attn.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else attn + mask
+        # a query with every key masked gets zeros, as torch's SDPA gives it, not the softmax's NaN
+        return (attn.softmax(dim=-1).nan_to_num(0.0) @ v).transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
 
 

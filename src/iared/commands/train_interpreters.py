@@ -71,13 +71,26 @@ def main(args: argparse.Namespace) -> int:
     names = {f.name for f in dataclasses.fields(InterpreterTrainConfig)}
     fields = {k: v for k, v in vars(args).items() if k in names}
     fields["stage_weights"] = tuple(fields["stage_weights"])
-    if fields.get("tau") is None:
-        fields["tau"] = default_tau(fields["task"])
+    saved = _saved_run_settings(Path(fields["out"])) if args.resume else {}
+    if fields.get("tau") is None:  # resuming: the run's own value, not a default that may have changed
+        fields["tau"] = saved.get("tau", default_tau(fields["task"]))
     if fields.get("reward") is None:
-        fields["reward"] = default_reward(fields["task"])
+        fields["reward"] = saved.get("reward", default_reward(fields["task"]))
     cfg = InterpreterTrainConfig(**fields)
     model, history = train_from_config(cfg, resume=args.resume, progress=not args.quiet)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
         print(json.dumps(json_safe(history[-1] if history else {})))
         print(f"saved {Path(cfg.out) / 'pruned.pt'}", file=sys.stderr)
     return 0
+
+
+def _saved_run_settings(out: Path) -> dict:
+    """The settings of the run being resumed (its ``config.json``), or {} when there is none."""
+    path = out / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot resume: {path} is unreadable ({e})") from e
+    return saved if isinstance(saved, dict) else {}

@@ -160,8 +160,9 @@ def run_stem(stem: nn.Module, images: Tensor) -> Tensor:
     if isinstance(stem, nn.Identity):
         return images
     x = images.contiguous(memory_format=torch.channels_last)
-    tracing = torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
-    if stem.training or torch.is_grad_enabled() or tracing or not all(_is_conv_bn_stage(s) for s in stem):
+    tracing = torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+    training = any(m.training for m in stem.modules())  # a BatchNorm recalibrating needs its batch statistics
+    if training or torch.is_grad_enabled() or tracing or not all(_is_conv_bn_stage(s) for s in stem):
         return stem(x)
     for stage in stem:
         weight, bias = _folded_conv_bn(stage[0], stage[1])
@@ -178,18 +179,23 @@ def _is_conv_bn_stage(stage: nn.Module) -> bool:
         stage[0].padding_mode == "zeros" and stage[1].track_running_stats and stage[1].running_var is not None)
 
 
-# Folded (weight, bias) per convolution, remade whenever any of the tensors it was made from changed
-# (an in-place update moves a tensor's version counter: training steps, load_state_dict; a new
-# storage moves its address: .to(), .half()).
+# Folded (weight, bias) per convolution, remade whenever any of the tensors it was made from changed:
+# an in-place update moves a tensor's version counter (training steps, load_state_dict), a new
+# storage has a new address (.to(), .half(), ``param.data = ...``). The entry holds the source
+# tensors themselves, so their storage cannot be freed and its address handed to a new tensor.
+# Inference tensors have no version counter: folded afresh on every call, never cached.
 _FOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _folded_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None for t in sources)
+    present = [t for t in sources if t is not None]
+    cacheable = not any(t.is_inference() for t in present)
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None
+                for t in sources) if cacheable else None
     cached = _FOLDED.get(conv)
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    if cacheable and cached is not None and cached[0] == key:
+        return cached[2]
     scale = bn.running_var.add(bn.eps).rsqrt()
     if bn.weight is not None:
         scale = scale * bn.weight
@@ -199,7 +205,8 @@ def _folded_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor
     if bn.bias is not None:
         shift = shift + bn.bias
     folded = ((conv.weight * scale[:, None, None, None]).contiguous(memory_format=torch.channels_last), shift)
-    _FOLDED[conv] = (key, folded)
+    if cacheable:
+        _FOLDED[conv] = (key, [t.detach() for t in present], folded)
     return folded
 
 

@@ -358,8 +358,10 @@ def _check_same_run(path: Path, model: IARed, cfg: InterpreterTrainConfig) -> No
     same_backbone = all(k in saved and saved[k].shape == v.shape and torch.equal(saved[k].to(v), v)
                         for k, v in ((f"backbone.{k}", v) for k, v in mine.items()))
     train = (state.get("config") or {}).get("train") or {}
-    if not same_backbone or train.get("steps_per_stage") != cfg.steps_per_stage or train.get("task") != cfg.task:
-        raise ValueError(f"{path} holds an interpreter run for another backbone, task or --train-steps; "
+    same_reward = train.get("reward", "correct") == cfg.reward and train.get("tau", cfg.tau) == cfg.tau
+    if (not same_backbone or train.get("steps_per_stage") != cfg.steps_per_stage or train.get("task") != cfg.task
+            or not same_reward):
+        raise ValueError(f"{path} holds an interpreter run for another backbone, task, --train-steps or reward; "
                          "use a new --out folder (or delete it) to train from scratch")
 
 
