@@ -4,7 +4,7 @@
 # compiled (mode reduce-overhead: CUDA graphs), interleaved, batch 1 then batch 64, each under its own
 # time limit so one slow compilation cannot cost the other's figures.
 #
-#   bash scripts/gpu_cuda_graphs.sh OUT_DIR          # about 5 minutes on an H200
+#   bash scripts/gpu_cuda_graphs.sh OUT_DIR          # about 4 minutes on an H200
 set -u
 OUT=${1:?usage: gpu_cuda_graphs.sh OUT_DIR}
 mkdir -p "$OUT"

@@ -6,7 +6,7 @@
 # under EViT), so the top-1 of every knob comes back. The --out folders come back as tarballs; the
 # same compare command rerun on 2 CPU cores with one of them loads everything and times it.
 #
-#   bash scripts/gpu_video_probability.sh OUT_DIR            # about 8 minutes on an H200
+#   bash scripts/gpu_video_probability.sh OUT_DIR            # on an H200: about 130 s of training, then up to 200 s of compares
 #   QUICK=1 DEVICE=cpu STEPS=2 FT=2 PRE=0 bash scripts/gpu_video_probability.sh OUT_DIR   # the plumbing only
 set -u
 OUT=${1:?usage: gpu_video_probability.sh OUT_DIR}
