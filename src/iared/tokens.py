@@ -408,7 +408,8 @@ class Tokens:
 # splits its work over (batch, head, query block) with a fixed cost per piece; on many short
 # sequences (a TimeSformer's temporal attention: 8 keys each, thousands of them) that cost dominates,
 # and with 2 threads the kernel took 2.4 ms where two batched matmuls take 0.5 ms (288 x 4 heads x
-# 8 keys). From about 32 keys on, the fused kernel wins (measured on 2 cores; docs in the README).
+# 8 keys). In isolation the fused kernel wins from about 32 keys on (sooner with 64-wide heads); on
+# the shipped digits-natural and video models a limit of 32 ran no faster than 16 (2 cores).
 SHORT_KEYS_CPU = 16
 
 
