@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from iared.timing import latency_percentiles, percentile, time_interleaved
+import torch
+
+from iared.timing import latency_percentiles, percentile, time_interleaved, use_threads
 
 
 def test_percentile_matches_numpy():
@@ -48,3 +50,18 @@ def test_latency_percentiles_time_single_calls():
     out = latency_percentiles({"f": fn}, calls=9, warmup=1)
     assert n["calls"] == 10 and out["f"]["calls"] == 9
     assert 0 <= out["f"]["p50_ms"] <= out["f"]["p90_ms"]
+
+
+def test_use_threads_leaves_torch_alone_unless_the_count_changes(monkeypatch):
+    """torch.set_num_threads with the count torch already has still switches MKL's dynamic threading
+    off (slower fused attention on short sequences): commands call it only for a new count."""
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    current = torch.get_num_threads()
+    assert use_threads(None) == current
+    assert use_threads(current) == current
+    assert calls == []
+    use_threads(current + 1)
+    assert calls == [current + 1]
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        use_threads(0)

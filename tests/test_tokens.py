@@ -12,10 +12,12 @@ from iared.pruning import IARed
 from iared.tokens import (
     DenseTokens,
     PackedTokens,
+    MANY_SEQUENCES_CPU,
     SHORT_KEYS_CPU,
     PaddedTokens,
     _bucket_cuts,
     _bucket_plan,
+    _matmul_attention_pays,
     _sdpa_heads,
     default_packed_attention,
 )
@@ -254,23 +256,37 @@ def test_patch_mean_and_summary_per_image(layout):
 @pytest.mark.parametrize("keys", [3, SHORT_KEYS_CPU, SHORT_KEYS_CPU + 1])
 @pytest.mark.parametrize("mask_kind", [None, "bool", "bias", "query-without-keys"])
 def test_short_key_attention_matches_the_fused_kernel(keys, mask_kind):
-    """Up to SHORT_KEYS_CPU keys the CPU path is matmul + softmax (faster on many short segments):
+    """Up to SHORT_KEYS_CPU keys on many sequences the CPU path is matmul + softmax (faster there):
     the same numbers as torch's SDPA, with no mask, a key mask and an additive bias."""
     g = torch.Generator().manual_seed(keys)
-    q, k, v = (torch.randn(5, keys, 3, 8, generator=g) for _ in range(3))  # (B, N, H, D)
+    B = MANY_SEQUENCES_CPU // 3 + 1  # 3 heads: just enough sequences for the matmul path
+    q, k, v = (torch.randn(B, keys, 3, 8, generator=g) for _ in range(3))  # (B, N, H, D)
+    assert _matmul_attention_pays(q.transpose(1, 2), k.transpose(1, 2)) == (keys <= SHORT_KEYS_CPU)
     mask = None
     if mask_kind == "bool":
-        mask = torch.rand(5, 1, 1, keys, generator=g) > 0.3
+        mask = torch.rand(B, 1, 1, keys, generator=g) > 0.3
         mask[..., 0] = True  # every query sees at least one key
     elif mask_kind == "bias":
-        mask = torch.randn(5, 1, 1, keys, generator=g)
+        mask = torch.randn(B, 1, 1, keys, generator=g)
     elif mask_kind == "query-without-keys":  # one query sees no key: zeros, as SDPA gives, not NaN
-        mask = torch.ones(5, 1, keys, keys, dtype=torch.bool)
+        mask = torch.ones(B, 1, keys, keys, dtype=torch.bool)
         mask[0, 0, 1] = False
     expected = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                               attn_mask=mask).transpose(1, 2)
     got = _sdpa_heads(q, k, v, mask)
     assert not got.isnan().any() and torch.allclose(got, expected, atol=1e-6)
+
+
+def test_few_sequences_keep_the_fused_kernel():
+    """One image's attention is faster in torch's fused kernel at every length (measured): the matmul
+    path is for many sequences only, and never for long ones or off the CPU."""
+    one = torch.randn(1, 6, SHORT_KEYS_CPU, 64)  # (B, H, N, D)
+    many = torch.randn(MANY_SEQUENCES_CPU // 4, 4, SHORT_KEYS_CPU, 16)
+    long = torch.randn(MANY_SEQUENCES_CPU // 4, 4, SHORT_KEYS_CPU + 1, 16)
+    assert not _matmul_attention_pays(one, one)
+    assert _matmul_attention_pays(many, many)
+    assert not _matmul_attention_pays(long, long)
+    assert not _matmul_attention_pays(many.to("meta"), many.to("meta"))
 
 
 def test_layout_cache_follows_the_layout_not_the_features():

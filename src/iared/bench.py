@@ -50,6 +50,7 @@ from iared.timing import (  # noqa: F401  (CLOCKS, synchronize: re-exported)
     median_ms,
     synchronize,
     time_interleaved,
+    use_threads,
 )
 from iared.tokens import default_packed_attention
 
@@ -382,8 +383,7 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = _log) -> dict:
         raise ValueError(f"--warmup must be >= 0 and --repeats >= 1, got {cfg.warmup} and {cfg.repeats}")
     if cfg.quick:
         cfg.warmup, cfg.repeats = min(cfg.warmup, 1), min(cfg.repeats, 2)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    use_threads(cfg.threads)
     if cfg.compile_mode != "default" and not cfg.compile:
         raise ValueError(f"--compile-mode {cfg.compile_mode} needs --compile")
     if cfg.compile:

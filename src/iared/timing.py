@@ -31,6 +31,23 @@ MIN_CALL_MS = 20.0  # shorter calls are repeated inside one measurement
 LATENCY_CALLS = 50  # single calls per candidate for latency percentiles
 
 
+def use_threads(threads: int | None) -> int:
+    """Run torch on ``threads`` intra-op threads (None: leave torch's choice); returns the count in use.
+
+    ``torch.set_num_threads`` is called only for a count other than the current one: the call also
+    turns MKL's dynamic threading off, after which every GEMM inside a parallel kernel goes parallel
+    too. torch's fused CPU attention is such a kernel: after ``torch.set_num_threads(2)`` on a
+    2-core machine (already torch's count) it ran up to twice as slow on short sequences, the pruned
+    model's case (``scripts/attention_crossover.py --threads 2``), so a command that "sets" the count it
+    already had would time a slower pruned model than the library gives its users."""
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
 def synchronize(device: torch.device | str) -> None:
     """Wait for queued GPU work, so wall-clock timings cover it (no-op on CPU)."""
     device = torch.device(device)

@@ -404,27 +404,66 @@ class Tokens:
         raise NotImplementedError
 
 
-# Key lengths up to which CPU attention runs as plain matmul + softmax. torch's fused CPU kernel
-# splits its work over (batch, head, query block) with a fixed cost per piece; on many short
-# sequences (a TimeSformer's temporal attention: 8 keys each, thousands of them) that cost dominates,
-# and with 2 threads the kernel took 2.4 ms where two batched matmuls take 0.5 ms (288 x 4 heads x
-# 8 keys). In isolation the fused kernel wins from about 32 keys on (sooner with 64-wide heads); on
-# the shipped digits-natural and video models a limit of 32 ran no faster than 16 (2 cores).
-SHORT_KEYS_CPU = 16
+# When CPU attention runs as two batched matmuls and a softmax instead of torch's fused kernel: for
+# many very short sequences only (a TimeSformer's temporal attention, 8 keys each, thousands of
+# them), where the fused kernel's fixed cost per (batch, head, query block) piece dominates.
+# `scripts/attention_crossover.py` on 2 cores (docs/attention-crossover-cpu.json), matmul / fused
+# time: 288 or 1024 sequences x 4 heads of 36, 8 keys: 0.75-0.92; 16 keys or more, or 256 sequences
+# and fewer: 1.0-3.0 (one image: 1.6-3.0). After an explicit ``torch.set_num_threads`` the fused
+# kernel is up to twice as slow on short sequences (torch then turns MKL's dynamic threading off,
+# and the kernel's GEMMs inside its own parallel loop go parallel too): matmul / fused drops to
+# 0.3-0.8 up to 48 keys. So the commands set threads only when asked for a different count
+# (:func:`iared.timing.use_threads`) and this rule is measured without such a call.
+SHORT_KEYS_CPU = 8
+MANY_SEQUENCES_CPU = 512  # batch x heads from which the matmul path pays
 
 
-def _sdpa_heads(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+def _matmul_attention_pays(q: Tensor, k: Tensor) -> bool:
+    """``q``, ``k``: ``(B, H, N, D)``. See SHORT_KEYS_CPU."""
+    return (q.device.type == "cpu" and k.shape[-2] <= SHORT_KEYS_CPU
+            and q.shape[0] * q.shape[1] >= MANY_SEQUENCES_CPU and not torch.compiler.is_compiling())
+
+
+def _sdpa_heads(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
+                every_query_has_a_key: bool = False) -> Tensor:
     """SDPA on ``(B, N, H, D)`` inputs; returns ``(B, N, H, D)``. ``mask``: bool (True = attend) or an
-    additive bias, broadcastable to ``(B, H, N, N_k)``."""
+    additive bias, broadcastable to ``(B, H, N, N_k)``. ``every_query_has_a_key``: the caller knows no
+    query has all its keys masked (no query needs SDPA's zeros for that case)."""
+    if _matmul_attention_pays(q.transpose(1, 2), k.transpose(1, 2)):
+        return _matmul_attention(q, k, v, mask, every_query_has_a_key)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if q.device.type == "cpu" and k.shape[-2] <= SHORT_KEYS_CPU and not torch.compiler.is_compiling():
-        attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-        if mask is None:
-            return (attn.softmax(dim=-1) @ v).transpose(1, 2)
-        attn = attn.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else attn + mask
-        # a query with every key masked gets zeros, as torch's SDPA gives it, not the softmax's NaN
-        return (attn.softmax(dim=-1).nan_to_num(0.0) @ v).transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+
+
+def _matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+                      every_query_has_a_key: bool = False) -> Tensor:
+    """:func:`_sdpa_heads` as two batched matmuls and a softmax, ``(B, N, H, D)`` in and out.
+
+    When q, k and v are slices of one ``qkv`` buffer (:func:`_stacked_qkv`), one copy lays all three
+    out head-major instead of three; the scale and the mask enter the first matmul (``baddbmm``)."""
+    B, N, H, D = q.shape
+    Nk = k.shape[1]
+    stacked = _stacked_qkv(q, k, v)
+    if stacked is not None:
+        q, k, v = stacked.permute(2, 0, 3, 1, 4).reshape(3, B * H, N, D)
+    else:
+        q, k, v = (t.transpose(1, 2).reshape(B * H, -1, D) for t in (q, k, v))
+    scale = D ** -0.5
+    if mask is None:
+        attn = torch.bmm(q, k.transpose(1, 2)).mul_(scale)
+    else:
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        mask = mask.to(q.dtype)
+        while mask.dim() < 4:
+            mask = mask.unsqueeze(0)
+        bias = mask.expand(B, H, mask.shape[-2], Nk).reshape(B * H, mask.shape[-2], Nk)
+        attn = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
+    attn = attn.softmax(dim=-1)
+    if mask is not None and not every_query_has_a_key:
+        # a query with every key masked gets zeros, as torch's SDPA gives it, not the softmax's NaN
+        attn = attn.nan_to_num_(0.0)
+    return torch.bmm(attn, v).view(B, H, N, D).transpose(1, 2)
 
 
 def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, weights_out: list | None = None,
@@ -829,7 +868,8 @@ class PackedTokens(Tokens):
                 qb, kb, vb = qkv.index_select(0, rows).view(group, width, 3, H, D).unbind(2)
             else:
                 qb, kb, vb = (t.index_select(0, rows).view(group, width, H, D) for t in (q, k, v))
-            res = _sdpa_heads(qb, kb, vb, mask=mask)  # (group, width, H, D), a strided view
+            # padding is masked as keys only, and every image has a real token: no query lacks a key
+            res = _sdpa_heads(qb, kb, vb, mask=mask, every_query_has_a_key=True)  # (group, width, H, D), strided
             real = res[plan.slot_image[g], plan.slot_pos[g]]  # (real rows of the group, H, D)
             if out is None:
                 return real  # one group holding every image in order: already packed order
@@ -857,9 +897,10 @@ def segments_as_packed(segments: Tensor, attention: PackedAttention = "auto",
 
 
 def _stacked_qkv(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
-    """A ``(T, 3, H, D)`` view whose ``[:, i]`` are q, k, v, when the three are evenly spaced slices of
-    one buffer (``qkv(x).unflatten(...).unbind(...)``); else None. Inference only (no autograd, no
-    tracing), where one gather instead of three saves two passes over the activations."""
+    """A ``(..., 3, H, D)`` view whose ``[..., i, :, :]`` are q, k, v (each ``(..., H, D)``), when the
+    three are evenly spaced slices of one buffer (``qkv(x).unflatten(...).unbind(...)``); else None.
+    Inference only (no autograd, no tracing), where one gather or copy of the three instead of three
+    saves two passes over the activations."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return None
     if torch.compiler.is_compiling():
@@ -873,9 +914,9 @@ def _stacked_qkv(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
     step = k.storage_offset() - q.storage_offset()
     if step <= 0 or v.storage_offset() - k.storage_offset() != step:
         return None
-    T, H, D = q.shape
-    s0, s1, s2 = q.stride()
-    return q.as_strided((T, 3, H, D), (s0, step, s1, s2), q.storage_offset())
+    *lead, H, D = q.shape
+    *lead_strides, sh, sd = q.stride()
+    return q.as_strided((*lead, 3, H, D), (*lead_strides, step, sh, sd), q.storage_offset())
 
 
 @dataclass(frozen=True)
@@ -901,10 +942,11 @@ class _BucketPlan:
 
 
 # Per-group overhead in units of padded query-key pairs (one SDPA call, two gathers), per device type.
-# CPU: every group adds a few parallel regions, each costing milliseconds when the cores are shared
-# with other jobs, while one thread shows no difference between 1 and 8 groups (padding costs
-# little: attention is a small share of a block's work at ViT token counts); so few groups there.
-_BUCKET_OVERHEAD = {"cuda": 4096, "cpu": 65536}
+# CPU: every group adds a few parallel regions, so fewer groups than on a GPU; measured on the shipped
+# digits-natural model at batch 64 (one group per stage of widths 29-31 at 65536, two of 19 and
+# 29-31 at 16384, three at 4096), the three stages' attention took 3.7-3.8 / 3.1-3.2 / 3.3-3.4 ms in
+# three runs, 2 cores.
+_BUCKET_OVERHEAD = {"cuda": 4096, "cpu": 16384}
 
 
 def _bucket_cuts(lengths: list[int], buckets: int, overhead: float = 4096) -> list[int]:

@@ -22,14 +22,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    import torch
-
     from iared.bench_mvit import format_report, mvit_efficiency
     from iared.files import check_output_file, write_json
+    from iared.timing import use_threads
 
     if args.out:
         check_output_file(args.out, "--out file")
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     report = mvit_efficiency(args.model, args.batch, args.keep, args.repeats, num_stages=args.stages)
     report["note"] = args.note
     print(format_report(report))

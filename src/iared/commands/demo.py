@@ -7,10 +7,9 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 from iared.demo import DEFAULT_TASK, DEMO_SCHEDULES, format_table, run_demo
 from iared.models import TASK_BACKBONES
+from iared.timing import use_threads
 from iared.train.interpreters import InterpreterTrainConfig, default_reward, default_tau
 
 
@@ -40,7 +39,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    use_threads(max(1, os.cpu_count() or 1))
     steps, finetune = DEMO_SCHEDULES[args.task]
     steps = steps if args.steps_per_stage is None else args.steps_per_stage
     finetune = finetune if args.finetune_steps is None else args.finetune_steps

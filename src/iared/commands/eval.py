@@ -13,7 +13,7 @@ import sys
 from iared.commands import add_model_arguments, model_options
 from iared.evaluate import evaluate_backbone, evaluate_pruned, format_backbone, format_pruned
 from iared.files import json_safe
-from iared.timing import REPEATS
+from iared.timing import REPEATS, use_threads
 
 
 def _thresholds(text: str) -> float | list[float]:
@@ -69,10 +69,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    if getattr(args, "threads", None):
-        import torch
-
-        torch.set_num_threads(args.threads)
+    use_threads(getattr(args, "threads", None))
     data = dict(task=args.task, split=args.split, batch_size=args.batch_size, workers=args.workers,
                 limit=args.limit, device=args.device)
     if args.pruned is not None:

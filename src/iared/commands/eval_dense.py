@@ -9,6 +9,7 @@ import json
 from iared.commands.eval import _thresholds
 from iared.evaluate_dense import evaluate_dense
 from iared.files import check_output_dir, json_safe, write_json
+from iared.timing import use_threads
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -51,10 +52,7 @@ def format_report(r: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     if args.png_dir:
         check_output_dir(args.png_dir, "--png-dir folder")
     report = evaluate_dense(args.checkpoint, task=args.task, split=args.split, limit=args.limit,

@@ -75,6 +75,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from iared.files import check_output_dir, check_output_file, write_json
+from iared.timing import use_threads
 from iared.train.common import (
     Checkpointer,
     JsonlLogger,
@@ -260,8 +261,7 @@ def _model_config(name: str, overrides: dict[str, Any]):
 def _train(cfg: BackboneTrainConfig, rank: int, world: int, device: torch.device) -> dict[str, Any]:
     from iared.models import create_model
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    use_threads(cfg.threads)
     if cfg.teacher and world > 1:
         raise ValueError("--teacher: distillation runs in one process (not under torchrun)")
     if cfg.batch_size % world:

@@ -44,6 +44,7 @@ from iared.dense import image_miou
 from iared.files import check_output_dir, write_json
 from iared.pruning import IARed, IARedConfig
 from iared.rl import segmentation_reward
+from iared.timing import use_threads
 from iared.train.common import (
     CHECKPOINT_FORMAT,
     Checkpointer,
@@ -209,8 +210,7 @@ def train_dense(cfg: DenseTrainConfig) -> dict[str, Any]:
     from iared.dense import SegmentationTask, save_dense
     from iared.loading import task_dataset
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    use_threads(cfg.threads)
     if not 0 <= cfg.pruned_fraction <= 1:
         raise ValueError(f"--pruned-fraction must lie in [0, 1], got {cfg.pruned_fraction}")
     out = check_output_dir(cfg.out, "--out folder")
