@@ -9,6 +9,7 @@ Weights reach our model four ways: ``from_timm`` and three file formats read by
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from iared.models import MODEL_CONFIGS, create_model, from_timm
@@ -181,6 +182,23 @@ def test_the_conv_stem_runs_channels_last_with_the_same_values():
         reference = model.patch_embed.proj(plain).flatten(2).transpose(1, 2)
         assert float((patches - reference).abs().max()) <= 1e-4
     assert run_stem(torch.nn.Identity(), x) is x  # a plain patch embedding is untouched
+
+
+def test_stem_max_pool_is_torchs_to_the_bit():
+    """The stem's 2x2 pool (two element-wise maxima of strided views, no argmax indices) gives
+    ``F.max_pool2d``'s values exactly, NaN included; other pools and odd maps keep torch's module."""
+    from iared.models.vit import _is_plain_2x2_pool, _max_pool_2x2
+
+    x = torch.randn(3, 5, 8, 6)
+    x[0, 1, 2, 3] = float("nan")
+    for layout in (torch.contiguous_format, torch.channels_last):
+        y = x.contiguous(memory_format=layout)
+        got, expected = _max_pool_2x2(y), F.max_pool2d(y, 2)
+        assert torch.equal(got.isnan(), expected.isnan()) and torch.equal(got.nan_to_num(), expected.nan_to_num())
+    assert _is_plain_2x2_pool(torch.nn.MaxPool2d(2), x)
+    assert not _is_plain_2x2_pool(torch.nn.MaxPool2d(2), torch.randn(1, 1, 7, 6))
+    assert not _is_plain_2x2_pool(torch.nn.MaxPool2d(3, 2), x)
+    assert not _is_plain_2x2_pool(torch.nn.MaxPool2d(2, padding=1), x)
 
 
 def test_stem_batchnorm_folded_in_inference_follows_every_weight_change():

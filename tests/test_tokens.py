@@ -119,8 +119,8 @@ def test_bucket_plan_indices_are_a_permutation():
     dest = torch.cat(plan.dest)
     assert torch.equal(dest.sort().values, torch.arange(sum(counts)))  # every packed row written once
     assert sum(g.numel() for g in plan.gather) == sum(g * w for g, w in zip(plan.groups, plan.widths))
-    for g, w, img, pos in zip(plan.groups, plan.widths, plan.slot_image, plan.slot_pos):
-        assert int(img.max()) < g and int(pos.max()) < w
+    for g, w, slots, n in zip(plan.groups, plan.widths, plan.slots, (len(d) for d in plan.dest)):
+        assert slots.numel() == n and int(slots.max()) < g * w and slots.unique().numel() == n
     single = _bucket_plan((4, 6, 5), 1, torch.device("cpu"))
     assert single.groups == (3,) and single.dest is None  # one group: real rows come out in packed order
 

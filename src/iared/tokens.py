@@ -870,7 +870,8 @@ class PackedTokens(Tokens):
                 qb, kb, vb = (t.index_select(0, rows).view(group, width, H, D) for t in (q, k, v))
             # padding is masked as keys only, and every image has a real token: no query lacks a key
             res = _sdpa_heads(qb, kb, vb, mask=mask, every_query_has_a_key=True)  # (group, width, H, D), strided
-            real = res[plan.slot_image[g], plan.slot_pos[g]]  # (real rows of the group, H, D)
+            # (real rows of the group, H, D); one row gather (SDPA's output is (group, width, H, D)-contiguous)
+            real = res.reshape(group * width, H, D).index_select(0, plan.slots[g])
             if out is None:
                 return real  # one group holding every image in order: already packed order
             out.index_copy_(0, plan.dest[g], real)
@@ -926,8 +927,8 @@ class _BucketPlan:
     ``gather[g]``: ``(groups[g] * widths[g],)`` packed rows forming group g's padded batch (its
     images in increasing image order; padding slots repeat a real row of the same image).
     ``masks[g]``: ``(groups[g], 1, 1, widths[g])`` valid keys, or None when the group has no padding.
-    ``slot_image[g]``, ``slot_pos[g]``: for every real token of the group, image by image, its
-    place ``(image in group, position)`` in the padded output. ``dest[g]``: those tokens' packed
+    ``slots[g]``: for every real token of the group, image by image, its row
+    ``image in group * width + position`` in the padded output. ``dest[g]``: those tokens' packed
     rows; ``dest`` is None when one group holds every image (then the real tokens come out in
     packed order and no scatter is needed).
     """
@@ -936,8 +937,7 @@ class _BucketPlan:
     widths: tuple[int, ...]
     masks: tuple[Tensor | None, ...]
     gather: tuple[Tensor, ...]
-    slot_image: tuple[Tensor, ...]
-    slot_pos: tuple[Tensor, ...]
+    slots: tuple[Tensor, ...]
     dest: tuple[Tensor, ...] | None
 
 
@@ -992,7 +992,7 @@ def _bucket_plan(counts: tuple[int, ...], buckets: int, device: torch.device, ov
     def dev(a):
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
 
-    groups, widths, masks, gathers, slot_image, slot_pos, dest = [], [], [], [], [], [], []
+    groups, widths, masks, gathers, slots, dest = [], [], [], [], [], []
     for lo, hi in zip(cuts[:-1], cuts[1:]):
         members = np.sort(order[lo:hi])  # image order inside a group
         n, s = sizes[members][:, None], starts[members][:, None]
@@ -1001,14 +1001,13 @@ def _bucket_plan(counts: tuple[int, ...], buckets: int, device: torch.device, ov
         valid = t < n  # (group, width)
         gathers.append(dev((s + np.minimum(t, n - 1)).reshape(-1)))
         rows_in_group, pos = np.nonzero(valid)  # row-major: image by image, positions ascending
-        slot_image.append(dev(rows_in_group))
-        slot_pos.append(dev(pos))
+        slots.append(dev(rows_in_group * width + pos))
         dest.append(dev((s + t)[valid]))
         masks.append(None if bool(valid.all()) else torch.from_numpy(valid[:, None, None, :].copy()).to(device))
         groups.append(len(members))
         widths.append(width)
-    return _BucketPlan(tuple(groups), tuple(widths), tuple(masks), tuple(gathers), tuple(slot_image),
-                       tuple(slot_pos), None if len(groups) == 1 else tuple(dest))
+    return _BucketPlan(tuple(groups), tuple(widths), tuple(masks), tuple(gathers), tuple(slots),
+                       None if len(groups) == 1 else tuple(dest))
 
 
 @torch.compiler.disable
