@@ -25,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from iared.bench import BenchConfig, budget_ratios, build_model, calibrate_thresholds, load_task_images
+from iared.timing import use_threads
 
 # Under inference mode the recorder sees composite operations before they decompose (linear, conv2d,
 # scaled_dot_product_attention), elsewhere their parts (addmm, convolution, ...): both are listed.
@@ -100,8 +101,10 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--calls", type=int, default=10, help="calls per timed round")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     ap.add_argument("--json")
     args = ap.parse_args()
+    use_threads(args.threads)
     cfg = BenchConfig(model=args.model, model_given=True, checkpoint=args.checkpoint, keep=args.keep, task=args.task)
     model, thresholds = build_model(cfg, torch.device("cpu"))
     if args.task:

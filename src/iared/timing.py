@@ -34,12 +34,12 @@ LATENCY_CALLS = 50  # single calls per candidate for latency percentiles
 def use_threads(threads: int | None) -> int:
     """Run torch on ``threads`` intra-op threads (None: leave torch's choice); returns the count in use.
 
-    ``torch.set_num_threads`` is called only for a count other than the current one: the call also
-    turns MKL's dynamic threading off, after which every GEMM inside a parallel kernel goes parallel
-    too. torch's fused CPU attention is such a kernel: after ``torch.set_num_threads(2)`` on a
-    2-core machine (already torch's count) it ran up to twice as slow on short sequences, the pruned
-    model's case (``scripts/attention_crossover.py --threads 2``), so a command that "sets" the count it
-    already had would time a slower pruned model than the library gives its users."""
+    ``torch.set_num_threads`` is called only for a count other than the current one: torch's fused CPU
+    attention ran up to twice as slow on short sequences, the pruned model's case, after
+    ``torch.set_num_threads(2)`` on a 2-core machine where 2 was already torch's count
+    (``scripts/attention_crossover.py --threads 2``; the call also does ``mkl_set_dynamic(false)``,
+    the likely cause). A command that "set" the count it already had would time a slower pruned
+    model than the library gives its users."""
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")

@@ -408,11 +408,11 @@ class Tokens:
 # many very short sequences only (a TimeSformer's temporal attention, 8 keys each, thousands of
 # them), where the fused kernel's fixed cost per (batch, head, query block) piece dominates.
 # `scripts/attention_crossover.py` on 2 cores (docs/attention-crossover-cpu.json), matmul / fused
-# time: 288 or 1024 sequences x 4 heads of 36, 8 keys: 0.75-0.92; 16 keys or more, or 256 sequences
-# and fewer: 1.0-3.0 (one image: 1.6-3.0). After an explicit ``torch.set_num_threads`` the fused
-# kernel is up to twice as slow on short sequences (torch then turns MKL's dynamic threading off,
-# and the kernel's GEMMs inside its own parallel loop go parallel too): matmul / fused drops to
-# 0.3-0.8 up to 48 keys. So the commands set threads only when asked for a different count
+# time: 288 or 1024 sequences of 8 keys x 4 heads of 36: 0.71-0.84; 16 keys or more, or 256 sequence-
+# heads and fewer: 1.0-3.7 (one image: 1.2-3.4). After an explicit ``torch.set_num_threads`` the fused
+# kernel is up to twice as slow on short sequences (the call also does ``mkl_set_dynamic(false)``,
+# the likely cause: MKL GEMMs inside the kernel's own parallel loop may then go parallel too):
+# matmul / fused drops to 0.3-0.8 up to 48 keys. So the commands set threads only when asked for a different count
 # (:func:`iared.timing.use_threads`) and this rule is measured without such a call.
 SHORT_KEYS_CPU = 8
 MANY_SEQUENCES_CPU = 512  # batch x heads from which the matmul path pays
