@@ -419,9 +419,13 @@ MANY_SEQUENCES_CPU = 512  # batch x heads from which the matmul path pays
 
 
 def _matmul_attention_pays(q: Tensor, k: Tensor) -> bool:
-    """``q``, ``k``: ``(B, H, N, D)``. See SHORT_KEYS_CPU."""
-    return (q.device.type == "cpu" and k.shape[-2] <= SHORT_KEYS_CPU
-            and q.shape[0] * q.shape[1] >= MANY_SEQUENCES_CPU and not torch.compiler.is_compiling())
+    """``q``, ``k``: ``(B, H, N, D)``. See SHORT_KEYS_CPU. Never while compiling, exporting or tracing,
+    and checked before any shape is read: comparing a dynamic batch axis with a constant would make
+    the tracer specialise the graph to this batch (``torch.export`` refuses a dynamic batch then)."""
+    if q.device.type != "cpu" or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() \
+            or torch.jit.is_tracing():
+        return False
+    return k.shape[-2] <= SHORT_KEYS_CPU and q.shape[0] * q.shape[1] >= MANY_SEQUENCES_CPU
 
 
 def _sdpa_heads(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
