@@ -93,6 +93,7 @@ def test_run_writes_json_and_table(tmp_path):
     assert str(tmp_path) not in path.read_text()  # the report does not name the machine's folders
     for key in ("cpu", "cpu_cores", "threads", "device_name"):
         assert key in saved["machine"]
+    assert saved["machine"]["speed_probe_ms_at_start"] > 0 and saved["machine"]["speed_probe_ms_at_end"] > 0
     (run_,) = saved["runs"]
     assert run_["batch"] == 2 and run_["dtype"] == "float32" and len(run_["thresholds"]) == 3
     assert {r["config"] for r in run_["rows"]} == {"unpruned", "budget", "threshold-padded", "threshold-packed"}

@@ -28,6 +28,7 @@ def test_demo_writes_results_table_and_pictures(tmp_path, capsys):
     assert results["gflops_full"] < results["gflops_pruned"] < 1.1 * results["gflops_full"]
     assert results["flops_reduction"] == pytest.approx(1 - results["gflops_pruned"] / results["gflops_full"])
     assert results["speedup"] == pytest.approx(results["throughput_pruned"] / results["throughput_full"])
+    assert results["speed_probe_ms"] > 0  # how fast the machine ran while the demo timed
     pictures = sorted(p.name for p in out.glob("test_*.png"))
     assert pictures == [f"test_{i:02d}.png" for i in range(16)] == sorted(results["pictures"])
     assert (out / "interpreters" / "pruned.pt").is_file()

@@ -5,7 +5,7 @@ import pytest
 
 import torch
 
-from iared.timing import latency_percentiles, percentile, time_interleaved, use_threads
+from iared.timing import latency_percentiles, machine_info, percentile, speed_probe_ms, time_interleaved, use_threads
 
 
 def test_percentile_matches_numpy():
@@ -65,3 +65,14 @@ def test_use_threads_leaves_torch_alone_unless_the_count_changes(monkeypatch):
     assert calls == [current + 1]
     with pytest.raises(ValueError, match="threads must be >= 1"):
         use_threads(0)
+
+
+def test_reports_carry_a_speed_probe():
+    """Every report records how long a fixed matrix product took when it was made (no timing is
+    asserted here: speed belongs in benchmarks), so two reports of one model can be compared."""
+    import math
+
+    info = machine_info("cpu")
+    assert info["speed_probe_ms_at_start"] > 0
+    probe = speed_probe_ms(calls=2, repeats=1)
+    assert probe > 0 and math.isfinite(probe)

@@ -48,6 +48,7 @@ from iared.timing import (  # noqa: F401  (CLOCKS, synchronize: re-exported)
     latency_percentiles,
     machine_info,
     median_ms,
+    speed_probe_ms,
     synchronize,
     time_interleaved,
     use_threads,
@@ -424,6 +425,7 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = _log) -> dict:
     model.float()
     if hasattr(os, "getloadavg"):
         report["machine"]["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    report["machine"]["speed_probe_ms_at_end"] = round(speed_probe_ms(device), 4)
     if cfg.json == "-":
         print(json.dumps(json_safe(report), indent=2))
     elif cfg.json:
@@ -437,7 +439,9 @@ def format_table(report: dict) -> str:
     lines = [f"{report['config']['model'] if not report['config'].get('checkpoint') else report['config']['checkpoint']}"
              f" | keep {report['config']['keep']} | {m['device_name']} ({m['cpu_cores']} cores, {m['threads']} threads)"
              f" | torch {m['torch']} | {report['config'].get('clock', 'wall')} clock"
-             + (f" | load avg {m['load_avg_1m_at_start']} at start" if "load_avg_1m_at_start" in m else "")]
+             + (f" | load avg {m['load_avg_1m_at_start']} at start" if "load_avg_1m_at_start" in m else "")
+             + (f" | speed probe {m['speed_probe_ms_at_start']:.3f} ms at start, {m['speed_probe_ms_at_end']:.3f} at end"
+                if "speed_probe_ms_at_end" in m else "")]
     head = (f"{'dtype':9} {'batch':>5} {'config':30} {'ms/batch':>9} {'min ms':>9} {'img/s':>8} {'GMACs':>6} {'ideal':>6} "
             f"{'speedup':>7} {'eff':>5} {'vs bud':>6} {'interp%':>7} {'compile':>7}  kept/stage (±std)")
     lines += [head, "-" * len(head)]

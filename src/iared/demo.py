@@ -161,7 +161,8 @@ def format_table(results: dict) -> str:
     lines = [f"{'':32}{'unpruned':>12}{'IA-RED²':>12}"]
     lines += [f"{name:32}{a:>12}{b:>12}" for name, a, b in rows]
     lines.append(f"{'kept patch tokens per stage':32}{'':>12}{' / '.join(f'{k:.2f}' for k in results['kept_fraction']):>12}")
-    lines.append(f"speed-up: measured {results['speedup']:.2f}x, FLOPs-ideal {results['speedup_ideal']:.2f}x; "
+    probe = f" (speed probe {results['speed_probe_ms']:.3f} ms)" if results.get("speed_probe_ms") is not None else ""
+    lines.append(f"speed-up: measured {results['speedup']:.2f}x{probe}, FLOPs-ideal {results['speedup_ideal']:.2f}x; "
                  f"FLOPs -{results['flops_reduction']:.0%}; accuracy change "
                  f"{100 * (results['accuracy_pruned'] - results['accuracy_full']):+.2f} pt")
     lines.append(f"interpreter score inside digit {results['score_inside_mask']:.3f} vs outside "

@@ -190,7 +190,7 @@ def evaluate_pruned(pruned: str, *, threshold: float | Sequence[float] | None = 
                                batch_size=throughput_batch, repeats=repeats, clock=clock)
     result.update(throughput_full=speed["throughput_full"], throughput_pruned=speed["throughput_pruned"],
                   speedup=speed["speedup"], throughput_batch=speed["batch_size"], device=speed["device"],
-                  threads=speed["threads"], clock=speed["clock"])
+                  threads=speed["threads"], clock=speed["clock"], speed_probe_ms=speed["speed_probe_ms"])
     return result
 
 
@@ -204,5 +204,6 @@ def format_pruned(result: dict[str, Any]) -> str:
           f"{'throughput (img/s, batch ' + str(r['throughput_batch']) + ')':30}"
           f"{r['throughput_full']:>12.0f}{r['throughput_pruned']:>12.0f}\n"
           f"patch tokens kept after each stage: {kept}\n"
-          f"speed-up: measured {r['speedup']:.2f}x ({r['device']}, {r['threads']} threads), "
-          f"FLOPs-ideal {r['speedup_ideal']:.2f}x")
+          f"speed-up: measured {r['speedup']:.2f}x ({r['device']}, {r['threads']} threads"
+          + (f", speed probe {r['speed_probe_ms']:.3f} ms" if r.get("speed_probe_ms") is not None else "")
+          + f"), FLOPs-ideal {r['speedup_ideal']:.2f}x")

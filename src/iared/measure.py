@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from iared.pruning import IARed
-from iared.timing import REPEATS, median_ms, synchronize, time_interleaved  # noqa: F401  (synchronize: re-exported)
+from iared.timing import REPEATS, median_ms, speed_probe_ms, synchronize, time_interleaved  # noqa: F401  (synchronize: re-exported)
 
 
 @torch.no_grad()
@@ -67,8 +67,10 @@ def compare_throughput(model: IARed, images: Tensor, *, threshold: float = 0.5, 
     runs = {"full": lambda: model.backbone(batch), "pruned": lambda: model(batch, threshold=threshold)}
     times = time_interleaved(runs, batch.device, repeats=repeats, clock=clock)
     full, pruned = (len(batch) * 1e3 / median_ms(times[n]) for n in ("full", "pruned"))
+    # the probe says how fast the machine ran: two commands' speed-ups compare when their probes do
     return {"batch_size": len(batch), "device": str(batch.device), "threads": torch.get_num_threads(),
-            "clock": clock, "throughput_full": full, "throughput_pruned": pruned, "speedup": pruned / full}
+            "clock": clock, "throughput_full": full, "throughput_pruned": pruned, "speedup": pruned / full,
+            "speed_probe_ms": round(speed_probe_ms(batch.device), 4)}
 
 
 @torch.inference_mode()

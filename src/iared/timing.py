@@ -119,6 +119,31 @@ def median_ms(times: list[float]) -> float:
     return float(statistics.median(times))
 
 
+PROBE_SIZE = 384  # the yardstick: one (384 x 384) @ (384 x 384) float32 product
+
+
+def speed_probe_ms(device: torch.device | str = "cpu", calls: int = 20, repeats: int = 5) -> float:
+    """Milliseconds of one fixed float32 matrix product on ``device`` (median of ``repeats`` rounds of
+    ``calls``): how fast the machine ran when a report was taken. On a shared machine its speed drifts
+    (on this project's 2-core machine, by about 30 % within an hour, unseen by the load average), and
+    two reports of one model are comparable only when their probes are close."""
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(PROBE_SIZE, PROBE_SIZE, generator=g).to(device) for _ in range(2))
+    with torch.inference_mode():
+        for _ in range(3):
+            a @ b
+        times = []
+        for _ in range(repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(calls):
+                a @ b
+            synchronize(device)
+            times.append((time.perf_counter() - start) / calls * 1e3)
+    return statistics.median(times)
+
+
 def machine_info(device: torch.device | str = "cpu") -> dict:
     """What every benchmark file records next to its figures (bench, compare, demo, explain-eval)."""
     device = torch.device(device)
@@ -146,4 +171,5 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
     if hasattr(os, "getloadavg"):
         # 1-minute load when the run started: above ~0 before we start, other jobs share the CPU
         info["load_avg_1m_at_start"] = round(os.getloadavg()[0], 2)
+    info["speed_probe_ms_at_start"] = round(speed_probe_ms(device), 4)
     return info
