@@ -277,6 +277,24 @@ def test_short_key_attention_matches_the_fused_kernel(keys, mask_kind):
     assert not got.isnan().any() and torch.allclose(got, expected, atol=1e-6)
 
 
+def test_matmul_attention_trains_like_the_fused_kernel():
+    """Training runs through the matmul path too (a video model's temporal attention): with a key mask,
+    its gradients are SDPA's."""
+    from iared.tokens import _matmul_attention
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(4, 6, 2, 8, generator=g).requires_grad_() for _ in range(3))  # (B, N, H, D)
+    mask = torch.rand(4, 1, 1, 6, generator=g) > 0.3
+    mask[..., 0] = True
+    got = _matmul_attention(q, k, v, mask)
+    expected = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              attn_mask=mask).transpose(1, 2)
+    assert torch.allclose(got, expected, atol=1e-6)
+    upstream = torch.randn(got.shape, generator=g)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), upstream), torch.autograd.grad(expected, (q, k, v), upstream)):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_few_sequences_keep_the_fused_kernel():
     """One image's attention is faster in torch's fused kernel at every length (measured): the matmul
     path is for many sequences only, and never for long ones or off the CPU."""

@@ -466,7 +466,7 @@ def _matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
     attn = attn.softmax(dim=-1)
     if mask is not None and not every_query_has_a_key:
         # a query with every key masked gets zeros, as torch's SDPA gives it, not the softmax's NaN
-        attn = attn.nan_to_num_(0.0)
+        attn = attn.nan_to_num(0.0)  # not in place: softmax's backward reads its output
     return torch.bmm(attn, v).view(B, H, N, D).transpose(1, 2)
 
 
