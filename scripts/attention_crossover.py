@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from iared.timing import machine_info
 from iared.tokens import _matmul_attention
 
 # (B, H, D): the digits models (4 heads of 36), the video model's temporal attention (thousands of
@@ -61,13 +61,14 @@ def time_pair(B, H, D, N, masked, rounds):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None, help="call torch.set_num_threads with this (even torch's own count: that call slows the fused kernel)")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--geometries", default=None,
                     help="B,H,D triples separated by ';' (default: the shipped models' and DeiT-S's)")
     ap.add_argument("--json", default=None, help="write the figures here")
     args = ap.parse_args()
     if args.threads:
+        # torch.set_num_threads itself, even for the count torch already has: the state this measures
         torch.set_num_threads(args.threads)
     geometries = GEOMETRIES if not args.geometries else [tuple(int(x) for x in g.split(","))
                                                          for g in args.geometries.split(";")]
@@ -85,9 +86,7 @@ def main():
                     line.append(f"{N}:{ratio:.2f}")
                 print(f"B={B:3d} H={H} D={D:2d} {'mask ' if masked else 'plain'} matmul/fused  " + " ".join(line),
                       flush=True)
-    report = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                          "torch": torch.__version__},
-              "rounds": args.rounds, "rows": rows}
+    report = {"machine": machine_info("cpu"), "rounds": args.rounds, "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

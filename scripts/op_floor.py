@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from iared.bench import BenchConfig, budget_ratios, build_model, calibrate_thresholds, load_task_images
-from iared.timing import use_threads
+from iared.timing import machine_info, use_threads
 
 # Under inference mode the recorder sees composite operations before they decompose (linear, conv2d,
 # scaled_dot_product_attention), elsewhere their parts (addmm, convolution, ...): both are listed.
@@ -110,14 +110,15 @@ def main():
     if args.task:
         images = load_task_images(args.task, args.batch, model.backbone.cfg)
     else:
-        images = torch.randn(args.batch, 3, model.backbone.cfg.img_size, model.backbone.cfg.img_size)
+        mcfg = model.backbone.cfg
+        images = torch.randn(args.batch, mcfg.in_chans, mcfg.img_size, mcfg.img_size)
     with torch.inference_mode():
         if thresholds is None:
             thresholds = calibrate_thresholds(model, images, args.keep)
         out = model(images, "threshold", threshold=thresholds)
     ideal = model.full_macs() / float(out.macs.mean())
-    unpruned = lambda: model.backbone(images)  # noqa: E731
-    pruned = lambda: model(images, "threshold", threshold=thresholds, layout="packed")  # noqa: E731
+    unpruned = lambda: model.backbone(images)
+    pruned = lambda: model(images, "threshold", threshold=thresholds, layout="packed")
     rec = {"unpruned": record(unpruned), "pruned": record(pruned)}
     compute = {k: [c for c in v if c[0].overloadpacket.__name__ in COMPUTE] for k, v in rec.items()}
     fns = {"unpruned forward": unpruned, "pruned forward": pruned,
@@ -129,9 +130,10 @@ def main():
             group = [c for c in compute[k] if c[0].overloadpacket.__name__ == name]
             fns[f"{k} {name}"] = lambda g=group: replay(g)
     ms = fastest(fns, args.rounds, args.calls)
-    report = {"batch": args.batch, "ideal_speedup": ideal, "threads": torch.get_num_threads(),
+    report = {"machine": machine_info("cpu"), "batch": args.batch, "ideal_speedup": ideal, "threads": torch.get_num_threads(),
               "ops": {k: len(v) for k, v in rec.items()}, "compute_ops": {k: len(v) for k, v in compute.items()},
-              "ms": ms, "kept_per_stage": [round(float(k[:, out.num_prefix:].float().sum(1).mean()), 1) for k in out.keep],
+              "ms": ms,
+              "kept_per_stage": [round(float(k[:, out.num_prefix:].float().sum(1).mean()), 1) for k in out.keep],
               "budget_ratios": budget_ratios(out, model.backbone.cfg.num_patches)}
     print(f"batch {args.batch}, {torch.get_num_threads()} threads, FLOPs-ideal {ideal:.2f}x, "
           f"ops unpruned {len(rec['unpruned'])} / pruned {len(rec['pruned'])} "

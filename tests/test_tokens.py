@@ -261,7 +261,7 @@ def test_short_key_attention_matches_the_fused_kernel(keys, mask_kind):
     g = torch.Generator().manual_seed(keys)
     B = MANY_SEQUENCES_CPU // 3 + 1  # 3 heads: just enough sequences for the matmul path
     q, k, v = (torch.randn(B, keys, 3, 8, generator=g) for _ in range(3))  # (B, N, H, D)
-    assert _matmul_attention_pays(q.transpose(1, 2), k.transpose(1, 2)) == (keys <= SHORT_KEYS_CPU)
+    assert _matmul_attention_pays(q, k) == (keys <= SHORT_KEYS_CPU)
     mask = None
     if mask_kind == "bool":
         mask = torch.rand(B, 1, 1, keys, generator=g) > 0.3
@@ -298,9 +298,9 @@ def test_matmul_attention_trains_like_the_fused_kernel():
 def test_few_sequences_keep_the_fused_kernel():
     """One image's attention is faster in torch's fused kernel at every length (measured): the matmul
     path is for many sequences only, and never for long ones or off the CPU."""
-    one = torch.randn(1, 6, SHORT_KEYS_CPU, 64)  # (B, H, N, D)
-    many = torch.randn(MANY_SEQUENCES_CPU // 4, 4, SHORT_KEYS_CPU, 16)
-    long = torch.randn(MANY_SEQUENCES_CPU // 4, 4, SHORT_KEYS_CPU + 1, 16)
+    one = torch.randn(1, SHORT_KEYS_CPU, 6, 64)  # (B, N, H, D)
+    many = torch.randn(MANY_SEQUENCES_CPU // 4, SHORT_KEYS_CPU, 4, 16)
+    long = torch.randn(MANY_SEQUENCES_CPU // 4, SHORT_KEYS_CPU + 1, 4, 16)
     assert not _matmul_attention_pays(one, one)
     assert _matmul_attention_pays(many, many)
     assert not _matmul_attention_pays(long, long)

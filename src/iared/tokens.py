@@ -412,20 +412,21 @@ class Tokens:
 # heads and fewer: 1.0-3.7 (one image: 1.2-3.4). After an explicit ``torch.set_num_threads`` the fused
 # kernel is up to twice as slow on short sequences (the call also does ``mkl_set_dynamic(false)``,
 # the likely cause: MKL GEMMs inside the kernel's own parallel loop may then go parallel too):
-# matmul / fused drops to 0.3-0.8 up to 48 keys. So the commands set threads only when asked for a different count
-# (:func:`iared.timing.use_threads`) and this rule is measured without such a call.
+# matmul / fused drops to 0.3-0.8 up to 48 keys. So the commands set threads only when asked for a
+# different count (:func:`iared.timing.use_threads`), and this rule is measured without such a call.
 SHORT_KEYS_CPU = 8
 MANY_SEQUENCES_CPU = 512  # batch x heads from which the matmul path pays
 
 
 def _matmul_attention_pays(q: Tensor, k: Tensor) -> bool:
-    """``q``, ``k``: ``(B, H, N, D)``. See SHORT_KEYS_CPU. Never while compiling, exporting or tracing,
-    and checked before any shape is read: comparing a dynamic batch axis with a constant would make
-    the tracer specialise the graph to this batch (``torch.export`` refuses a dynamic batch then)."""
+    """``q``, ``k``: ``(B, N, H, D)``, as :func:`_sdpa_heads` takes them. See SHORT_KEYS_CPU. Never
+    while compiling, exporting or tracing, and checked before any shape is read: comparing a dynamic
+    batch axis with a constant would make the tracer specialise the graph to this batch
+    (``torch.export`` refuses a dynamic batch then)."""
     if q.device.type != "cpu" or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() \
             or torch.jit.is_tracing():
         return False
-    return k.shape[-2] <= SHORT_KEYS_CPU and q.shape[0] * q.shape[1] >= MANY_SEQUENCES_CPU
+    return k.shape[1] <= SHORT_KEYS_CPU and q.shape[0] * q.shape[2] >= MANY_SEQUENCES_CPU
 
 
 def _sdpa_heads(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
@@ -433,7 +434,7 @@ def _sdpa_heads(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
     """SDPA on ``(B, N, H, D)`` inputs; returns ``(B, N, H, D)``. ``mask``: bool (True = attend) or an
     additive bias, broadcastable to ``(B, H, N, N_k)``. ``every_query_has_a_key``: the caller knows no
     query has all its keys masked (no query needs SDPA's zeros for that case)."""
-    if _matmul_attention_pays(q.transpose(1, 2), k.transpose(1, 2)):
+    if _matmul_attention_pays(q, k):
         return _matmul_attention(q, k, v, mask, every_query_has_a_key)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
