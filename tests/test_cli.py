@@ -1,4 +1,4 @@
-"""The command line: ``iared eval`` (backbone and ``--pruned``), help, and one-line errors naming the input."""
+"""The command line: ``iared eval`` (backbone and pruned checkpoints), help, and one-line errors naming the input."""
 
 import json
 import os
@@ -62,7 +62,7 @@ def files(backbone, tmp_path_factory):
 
 def test_help(capsys):
     for command, options in [("train", ["--resume", "--stop-at", "--model-override", "--batch-size"]),
-                             ("eval", ["--checkpoint", "--pruned", "--threshold", "--limit", "--json"])]:
+                             ("eval", ["--checkpoint", "--threshold", "--limit", "--json"])]:
         with pytest.raises(SystemExit) as exc:
             cli_main([command, "--help"])
         assert exc.value.code == 0
@@ -117,7 +117,7 @@ PRUNED_KEYS = {"accuracy_full", "accuracy_pruned", "kept_fraction", "gflops_full
 
 
 def test_eval_pruned_json(files, backbone, capsys):
-    code, out, _ = run_cli(capsys, "eval", "--pruned", files["pruned"], "--limit", 24, "--batch-size", 10,
+    code, out, _ = run_cli(capsys, "eval", "--checkpoint", files["pruned"], "--limit", 24, "--batch-size", 10,
                            "--threshold", 0.5, "--repeats", 1, "--json")
     assert code == 0
     r = one_json(out)
@@ -146,7 +146,7 @@ def test_eval_pruned_json(files, backbone, capsys):
 
 def test_eval_pruned_threshold_zero_is_the_backbone(files, capsys):
     # threshold 0 keeps every token (scores are sigmoids > 0): same accuracy, no FLOP savings but the interpreters'
-    code, out, _ = run_cli(capsys, "eval", "--pruned", files["pruned"], "--limit", 24, "--threshold", "0,0",
+    code, out, _ = run_cli(capsys, "eval", "--checkpoint", files["pruned"], "--limit", 24, "--threshold", "0,0",
                            "--throughput-batch", 8, "--repeats", 1, "--json")
     assert code == 0
     r = one_json(out)
@@ -156,23 +156,26 @@ def test_eval_pruned_threshold_zero_is_the_backbone(files, capsys):
     assert r["gflops_pruned"] > r["gflops_full"] and r["speedup_ideal"] < 1
 
     # the threshold the checkpoint records (training writes its --threshold there) is the default
-    code, out, _ = run_cli(capsys, "eval", "--pruned", files["pruned_t0"], "--limit", 8, "--throughput-batch", 4,
+    code, out, _ = run_cli(capsys, "eval", "--checkpoint", files["pruned_t0"], "--limit", 8, "--throughput-batch", 4,
                            "--repeats", 1, "--json")
     assert one_json(out)["threshold"] == 0.0 and one_json(out)["kept_fraction"] == [1.0, 1.0]
 
 
 def test_eval_pruned_text_report_and_bad_options(files, capsys):
-    code, out, _ = run_cli(capsys, "eval", "--pruned", files["pruned"], "--limit", 8, "--throughput-batch", 4,
+    code, out, _ = run_cli(capsys, "eval", "--checkpoint", files["pruned"], "--limit", 8, "--throughput-batch", 4,
                            "--repeats", 1)
     assert code == 0 and "GFLOPs" in out and "speed-up" in out and "FLOPs-ideal" in out
-    code, _, err = run_cli(capsys, "eval", "--pruned", files["pruned"], "--threshold", "0.1,0.2,0.3")
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", files["pruned"], "--threshold", "0.1,0.2,0.3")
     assert_one_line_error(code, err, "--threshold", "2")
-    code, _, err = run_cli(capsys, "eval", "--pruned", files["pruned"], "--checkpoint", files["backbone"])
-    assert_one_line_error(code, err, "--pruned takes no --checkpoint")
-    code, _, err = run_cli(capsys, "eval", "--pruned", files["backbone"])
-    assert_one_line_error(code, err, files["backbone"], "not an IA-RED² checkpoint")
+    with pytest.raises(SystemExit) as exc:  # the old and the new spelling of one option: which file?
+        run_cli(capsys, "eval", "--pruned", files["pruned"], "--checkpoint", files["backbone"])
+    assert exc.value.code == 2 and "not allowed with argument --pruned" in capsys.readouterr().err
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", files["pruned"], "--pretrained")
+    assert_one_line_error(code, err, files["pruned"], "is a pruned checkpoint")
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", files["backbone"], "--threshold", 0.5)
+    assert_one_line_error(code, err, "--threshold", "no interpreters")
     missing = files["root"] / "missing.pt"
-    code, _, err = run_cli(capsys, "eval", "--pruned", missing)
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", missing)
     assert_one_line_error(code, err, missing, "not found")
 
 

@@ -153,7 +153,8 @@ def test_non_finite_checkpoint_is_refused_naming_the_file_and_tensor(tiny_pruned
     bad = tmp_path / "nan_pruned.pt"
     torch.save(obj, bad)
     Image.fromarray(np.zeros((64, 64), dtype=np.uint8)).save(tmp_path / "img.png")
-    for argv in (["eval", "--pruned", bad, "--limit", 4], ["export", bad, tmp_path / "x.onnx", "--keep", 0.5],
+    for argv in (["eval", "--checkpoint", bad, "--limit", 4],
+                 ["export", "--checkpoint", bad, tmp_path / "x.onnx", "--keep", 0.5],
                  ["explain", tmp_path, "--checkpoint", bad, "--out", tmp_path / "panels"]):
         code, _, err = run(capsys, *argv)
         assert code == 2
@@ -196,9 +197,9 @@ def test_output_paths_fail_in_one_line_before_any_work(tmp_path, tiny_pruned, ca
     cases = [
         (["explain-eval", "--checkpoint", tiny_pruned, "--json", a_dir, "--quiet"], a_dir, "is a directory"),
         (["explain-eval", "--checkpoint", tiny_pruned, "--json", a_file / "r.json"], a_file, "is a file"),
-        (["export", tiny_pruned, a_dir, "--keep", 0.5], a_dir, "is a directory"),
-        (["export", tiny_pruned, a_file / "m.onnx", "--keep", 0.5], a_file, "is a file"),
-        (["export", tiny_pruned, unwritable / "m.onnx", "--keep", 0.5], unwritable, "not writable"),
+        (["export", "--checkpoint", tiny_pruned, a_dir, "--keep", 0.5], a_dir, "is a directory"),
+        (["export", "--checkpoint", tiny_pruned, a_file / "m.onnx", "--keep", 0.5], a_file, "is a file"),
+        (["export", "--checkpoint", tiny_pruned, unwritable / "m.onnx", "--keep", 0.5], unwritable, "not writable"),
         (["explain", tmp_path, "--checkpoint", tiny_pruned, "--out", a_file], a_file, "is a file"),
         (["train", *TINY, "--out", a_file, "--no-progress"], a_file, "is a file"),
         (["train", *TINY, "--out", unwritable / "run", "--no-progress"], unwritable, "not writable"),
@@ -248,7 +249,7 @@ def test_export_writes_the_requested_opset_quietly(tiny_pruned, tmp_path, capfd,
     pytest.importorskip("onnxruntime")
     path = tmp_path / "m.onnx"
     capfd.readouterr()
-    assert cli_main(["export", str(tiny_pruned), str(path), "--keep", "0.5", "--check"]) == 0
+    assert cli_main(["export", "--checkpoint", str(tiny_pruned), str(path), "--keep", "0.5", "--check"]) == 0
     out, err = capfd.readouterr()  # file-descriptor level: loggers that hold the real stderr too
     assert "Traceback" not in err and "Warning" not in err and "[torch.onnx]" not in out + err, err
     assert err.strip().splitlines() == [f"wrote {path} (opset 17)", err.strip().splitlines()[-1]]
@@ -263,7 +264,7 @@ def test_export_writes_the_requested_opset_quietly(tiny_pruned, tmp_path, capfd,
 
     monkeypatch.setattr(version_converter, "convert_version", broken)
     capfd.readouterr()
-    assert cli_main(["export", str(tiny_pruned), str(tmp_path / "n.onnx"), "--keep", "0.5"]) == 1
+    assert cli_main(["export", "--checkpoint", str(tiny_pruned), str(tmp_path / "n.onnx"), "--keep", "0.5"]) == 1
     _, err = capfd.readouterr()
     one_line(err, "stage opset", "adapter failed", "--opset 18")
     assert not (tmp_path / "n.onnx").exists()
@@ -289,8 +290,8 @@ def test_checkpoint_config_problems_directories_and_pickles(tiny_pruned, tmp_pat
     evil.write_bytes(pickle.dumps({"model": Payload()}, protocol=2))
     Image.fromarray(np.zeros((64, 64), dtype=np.uint8)).save(tmp_path / "img.png")
     for argv, named, problem in [
-        (["eval", "--pruned", unknown, "--limit", 2], unknown, "unknown keys [flash]"),
-        (["eval", "--pruned", invalid, "--limit", 2], invalid, "not divisible by num_heads 5"),
+        (["eval", "--checkpoint", unknown, "--limit", 2], unknown, "unknown keys [flash]"),
+        (["eval", "--checkpoint", invalid, "--limit", 2], invalid, "not divisible by num_heads 5"),
         (["eval", "--checkpoint", tmp_path, "--limit", 2], tmp_path, "is a directory"),
         (["explain", tmp_path, "--checkpoint", tmp_path, "--out", tmp_path / "o"], tmp_path, "is a directory"),
         (["eval", "--checkpoint", evil, "--limit", 2], evil, "unsupported GLOBAL posix.system"),

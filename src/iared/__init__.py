@@ -6,6 +6,7 @@ Vision Transformers", NeurIPS 2021).
 
 from iared.interpreter import MultiHeadInterpreter
 from iared.models import VisionTransformer, create_model, from_timm
+from iared.prediction import predict
 from iared.pruning import IARed, IARedConfig, PrunedOutput
 
 __version__ = "0.1.0"
@@ -18,4 +19,5 @@ __all__ = [
            "__version__",
            "create_model",
            "from_timm",
+           "predict",
 ]

@@ -318,6 +318,9 @@ def build_model(cfg: BenchConfig, device: torch.device) -> tuple[IARed, list[flo
     to build it where the file cannot) gets fresh interpreters, spread and calibrated like the
     random-weight geometries (:mod:`iared.loading`'s rules, shared by every command).
     """
+    from iared.reducers.base import check_threshold
+
+    check_threshold(cfg.threshold)
     if cfg.checkpoint and cfg.frames is not None:
         raise ValueError("--frames applies to random-weight video models (--model NAME); a --checkpoint carries "
                          "its own frame count")

@@ -28,11 +28,16 @@ COMMANDS = {
     "compare": "iared.commands.compare",
     "train-dense": "iared.commands.train_dense",
     "eval-dense": "iared.commands.eval_dense",
+    "predict": "iared.commands.predict",
+    "stream": "iared.commands.stream",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from iared.commands import package_version
+
     parser = argparse.ArgumentParser(prog="iared", description="Faster, explainable vision transformers (IA-RED²).")
+    parser.add_argument("--version", action="version", version=f"iared {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_name in COMMANDS.values():
         try:
@@ -49,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     from iared.export import ExportError
     from iared.train.common import NonFiniteError
 
-    args = build_parser().parse_args(argv)
+    from iared.commands import parse_args
+
+    args = parse_args(build_parser(), argv)  # --config files and the notes of deprecated spellings
     try:
         return int(args.func(args) or 0)
     except (NonFiniteError, ExportError) as e:  # the run failed, not the input

@@ -35,7 +35,6 @@ DEMO_SCHEDULES = {"digits-natural": (300, 0), "digits-clutter": (500, DEMO_FINET
 # the batch the demo times at: 64 images, or 8 clips (what #13's target is stated at)
 THROUGHPUT_BATCH = {"moving-digits": 8}
 NUM_CLIP_PICTURES = 4
-DEFAULT_TASK = "digits-natural"
 # thresholds of the accuracy-against-throughput plot (the run's own threshold is added)
 CURVE_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)
 

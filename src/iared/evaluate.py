@@ -69,12 +69,13 @@ def build_loader(task: str, split: str, model_cfg, batch_size: int = 256, worker
     """Evaluation loader for a task name or an image folder, matched to the model's input
     (:func:`iared.loading.task_dataset`). ``limit``: first N samples only."""
     from iared.data import TASKS
-    from iared.loading import task_dataset
+    from iared.loading import check_labels_fit, task_dataset
 
     if task in TASKS:
         dataset = task_dataset(task, split, model_cfg, seed=seed, **({"length": limit} if limit is not None else {}))
     else:
         dataset = task_dataset(task, split, model_cfg)
+        check_labels_fit(dataset, model_cfg.num_classes, task)
         if limit is not None:
             dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
@@ -143,9 +144,11 @@ def evaluate_pruned(pruned: str, *, threshold: float | Sequence[float] | None = 
     """
     from iared.loading import load_pruned_checked
     from iared.measure import accuracy_and_compute, compare_throughput
+    from iared.reducers.base import check_threshold
 
     if throughput_batch < 1 or repeats < 1:
         raise ValueError("--throughput-batch and --repeats must be at least 1")
+    check_threshold(threshold)  # before the model loads
     dev = resolve_device(device)
     model = load_pruned_checked(pruned).to(dev)
     threshold = threshold if threshold is not None else model.inference.threshold

@@ -73,7 +73,9 @@ def evaluate_dense(checkpoint, *, task: str = "digits-clutter", split: str = "te
     """The report of ``iared eval-dense``: scores, GFLOPs, speed at ``throughput_batch``, and with
     ``png_dir`` one PNG per image of the first ``png_count`` (image, truth, both predictions, kept tokens)."""
     from iared.loading import task_dataset
+    from iared.reducers.base import check_threshold
 
+    check_threshold(threshold)
     model = load_dense(checkpoint).to(device)
     threshold = model.reduced.inference.threshold if threshold is None else threshold
     kw = {"length": limit} if limit else {}

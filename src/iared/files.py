@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +28,7 @@ __all__ = [
     "check_output_dir",
     "check_output_file",
     "json_safe",
+    "remove_stale_temporaries",
     "save_figure",
     "write_atomic",
     "write_bytes",
@@ -69,6 +72,28 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], Any] | Ca
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files :func:`write_atomic` leaves in ``folder`` when its process is killed
+    mid-write (``.NAME.XXXXXXXX.tmp``; a clean exit or an exception removes its own), and say so in one
+    line. Runs call it when they start or resume in a folder: nothing else writes temporaries there,
+    and without it every ``kill -9`` during a checkpoint write leaves one more file for ever."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = sorted(p for p in folder.glob(".*.tmp") if p.is_file() and _TEMPORARY.fullmatch(p.name))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        names = ", ".join(p.name for p in stale[:3]) + (f" ... ({len(stale)} in all)" if len(stale) > 3 else "")
+        print(f"iared: removed {len(stale)} stale temporary file(s) of an interrupted write in {folder}: {names}",
+              file=sys.stderr)
+    return stale
+
+
+# write_atomic's temporaries: mkstemp's ".{target name}." + 8 random characters + ".tmp"
+_TEMPORARY = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
 
 
 def write_folder_atomic(out: str | os.PathLike, fill: Callable[[Path], Any]) -> Path:

@@ -23,6 +23,13 @@ def block_macs(n, dim: int, mlp_ratio: float):
     return n * dim * dim * (4 + 2 * mlp_ratio) + 2 * n * n * dim
 
 
+def gated_block_macs(n, n_qkv, n_proj, n_mlp, dim: int, mlp_ratio: float):
+    """A block whose token-wise products ran on some of its ``n`` alive tokens only (streaming reuse,
+    :mod:`iared.streaming`): qkv on ``n_qkv``, the output projection on ``n_proj``, the MLP on
+    ``n_mlp`` rows; attention (QK^T, AV) over all ``n``. Equals :func:`block_macs` when all are ``n``."""
+    return dim * dim * (3 * n_qkv + n_proj + 2 * mlp_ratio * n_mlp) + 2 * n * n * dim
+
+
 def rfft_macs(length: int) -> float:
     """A real FFT (or its inverse) of ``length`` points: ``length * log2(length)`` real
     multiply-accumulates (a complex FFT of half the length, (m/2) log2 m complex products of 4)."""

@@ -26,7 +26,8 @@ official ``.pyth`` / plain state dict is recognised by its ``model_state`` / ``t
 
 Where a command needs an IA-RED² model (:func:`load_iared`), a pruned checkpoint is used whole;
 a backbone (any of the above) gets fresh interpreters, which is what ``train-interpreters``
-starts from and what ``explain`` / ``bench`` can still use (attention maps, timing).
+starts from and what ``bench`` times; ``explain`` and ``export``, whose output would be those
+untrained interpreters' random decisions, refuse it unless ``--allow-untrained`` (attention maps).
 
 Every problem is one line naming the file (:class:`iared.checkpoint.CheckpointError`) or the name.
 """
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +50,8 @@ from iared.checkpoint import (
     read_checkpoint,
 )
 
-__all__ = ["infer_vit_config", "is_pruned", "load_backbone", "load_iared", "load_pruned_checked", "task_dataset"]
+__all__ = ["UntrainedError", "check_labels_fit", "checkpoint_task", "infer_vit_config", "is_pruned", "load_backbone",
+           "load_iared", "load_pruned_checked", "task_dataset"]
 
 def infer_vit_config(state_dict: dict[str, torch.Tensor], path: str | os.PathLike = "<memory>"):
     """A :class:`ViTConfig` that fits a timm-layout ViT / DeiT state dict (see the module docstring).
@@ -131,10 +134,54 @@ def is_pruned(obj: dict) -> bool:
     return str(obj.get("format", "")).startswith("iared-pruned/")
 
 
+def checkpoint_task(checkpoint: str | os.PathLike | None = None, model: str | None = None,
+                    overrides: dict | None = None) -> str | None:
+    """The task a model was made for, for commands given no ``--task``: what the checkpoint's training
+    config records (pruned checkpoints, training checkpoints, exported weights, dense models), else the
+    embedded task whose inputs fit the model's (the file's model config, ``model``'s registered one, or
+    the geometry read off plain weights, as :func:`load_backbone` would build it); None when none fits
+    (and for an unknown ``model`` name, which the loader then names)."""
+    from iared.data import TASKS
+    from iared.models import MODEL_CONFIGS, ViTConfig, split_model_name_tag
+    from iared.models.families import backbone_families, family_of_config, input_shape
+    from iared.models.timesformer import TIMESFORMER_CONFIGS, TimeSformerConfig
+
+    cfg = None
+    name = split_model_name_tag(model)[0] if model is not None else None
+    if checkpoint is not None:
+        obj = read_checkpoint(checkpoint)
+        config = obj.get("config") if isinstance(obj.get("config"), dict) else {}
+        train = config.get("train")
+        if isinstance(train, dict) and isinstance(train.get("task"), str):
+            return train["task"]
+        saved = _file_model_config(obj)
+        if name is None and isinstance(saved, dict):
+            cfg = config_from_dict(backbone_families()[family_of_config(config, checkpoint)][1], saved, checkpoint,
+                                   "model")
+    if cfg is None and name in MODEL_CONFIGS:
+        cfg = ViTConfig(**{**MODEL_CONFIGS[name], **(overrides or {})})
+    elif cfg is None and name in TIMESFORMER_CONFIGS:
+        cfg = TimeSformerConfig(**{**TIMESFORMER_CONFIGS[name], **(overrides or {})})
+    elif cfg is None and checkpoint is not None and name is None:
+        cfg = load_backbone(checkpoint, overrides=overrides).cfg
+    if cfg is None:
+        return None
+    shape = input_shape(cfg)
+    for task, cls in TASKS.items():
+        image = (cls.in_chans, cls.image_size, cls.image_size)
+        if shape == ((cls.num_frames, *image) if hasattr(cls, "num_frames") else image):
+            return task
+    return None
+
+
 def _backbone_weights(obj: dict, path) -> dict[str, torch.Tensor]:
     sd = extract_state_dict(obj, path)
     if is_pruned(obj):  # a pruned checkpoint used as a backbone: its fine-tuned backbone
+        rest = {k.split(".")[1] for k in sd if k.startswith("reducers.") and k.count(".") > 1}
         sd = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
+        # said, because the file has more than is used: a user may think its interpreters carry on
+        print(f"iared: {path} is a pruned checkpoint: taking its backbone ({len(sd)} tensors), ignoring its "
+              f"{len(rest)} interpreter(s)", file=sys.stderr)
     return sd
 
 
@@ -146,11 +193,20 @@ def load_backbone(checkpoint: str | os.PathLike | None = None, model: str | None
     ``default``: a registered name whose ``pretrained`` weights are used when nothing is given
     (``digits_vit``: the shipped backbone); None makes "nothing given" an error.
     """
-    from iared.models import MODEL_CONFIGS, VisionTransformer, ViTConfig, adapt_state_dict, create_model
+    from iared.models import (
+        MODEL_CONFIGS,
+        VisionTransformer,
+        ViTConfig,
+        adapt_state_dict,
+        create_model,
+        split_model_name_tag,
+    )
     from iared.models.timesformer import TIMESFORMER_CONFIGS
 
     overrides = dict(overrides or {})
-    if model is not None and model not in MODEL_CONFIGS and model not in TIMESFORMER_CONFIGS:
+    # timm's tagged names (deit_small_patch16_224.fb_in1k): the tag only picks a pretrained download
+    name = split_model_name_tag(model)[0] if model is not None else None
+    if model is not None and name not in MODEL_CONFIGS and name not in TIMESFORMER_CONFIGS:
         raise ValueError(f"unknown model {model!r}; known: {', '.join(sorted([*MODEL_CONFIGS, *TIMESFORMER_CONFIGS]))}")
     if checkpoint is None:
         if model is None:
@@ -164,11 +220,11 @@ def load_backbone(checkpoint: str | os.PathLike | None = None, model: str | None
     if pretrained:
         raise ValueError("--pretrained and --checkpoint exclude each other: which weights should be used?")
     obj = read_checkpoint(checkpoint)
-    if (model in TIMESFORMER_CONFIGS) or (model is None and _holds_timesformer(obj)):
-        return _load_timesformer(obj, checkpoint, model, overrides)
+    if (name in TIMESFORMER_CONFIGS) or (model is None and _holds_timesformer(obj)):
+        return _load_timesformer(obj, checkpoint, name, overrides)
     sd = _backbone_weights(obj, checkpoint)
     if model is not None:
-        cfg = config_from_dict(ViTConfig, {**MODEL_CONFIGS[model], **overrides}, checkpoint, f"--model {model}")
+        cfg = config_from_dict(ViTConfig, {**MODEL_CONFIGS[name], **overrides}, checkpoint, f"--model {model}")
     else:
         from iared.models.families import family_of_config
 
@@ -271,12 +327,20 @@ def load_pruned_checked(path: str | os.PathLike, obj: dict | None = None):
         raise CheckpointError(f"bad checkpoint {path}: invalid config: {' '.join(str(e).split())}") from None
 
 
+class UntrainedError(ValueError):
+    """A backbone given where trained interpreters are needed; the message is one line naming it."""
+
+
 def load_iared(checkpoint: str | os.PathLike | None = None, model: str | None = None, pretrained: bool = False,
-               overrides: dict | None = None, default: str | os.PathLike | None = None, iared_config=None):
+               overrides: dict | None = None, default: str | os.PathLike | None = None, iared_config=None,
+               allow_untrained: bool = True):
     """An :class:`IARed`: a pruned checkpoint whole, or a backbone (:func:`load_backbone`'s rules)
     with fresh interpreters (``iared_config``, default :class:`IARedConfig()`).
 
     ``default``: a pruned checkpoint file used when nothing is given (the shipped one).
+    ``allow_untrained=False``: a backbone is refused in one line (:class:`UntrainedError`) before it
+    loads, for callers whose output would present fresh interpreters' random scores as the model's
+    (``explain``'s heatmaps, ``export``'s keep decisions); timing and training start from them.
     """
     from iared.pruning import IARed, IARedConfig
 
@@ -294,8 +358,34 @@ def load_iared(checkpoint: str | os.PathLike | None = None, model: str | None = 
                 raise ValueError(f"{checkpoint} is a pruned checkpoint: it carries its backbone, so --model-override "
                                  "and --pretrained do not apply")
             return load_pruned_checked(checkpoint, obj)
+    if not allow_untrained:
+        source = checkpoint if checkpoint is not None else f"--model {model}"
+        raise UntrainedError(f"{source} is a backbone without interpreters: they would be freshly initialised "
+                             "(untrained), their keep decisions random; give a pruned checkpoint (iared "
+                             "train-interpreters) or pass --allow-untrained")
     backbone = load_backbone(checkpoint, model, pretrained, overrides)
     return IARed(backbone, iared_config or IARedConfig()).eval()
+
+
+def check_labels_fit(dataset, num_classes: int, task: str, source: str = "the model") -> None:
+    """One line, before any work, where ``dataset``'s labels do not fit a ``num_classes`` head: more
+    labels than classes is an error (cross-entropy would end in an ``IndexError`` traceback, accuracy
+    count nonsense); a folder with fewer classes than a non-ImageNet-folder head is a warning, its
+    sorted folder names 0..n-1 are unlikely to be the head's first n classes."""
+    from iared.data import TASKS
+
+    base = getattr(dataset, "dataset", dataset)  # a Subset: the folder it cuts
+    need = getattr(base, "num_classes", None)
+    if need is None:
+        return
+    imagenet = getattr(base, "imagenet", False)
+    what = "ImageNet class folders (standard 1000-class labels)" if imagenet else f"{need} classes"
+    if need > num_classes:
+        raise ValueError(f"--task {task}: {what}, but {source} has a {num_classes}-class head; give a checkpoint "
+                         "trained on these classes")
+    if need < num_classes and not imagenet and task not in TASKS:
+        print(f"iared: --task {task}: {need} class folders read as labels 0..{need - 1} (sorted names) for "
+              f"{source}'s {num_classes}-class head", file=sys.stderr)
 
 
 def task_dataset(task: str, split: str, model_cfg=None, augment: bool = False, **task_kw):
@@ -309,7 +399,7 @@ def task_dataset(task: str, split: str, model_cfg=None, augment: bool = False, *
     ``img_size``, mean / std (random offsets, crops and flips with ``augment``). ``model_cfg`` None:
     the folder defaults.
     """
-    from iared.data import TASKS, build_dataset, eval_transform, is_video_folder, train_transform
+    from iared.data import TASKS, build_dataset, eval_transform, folder_media, split_folder, train_transform
     from iared.models.families import input_shape, is_video_config
 
     if task in TASKS:
@@ -324,9 +414,9 @@ def task_dataset(task: str, split: str, model_cfg=None, augment: bool = False, *
     if model_cfg is None:
         return build_dataset(task, split)
     root = Path(task).expanduser()
-    folder = root / split if (root / split).is_dir() else root
+    folder = split_folder(root, split) if root.is_dir() else root
     video_model = is_video_config(model_cfg)
-    if folder.is_dir() and is_video_folder(folder) != video_model:
+    if folder.is_dir() and (folder_media(folder) == "videos") != video_model:
         raise ValueError(f"--task {task}: a folder of {'videos' if not video_model else 'images'}, but the model "
                          f"takes {'clips' if video_model else 'images'}")
     if video_model:

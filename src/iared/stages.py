@@ -30,9 +30,10 @@ from iared.models.protocol import Backbone
 from iared.models.vit import BlockRecord
 from iared.reducers.base import MODES, Reducer, StageInput, StageSettings
 from iared.reducers.policy import budget_count
-from iared.tokens import PackedAttention, RaggedLayout
+from iared.tokens import PackedAttention, RaggedLayout, Tokens
 
 Mode = str
+BlockRunner = Callable[[int, nn.Module, Tokens, BlockRecord | None], Tokens]
 
 
 def equal_stage_starts(depth: int, num_stages: int) -> tuple[int, ...]:
@@ -136,7 +137,7 @@ class ReducedModel(nn.Module):
                 flops_ratio: float | None = None, layout: RaggedLayout = "packed",
                 attention: PackedAttention = "auto", exploration: float = 0.0,
                 attention_out: list | None = None, noise: Tensor | None = None,
-                features_at: Sequence[int] = ()) -> ReducedOutput:
+                features_at: Sequence[int] = (), block_runner: BlockRunner | None = None) -> ReducedOutput:
         """Run the reduced model on ``inputs`` (``(B, C, H, W)`` images, or what the backbone embeds).
 
         mode: one of ``MODES`` or one per stage; threshold: one value or one per stage.
@@ -150,6 +151,8 @@ class ReducedModel(nn.Module):
         current features, dropped tokens' features from the last block they were alive in.
         attention_out: pass a list to receive one :class:`iared.tokens.AttentionMap` per block, the
         attention the pruned model really computed (explainers; runs the explicit-attention path).
+        block_runner: ``runner(block_index, block, tokens, record) -> tokens`` runs each block instead of
+        ``block(tokens, record=record)``, inside this same loop (streaming reuse, :mod:`iared.streaming`).
         """
         settings = self.stage_settings(mode, threshold, keep_ratio, flops_ratio, exploration, noise)
         tokens = self.backbone.embed(inputs)
@@ -175,7 +178,9 @@ class ReducedModel(nn.Module):
             for i, block in enumerate(blocks):
                 record = BlockRecord() if wants_record and i == len(blocks) - 1 else None
                 trace.entering_block(tokens)
-                if attention_out is None:
+                if block_runner is not None:
+                    tokens = block_runner(self.stage_starts[stage] + i, block, tokens, record)
+                elif attention_out is None:
                     tokens = block(tokens, record=record)
                 else:
                     weights: list = []

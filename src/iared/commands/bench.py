@@ -7,10 +7,7 @@ import argparse
 import sys
 
 from iared.bench import CLOCKS, BenchConfig, format_table, run
-
-
-def _csv(cast):
-    return lambda s: tuple(cast(x) for x in s.split(",") if x)
+from iared.commands import add_checkpoint_argument, add_config_file_argument, add_json_argument, add_list_argument
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -20,27 +17,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "bench", help="throughput and latency: unpruned vs threshold (packed / padded) vs budget mode",
         description=bench.__doc__.split("\n\n")[0],
     )
-    p.add_argument("--model", default=None,
+    add_config_file_argument(p)
+    p.add_argument("--model", default=None, metavar="NAME",
                    help="backbone geometry with random weights (default DeiT-S; 'digits' = the embedded task's "
                         "digits_vit; timesformer_base_patch16_224 etc.: video); with --checkpoint FILE: how to build the file's backbone weights")
-    p.add_argument("--checkpoint", help="a pruned IA-RED² checkpoint (timed at its threshold), or backbone weights "
-                                        "(official DeiT .pth, state dict, safetensors: fresh interpreters, calibrated)")
+    add_checkpoint_argument(p, "a pruned IA-RED² checkpoint (timed at its threshold), or backbone weights "
+                               "(official DeiT .pth, state dict, safetensors: fresh interpreters, calibrated)")
     p.add_argument("--threshold", type=float, help="threshold for a pruned --checkpoint (default: the one it records)")
     p.add_argument("--keep", type=float, default=BenchConfig.keep,
                    help="random-weight models: mean kept fraction per stage (thresholds calibrated on the batch)")
     p.add_argument("--frames", type=int, default=None,
                    help="video models with random weights (timesformer_*): frames per clip (default: the model's)")
-    p.add_argument("--task", help="time on this task's test images (e.g. digits-clutter) instead of Gaussian noise; "
+    p.add_argument("--task", metavar="TASK", help="time on this task's test images (e.g. digits-clutter) instead of Gaussian noise; "
                                   "useful with --checkpoint, whose trained interpreters then keep realistic counts")
     p.add_argument("--device", default=BenchConfig.device, choices=["auto", "cpu", "cuda"],
                    help="default auto: cuda when available")
-    p.add_argument("--dtype", type=_csv(str), default=BenchConfig.dtypes, dest="dtypes",
-                   help="comma list of float32, bfloat16, float16 (default float32,bfloat16)")
-    p.add_argument("--batch-sizes", type=_csv(int), default=BenchConfig.batch_sizes,
-                   help="comma list (default 1,8,64,256; out-of-memory sizes are skipped)")
-    p.add_argument("--strategies", type=_csv(str), default=BenchConfig.strategies,
-                   help="packed-attention strategies to time (default: loop,bucket on CPU, where torch's nested SDPA "
-                        "has only a slow math path; loop,bucket,nested on CUDA)")
+    add_list_argument(p, "--dtype", default=BenchConfig.dtypes, dest="dtypes", metavar="DTYPE",
+                      help="float32, bfloat16, float16")
+    add_list_argument(p, "--batch-sizes", int, default=BenchConfig.batch_sizes, metavar="B",
+                      help="batch sizes (out-of-memory sizes are skipped)")
+    add_list_argument(p, "--strategies", default=BenchConfig.strategies, metavar="STRATEGY",
+                      help="packed-attention strategies to time (default: loop,bucket on CPU, where torch's nested "
+                           "SDPA has only a slow math path; loop,bucket,nested on CUDA)")
     p.add_argument("--compile", action="store_true",
                    help="also time every configuration torch.compile'd (threshold modes with dynamic shapes), "
                         "interleaved with the eager runs; the compile column is eager ms / compiled ms")
@@ -59,7 +57,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=BenchConfig.seed)
     p.add_argument("--quick", action="store_true",
                    help="smoke run: tiny geometry (unless --checkpoint), at most 1 warm-up and 2 timed calls")
-    p.add_argument("--json", help="write the full report as JSON to this path ('-' for stdout; the table goes to stderr)")
+    add_json_argument(p, "write the full report as JSON to PATH")  # written by iared.bench.run (BenchConfig.json)
     p.set_defaults(func=main)
     return p
 

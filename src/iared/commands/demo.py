@@ -7,7 +7,14 @@ import os
 import sys
 from pathlib import Path
 
-from iared.demo import DEFAULT_TASK, DEMO_SCHEDULES, format_table, run_demo
+from iared.commands import (
+    add_checkpoint_argument,
+    add_config_file_argument,
+    add_out_argument,
+    add_task_argument,
+    resolve_task,
+)
+from iared.demo import DEMO_SCHEDULES, format_table, run_demo
 from iared.models import TASK_BACKBONES
 from iared.timing import use_threads
 from iared.train.interpreters import InterpreterTrainConfig, default_reward, default_tau
@@ -19,15 +26,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("demo", help="train interpreters on the embedded task, evaluate, draw pictures",
                               description=demo.__doc__.split("\n\n")[0])
     d = InterpreterTrainConfig()
-    p.add_argument("--task", default=DEFAULT_TASK, choices=sorted(TASK_BACKBONES),
-                   help="embedded task (each has its shipped backbone)")
-    p.add_argument("--out", default="demo-out", help="output folder (results.json, PNGs, checkpoint)")
+    add_config_file_argument(p)
+    add_task_argument(p, "embedded task (each has its shipped backbone)", choices=sorted(TASK_BACKBONES))
+    add_out_argument(p, "demo-out", "output folder (results.json, PNGs, checkpoint)")
     p.add_argument("--steps-per-stage", type=int, default=None,
                    help="REINFORCE steps per stage (default per task: " +
                         ", ".join(f"{t} {s}" for t, (s, _) in DEMO_SCHEDULES.items()) + ")")
     p.add_argument("--test-samples", type=int, default=2000, help="test images evaluated (and timed: the first 64)")
     p.add_argument("--eval-samples", type=int, default=d.eval_samples, help="validation images per progress check")
-    p.add_argument("--backbone", default=None, help="backbone checkpoint (default: the one shipped with iared)")
+    add_checkpoint_argument(p, "backbone weights the interpreters are trained on (a pruned checkpoint: its "
+                               "backbone; default: the task's shipped backbone)", old=("--backbone",))
     p.add_argument("--threshold", type=float, default=d.threshold)
     p.add_argument("--finetune-steps", type=int, default=None,
                    help="fine-tune the backbone under the learned policy, distilling from the unpruned one (default per "
@@ -40,15 +48,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     use_threads(max(1, os.cpu_count() or 1))
+    args.task = resolve_task(args.task, args.checkpoint)
+    if args.task not in DEMO_SCHEDULES:
+        raise ValueError(f"--task {args.task}: the demo runs on an embedded task ({', '.join(DEMO_SCHEDULES)})")
     steps, finetune = DEMO_SCHEDULES[args.task]
     steps = steps if args.steps_per_stage is None else args.steps_per_stage
     finetune = finetune if args.finetune_steps is None else args.finetune_steps
     cfg = InterpreterTrainConfig(steps_per_stage=steps, threshold=args.threshold, seed=args.seed,
                                  tau=default_tau(args.task), reward=default_reward(args.task),
-                                 eval_samples=args.eval_samples, backbone=args.backbone,
+                                 eval_samples=args.eval_samples, backbone=args.checkpoint,
                                  finetune_steps=finetune, task=args.task,
-                                 model=None if args.backbone else TASK_BACKBONES[args.task],
-                                 pretrained=args.backbone is None)
+                                 model=None if args.checkpoint else TASK_BACKBONES[args.task],
+                                 pretrained=args.checkpoint is None)
     results = run_demo(Path(args.out), cfg, test_samples=args.test_samples, progress=not args.quiet)
     print(format_table(results))
     print(f"wrote {Path(args.out) / 'results.json'}, {len(results['pictures'])} pictures and "

@@ -1,4 +1,4 @@
-"""``iared eval``: top-1 and loss of a backbone; with ``--pruned``, a pruned model against its backbone.
+"""``iared eval``: top-1 and loss of a backbone; for a pruned checkpoint, the pruned model against its backbone.
 
 The library side is :mod:`iared.evaluate`; this module maps options onto
 :func:`~iared.evaluate.evaluate_backbone` / :func:`~iared.evaluate.evaluate_pruned` and prints.
@@ -7,17 +7,24 @@ The library side is :mod:`iared.evaluate`; this module maps options onto
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from iared.commands import add_model_arguments, model_options
+from iared.commands import (
+    add_config_file_argument,
+    add_json_argument,
+    add_model_arguments,
+    add_task_argument,
+    check_json_path,
+    model_options,
+    resolve_task,
+    write_report,
+)
 from iared.evaluate import evaluate_backbone, evaluate_pruned, format_backbone, format_pruned
-from iared.files import json_safe
 from iared.timing import REPEATS, use_threads
 
 
 def _thresholds(text: str) -> float | list[float]:
-    """``"0.5"`` -> 0.5; ``"0.3,0.5,0.5"`` -> one threshold per stage."""
+    """``"0.5"`` -> 0.5; ``"0.3,0.5,0.5"`` (comma-separated) -> one threshold per stage."""
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
@@ -26,31 +33,31 @@ def _thresholds(text: str) -> float | list[float]:
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
-    """Options every evaluation shares: weights, data, device, output."""
-    add_model_arguments(p, "backbone weights: an iared checkpoint, or any weights file (official DeiT .pth, "
-                           "state dict, safetensors; geometry read off the weights unless --model names it); "
-                           "default on digits-clutter: the shipped backbone")
-    p.add_argument("--task", default="digits-clutter", help="task name or image folder (default: digits-clutter)")
+    """Options every evaluation shares: model, data, device, output."""
+    add_config_file_argument(p)
+    add_model_arguments(p, "the model, told apart by its contents: a pruned IA-RED² checkpoint (accuracy, kept "
+                           "tokens, GFLOPs and throughput against its backbone), or backbone weights (top-1 and "
+                           "loss: an iared checkpoint, official DeiT .pth, state dict, safetensors; geometry read "
+                           "off the weights unless --model names it); default: the task's shipped backbone",
+                        old=("--pruned",))
+    add_task_argument(p)
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--limit", type=int, metavar="N", help="evaluate the first N samples only")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    add_json_argument(p, "write the result as JSON to PATH", bare=True)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", help="top-1 accuracy and loss of a checkpoint on a task; "
-                              "with --pruned, a pruned model against its backbone",
+                              "a pruned checkpoint against its backbone",
                               description=__doc__.split("\n\n")[0])
     add_common_arguments(p)
-    g = p.add_argument_group("pruned model (--pruned)")
-    g.add_argument("--pruned", metavar="FILE",
-                   help="IA-RED² checkpoint (iared.pruning.save_pruned / train-interpreters' pruned.pt): report "
-                        "accuracy, kept tokens, GFLOPs and throughput of the pruned model and of its backbone")
+    g = p.add_argument_group("pruned checkpoint")
     g.add_argument("--threshold", type=_thresholds, metavar="T[,T...]",
-                   help="keep tokens whose interpreter score > T (one value, or one per stage; default: the "
-                        "threshold the checkpoint was trained with, else 0.5)")
+                   help="keep tokens whose interpreter score > T (one value, or comma-separated, one per "
+                        "stage; default: the threshold the checkpoint was trained with, else 0.5)")
     g.add_argument("--reference", metavar="FILE_OR_NAME",
                    help="the unpruned model to compare with (default: the checkpoint's own backbone; give the "
                         "original when the backbone was fine-tuned: a weights file, or digits_vit for the "
@@ -69,19 +76,29 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    from iared.checkpoint import read_checkpoint
+    from iared.loading import is_pruned
+
     use_threads(getattr(args, "threads", None))
-    data = dict(task=args.task, split=args.split, batch_size=args.batch_size, workers=args.workers,
+    check_json_path(args.json)
+    options = model_options(args)
+    pruned = args.checkpoint is not None and is_pruned(read_checkpoint(args.checkpoint))
+    if pruned and (args.model is not None or args.pretrained or args.model_override):
+        raise ValueError(f"--checkpoint {args.checkpoint} is a pruned checkpoint: it carries its backbone, so "
+                         "--model / --pretrained / --model-override do not apply")
+    if not pruned and (args.threshold is not None or args.reference is not None):
+        raise ValueError(f"--threshold and --reference apply to a pruned checkpoint; "
+                         f"{args.checkpoint or 'the backbone evaluated'} has no interpreters")
+    task = resolve_task(args.task, args.checkpoint, args.model, options["overrides"])
+    data = dict(task=task, split=args.split, batch_size=args.batch_size, workers=args.workers,
                 limit=args.limit, device=args.device)
-    if args.pruned is not None:
-        if args.checkpoint is not None or args.model is not None or args.pretrained or args.model_override:
-            raise ValueError("--pruned takes no --checkpoint / --model / --pretrained / --model-override "
-                             "(the pruned checkpoint carries its backbone)")
-        result = evaluate_pruned(args.pruned, threshold=args.threshold, reference=args.reference,
+    if pruned:
+        result = evaluate_pruned(args.checkpoint, threshold=args.threshold, reference=args.reference,
                                  throughput_batch=args.throughput_batch, repeats=args.repeats, clock=args.clock,
                                  **data)
         text = format_pruned(result)
     else:
-        result = evaluate_backbone(**model_options(args), **data, progress=not args.json and sys.stderr.isatty())
+        result = evaluate_backbone(**options, **data, progress=not args.json and sys.stderr.isatty())
         text = format_backbone(result)
-    print(json.dumps(json_safe(result)) if args.json else text)
+    write_report(result, text, args.json)
     return 0

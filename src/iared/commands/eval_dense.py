@@ -4,24 +4,32 @@ unpruned against IA-RED²-pruned on the same images (:func:`iared.evaluate_dense
 from __future__ import annotations
 
 import argparse
-import json
 
+from iared.commands import (
+    add_checkpoint_argument,
+    add_config_file_argument,
+    add_json_argument,
+    add_task_argument,
+    check_json_path,
+    resolve_task,
+    write_report,
+)
 from iared.commands.eval import _thresholds
 from iared.evaluate_dense import evaluate_dense
-from iared.files import check_output_dir, json_safe, write_json
+from iared.files import check_output_dir
 from iared.timing import use_threads
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval-dense", help="segmentation quality and speed of a DPT model, unpruned vs pruned",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, metavar="FILE",
-                   help="dense checkpoint: train-dense's DIR/dense.pt (or its DIR/checkpoint.pt)")
-    p.add_argument("--task", default="digits-clutter")
+    add_config_file_argument(p)
+    add_checkpoint_argument(p, "dense checkpoint: train-dense's DIR/dense.pt (or its DIR/checkpoint.pt)", required=True)
+    add_task_argument(p, "embedded task or folder with masks")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--limit", type=int, metavar="N", help="evaluate the first N images only")
     p.add_argument("--threshold", type=_thresholds, metavar="T[,T...]",
-                   help="interpreter threshold (default: the checkpoint's)")
+                   help="interpreter threshold, one or comma-separated per stage (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--throughput-batch", type=int, default=64, metavar="B")
     p.add_argument("--repeats", type=int, default=7, help="timed calls per throughput figure (median)")
@@ -31,8 +39,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads")
     p.add_argument("--png-dir", metavar="DIR", help="also write one PNG per image: truth, predictions, kept tokens")
     p.add_argument("--png-count", type=int, default=8)
-    p.add_argument("--save-json", metavar="FILE", help="also write the report to FILE")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    add_json_argument(p, "write the report as JSON to PATH", bare=True, old=("--save-json",))
     p.set_defaults(func=main)
     return p
 
@@ -53,13 +60,13 @@ def format_report(r: dict) -> str:
 
 def main(args: argparse.Namespace) -> int:
     use_threads(args.threads)
+    check_json_path(args.json)
     if args.png_dir:
         check_output_dir(args.png_dir, "--png-dir folder")
-    report = evaluate_dense(args.checkpoint, task=args.task, split=args.split, limit=args.limit,
+    task = resolve_task(args.task, args.checkpoint)
+    report = evaluate_dense(args.checkpoint, task=task, split=args.split, limit=args.limit,
                             threshold=args.threshold, throughput_batch=args.throughput_batch, repeats=args.repeats,
                             device=args.device, batch_size=args.batch_size, png_dir=args.png_dir,
                             png_count=args.png_count, clock=args.clock)
-    if args.save_json:
-        write_json(args.save_json, json_safe(report))
-    print(json.dumps(json_safe(report)) if args.json else format_report(report))
+    write_report(report, format_report(report), args.json)
     return 0

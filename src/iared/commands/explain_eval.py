@@ -7,8 +7,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from iared.commands.explain import add_model_options
-from iared.files import check_output_file, write_json
+from iared.commands import add_config_file_argument, add_json_argument, write_report
+from iared.commands.explain import add_methods_argument, add_model_options
+from iared.files import check_output_file
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -18,8 +19,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("explain-eval", help="score explanation methods against ground-truth masks",
                               description="Pixel accuracy, mIoU, mAP (ImageNet-segmentation protocol), "
                                           "pointing game, deletion and insertion AUC (RISE) for every method.")
+    add_config_file_argument(p)
     add_model_options(p)
-    p.add_argument("--task", choices=("digits-clutter", "digits-natural"),
+    p.add_argument("--task", metavar="TASK", choices=("digits-clutter", "digits-natural"),
                    help="embedded task whose test split (with its digit masks) is read (default: the one the "
                         "model's input fits: 1 channel digits-clutter, RGB digits-natural)")
     p.add_argument("--images", help="folder of images (default: an embedded task's test split, see --task)")
@@ -27,9 +29,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, metavar="N",
                    help=f"evaluate the first N samples (default: {DIGITS_DEFAULT_LIMIT} on digits, all pairs "
                         "in folders)")
-    p.add_argument("--methods", nargs="+", metavar="METHOD",
-                   help="methods as name or name:int (default: all; the interpreter combined and per stage)")
-    p.add_argument("--json", help="write all figures here (and the bar chart beside it, .png)")
+    add_methods_argument(p)
+    add_json_argument(p, "write all figures as JSON to PATH (and the bar chart beside it, .png)")
     p.add_argument("--plot", help="write the bar chart PNG here (default: beside --json)")
     p.add_argument("--steps", type=int, default=16, help="deletion/insertion steps (default 16)")
     p.add_argument("--baseline", choices=BASELINES, default="rise",
@@ -60,8 +61,9 @@ def main(args: argparse.Namespace) -> int:
     for flag, value in (("--limit", args.limit), ("--steps", args.steps), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be a positive integer, got {value}")
-    plot = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
-    for flag, path in (("--json file", args.json), ("--plot file", plot)):
+    to_file = args.json not in (None, "-")
+    plot = args.plot or (str(Path(args.json).with_suffix(".png")) if to_file else None)
+    for flag, path in (("--json file", args.json if to_file else None), ("--plot file", plot)):
         if path:
             check_output_file(path, flag)  # before the evaluation, not after it
     if args.methods:
@@ -83,15 +85,15 @@ def main(args: argparse.Namespace) -> int:
     results["checkpoint"] = Path(args.checkpoint).name if args.checkpoint else (
         args.model or f"{lib.default_checkpoint_path(args.task).name} (shipped)")
     results["warnings"] = notes
-    print(format_table(results))
-    print(f"n={results['n']}  pruned model agrees with backbone on {results['agreement']:.1%}; "
-          f"deletion/insertion: {args.steps} steps, baseline {args.baseline}")
+    text = [format_table(results),
+            f"n={results['n']}  pruned model agrees with backbone on {results['agreement']:.1%}; "
+            f"deletion/insertion: {args.steps} steps, baseline {args.baseline}"]
     if plot:
         from iared.explain.render import bar_chart
 
         bar_chart(results, plot)
-        print(f"wrote {plot}")
-    if args.json:
-        write_json(args.json, results)
-        print(f"wrote {args.json}")
+        text.append(f"wrote {plot}")
+    if to_file:
+        text.append(f"wrote {args.json}")
+    write_report(results, "\n".join(text), args.json)
     return 0

@@ -13,17 +13,23 @@ from __future__ import annotations
 import argparse
 import sys
 
+from iared.commands import add_option, add_out_argument
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("make-dataset", help="write an embedded task's images and digit masks as PNG folders",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("task", help="digits-natural, digits-clutter or moving-digits (video)")
+    from iared.data import DEFAULT_TASK
+
+    # `iared make-dataset TASK --out DIR` was the form before --task; it still works, with a note
+    add_option(p, "--task", old=("TASK",), default=DEFAULT_TASK, metavar="TASK",
+               help=f"digits-natural, digits-clutter or moving-digits (video) (default: {DEFAULT_TASK})")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="source split (default: test)")
     p.add_argument("--n", type=int, default=1000, help="number of images or clips (default: 1000)")
     p.add_argument("--seed", type=int, default=0, help="sample seed (default: 0, the canonical samples)")
     p.add_argument("--backgrounds", metavar="DIR",
                    help="digits-natural: photographs to draw on instead of the split's bundled ones")
-    p.add_argument("--out", required=True, metavar="OUT", help="output folder (must be absent or empty)")
+    add_out_argument(p, help="output folder (must be absent or empty)", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty OUT")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=main)

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import json
 
-from iared.commands import add_config_arguments
+from iared.commands import add_config_arguments, resolve_task
 from iared.files import json_safe
 from iared.train.common import parse_overrides
 from iared.train.dense import HELP, DenseTrainConfig, train_dense
@@ -19,7 +19,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser("train-dense", help="train a DPT segmentation head on an IA-RED² model (resumable)",
                               description=dense.__doc__.split("\n\n")[0])
-    add_config_arguments(p, DenseTrainConfig, HELP, lists=_LISTS)
+    add_config_arguments(p, DenseTrainConfig, HELP, lists=_LISTS, task_from_checkpoint=True)
     p.set_defaults(func=main)
     return p
 
@@ -30,6 +30,7 @@ def main(args: argparse.Namespace) -> int:
     given["model_overrides"] = parse_overrides(given["model_overrides"])
     for k in _LISTS:
         given[k] = None if given[k] is None else tuple(given[k])
+    given["task"] = resolve_task(given["task"], given["checkpoint"], given["model"], given["model_overrides"])
     result = train_dense(DenseTrainConfig(**given))
     print(json.dumps(json_safe(result)))
     return 0

@@ -9,6 +9,14 @@ import os
 import sys
 from pathlib import Path
 
+from iared.commands import (
+    add_checkpoint_argument,
+    add_config_file_argument,
+    add_list_argument,
+    add_out_argument,
+    add_task_argument,
+    resolve_task,
+)
 from iared.files import json_safe
 from iared.train.interpreters import InterpreterTrainConfig, default_reward, default_tau, train_from_config
 
@@ -19,22 +27,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("train-interpreters", help="train IA-RED² interpreters on a frozen backbone",
                               description=interpreters.__doc__.split("\n\n")[0])
     d = InterpreterTrainConfig()
-    p.add_argument("--task", default=d.task, help="digits-clutter or an ImageFolder directory (ImageNet wnid folders "
-                                                 "keep the standard 1000-class labels)")
-    p.add_argument("--checkpoint", "--backbone", dest="backbone", default=d.backbone, metavar="FILE",
-                   help="backbone weights: an iared checkpoint, an official DeiT .pth, a state dict or safetensors "
-                        "(geometry read off the weights unless --model names it); default: the shipped digits "
-                        "backbone")
+    add_config_file_argument(p)
+    add_task_argument(p, "embedded task or an ImageFolder directory (ImageNet wnid folders keep the standard "
+                         "1000-class labels)")
+    add_checkpoint_argument(p, "backbone weights: an iared checkpoint, an official DeiT .pth, a state dict or "
+                               "safetensors (geometry read off the weights unless --model names it); default: the "
+                               "task's shipped backbone", dest="backbone", old=("--backbone",))
     p.add_argument("--model", default=d.model, metavar="NAME", help="backbone name (e.g. deit_small_patch16_224)")
     p.add_argument("--pretrained", action="store_true", help="with --model and no --checkpoint: timm's download")
-    p.add_argument("--out", default=d.out)
+    add_out_argument(p, d.out, "run folder: pruned.pt, config.json / config.yaml, log.jsonl / log.csv, train_state.pt")
     p.add_argument("--steps-per-stage", type=int, default=d.steps_per_stage)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--tau", type=float, default=None,
                    help=f"penalty of a wrong prediction (reward -tau; default {d.tau:g}, digits-natural "
                         f"{default_tau('digits-natural'):g}: iared.train.interpreters.TASK_TAU)")
-    p.add_argument("--stage-weights", type=float, nargs="+", default=list(d.stage_weights))
+    add_list_argument(p, "--stage-weights", float, default=d.stage_weights, legacy_spaces=True, metavar="W",
+                      help="weight of the compute term, per stage (one value: every stage)")
     p.add_argument("--baseline", choices=["self-critical", "mean"], default=d.baseline)
     p.add_argument("--reward", choices=["correct", "probability"], default=None,
                    help="correct: 1 - w f^2 if right, -tau if wrong (the paper's); probability: the same, continuous "
@@ -72,6 +81,9 @@ def main(args: argparse.Namespace) -> int:
     fields = {k: v for k, v in vars(args).items() if k in names}
     fields["stage_weights"] = tuple(fields["stage_weights"])
     saved = _saved_run_settings(Path(fields["out"])) if args.resume else {}
+    # resuming: the run's own task; else the backbone's, else the embedded default
+    task = fields["task"] if fields["task"] is not None else saved.get("task")
+    fields["task"] = resolve_task(task, fields["backbone"], fields["model"])
     if fields.get("tau") is None:  # resuming: the run's own value, not a default that may have changed
         fields["tau"] = saved.get("tau", default_tau(fields["task"]))
     if fields.get("reward") is None:

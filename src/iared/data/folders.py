@@ -27,9 +27,11 @@ __all__ = [
     "BadImageError",
     "ImageFolderDataset",
     "eval_transform",
+    "fit_notes",
     "list_images",
     "load_image",
     "imagenet_class_indices",
+    "to_model_channels",
     "train_transform",
 ]
 
@@ -121,6 +123,42 @@ def load_image(path) -> Image.Image:
         raise  # the file may be fine; reporting it as corrupt would mislead
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise BadImageError(path, f"truncated or corrupt ({_one_line(exc)})") from None
+
+
+def to_model_channels(img: Image.Image, in_chans: int, path) -> Image.Image:
+    """An RGB image (:func:`load_image`) in a model's input channels: 3 as it is, 1 as grayscale; any
+    other count is a one-line :class:`BadImageError` naming ``path``: an image file has no fourth
+    channel to give, and dropping or inventing channels would feed the model silent nonsense."""
+    if in_chans == 1:
+        return img.convert("L")
+    if in_chans != 3:
+        raise BadImageError(path, f"the model takes {in_chans}-channel inputs; an image file feeds 1 (grayscale) "
+                                  "or 3 (RGB) channels only")
+    return img
+
+
+def fit_notes(seen: dict, size: int, in_chans: int = 3) -> list[str]:
+    """One-line warnings for the inputs a model's transform adapts: ``seen`` maps each input to its
+    ``((width, height), source mode)``. Inputs not ``size`` x ``size`` are resized (from what to
+    what); colour inputs of a one-channel model lose their colour. Empty when everything fits."""
+    def sizes(items) -> str:
+        distinct = sorted({s for s in items}, key=lambda s: (-s[0] * s[1], s))
+        text = ", ".join(f"{w}x{h}" for w, h in distinct[:3])
+        return text + (f" ... ({len(distinct)} sizes)" if len(distinct) > 3 else "")
+
+    notes = []
+    off = {p: s for p, (s, _) in seen.items() if tuple(s) != (size, size)}
+    if len(off) == 1:
+        (path, s), = off.items()
+        notes.append(f"{path}: resized from {sizes([s])} to the model's {size}x{size} input")
+    elif off:
+        notes.append(f"{len(off)} of {len(seen)} inputs resized from {sizes(off.values())} to the model's "
+                     f"{size}x{size} input")
+    colour = [p for p, (_, mode) in seen.items() if not str(mode).startswith(("L", "1", "I", "F"))]
+    if in_chans == 1 and colour:
+        notes.append(f"{len(colour)} colour input(s) converted to grayscale for the model's 1 input channel "
+                     f"(first: {colour[0]})")
+    return notes
 
 
 def _has_extension(name: str, extensions: tuple[str, ...]) -> bool:

@@ -27,14 +27,17 @@ JSON are written through :func:`iared.files.write_atomic`.
 
 from __future__ import annotations
 
+import sys
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from iared.data import DEFAULT_TASK
 from iared.explain.evaluate import build_methods, evaluate_explanations
 from iared.explain.methods import default_methods
+from iared.models import TASK_PRUNED
 from iared.pruning import IARed
 from iared.timing import machine_info
 
@@ -50,9 +53,8 @@ __all__ = [
     "pair_folders",
 ]
 
-DEFAULT_CHECKPOINTS = {"digits-natural": "digits_natural_pruned.pt", "digits-clutter": "digits_pruned.pt"}
+DEFAULT_CHECKPOINTS = {task: TASK_PRUNED[task] for task in ("digits-natural", "digits-clutter")}
 """File names, inside the package's ``assets`` folder, of the pruned model shipped for each embedded task."""
-DEFAULT_TASK = "digits-natural"
 
 DIGITS_DEFAULT_LIMIT = 500
 
@@ -66,13 +68,15 @@ def default_checkpoint_path(task: str | None = None) -> Path:
 
 
 def load_explain_model(checkpoint=None, device: str = "cpu", model: str | None = None,
-                       pretrained: bool = False, task: str | None = None) -> IARed:
+                       pretrained: bool = False, task: str | None = None, allow_untrained: bool = True) -> IARed:
     """A pruned model from ``checkpoint``; a backbone (``--model NAME`` / weights without
-    interpreters) with fresh interpreters (:func:`iared.loading.load_iared`); or the pruned model
-    shipped for ``task`` when nothing is given (FileNotFoundError naming it if absent)."""
+    interpreters) with fresh interpreters (:func:`iared.loading.load_iared`; refused unless
+    ``allow_untrained``); or the pruned model shipped for ``task`` when nothing is given
+    (FileNotFoundError naming it if absent)."""
     from iared.loading import load_iared
 
-    return load_iared(checkpoint, model, pretrained, default=default_checkpoint_path(task)).to(device).eval()
+    return load_iared(checkpoint, model, pretrained, default=default_checkpoint_path(task),
+                      allow_untrained=allow_untrained).to(device).eval()
 
 
 def _image_transform(model: IARed, squash: bool):
@@ -83,25 +87,27 @@ def _image_transform(model: IARed, squash: bool):
     return eval_transform(cfg.img_size, cfg.mean, cfg.std, **kw)
 
 
-def _as_model_mode(img, model: IARed):
-    in_chans = model.backbone.cfg.in_chans
-    if in_chans == 1:
-        return img.convert("L")
-    if in_chans != 3:
-        raise ValueError(f"model takes {in_chans}-channel images; only 1 or 3 are supported here")
-    return img  # load_image always gives RGB (grayscale, palette, alpha, 16-bit converted)
+def _as_model_mode(img, model: IARed, path):
+    from iared.data.folders import to_model_channels
+
+    # load_image always gives RGB (grayscale, palette, alpha, 16-bit converted)
+    return to_model_channels(img, model.backbone.cfg.in_chans, path)
 
 
-def load_model_input(path, model: IARed, transform=None) -> torch.Tensor:
+def load_model_input(path, model: IARed, transform=None, seen: dict | None = None) -> torch.Tensor:
     """An image file as the model's input ``(C_in, S, S)``.
 
     Default transform: images already of the model's size are used whole, others are resized
-    and centre-cropped as in evaluation. A broken file raises the data module's one-line
-    ``BadImageError`` naming it.
+    and centre-cropped as in evaluation. A broken file, or a model whose channels an image cannot
+    feed, raises the data module's one-line ``BadImageError`` naming it. ``seen``: gets
+    ``path -> ((width, height), source mode)``, for :func:`iared.data.folders.fit_notes`.
     """
     from iared.data import load_image
 
-    img = _as_model_mode(load_image(path), model)
+    original = load_image(path)
+    if seen is not None:
+        seen[path] = (original.size, original.info.get("source_mode"))
+    img = _as_model_mode(original, model, path)
     if transform is None:
         size = model.backbone.cfg.img_size
         transform = _image_transform(model, squash=img.size == (size, size))
@@ -190,7 +196,9 @@ def _use_threshold(model: IARed, threshold: float | None) -> float:
     records it so the attention methods explain the same pruned pass as the interpreter maps."""
     from dataclasses import replace
 
-    if threshold is not None:
+    from iared.reducers.base import check_threshold
+
+    if check_threshold(threshold) is not None:
         model.inference = replace(model.inference, threshold=threshold)
     return model.inference.threshold
 
@@ -238,6 +246,7 @@ def explain_files(model: IARed, files: list[Path], source, out_dir, method_names
     size and normalisation) and writes, per file, a PNG strip of the frames with the kept tokens and
     heatmaps per frame and an animated GIF beside it (:func:`iared.explain.render.render_video`)."""
     from iared.data import VIDEO_EXTENSIONS, BadImageError, BadVideoError
+    from iared.data.folders import fit_notes
     from iared.data.video import load_clip
     from iared.explain.methods import check_video_methods, is_video
     from iared.explain.render import display_image, render_panel, render_video
@@ -249,7 +258,7 @@ def explain_files(model: IARed, files: list[Path], source, out_dir, method_names
     threshold = _use_threshold(model, threshold)
     methods = _methods_for(model, method_names, threshold)
     cfg = model.backbone.cfg
-    inputs, bad = [], []
+    inputs, bad, seen = [], [], {}
     for path in files:
         is_video_file = path.suffix.lower() in VIDEO_EXTENSIONS
         try:
@@ -257,11 +266,13 @@ def explain_files(model: IARed, files: list[Path], source, out_dir, method_names
                 raise BadImageError(path, "a video, but the model takes images" if is_video_file
                                     else "an image, but the model takes clips (a video model)")
             inputs.append(load_clip(path, cfg.num_frames, cfg.img_size, cfg.mean, cfg.std) if video
-                          else load_model_input(path, model))
+                          else load_model_input(path, model, seen=seen))
         except (BadImageError, BadVideoError) as e:
             bad.append(f"{path} ({e.problem})")
     if bad:
-        raise ValueError(f"{len(bad)} unreadable input(s), nothing written: {_show_names(bad, 5)}")
+        raise ValueError(f"{len(bad)} unusable input(s), nothing written: {_show_names(bad, 5)}")
+    for note in fit_notes(seen, cfg.img_size, cfg.in_chans):
+        print(f"iared: {note}", file=sys.stderr)
     written = []
     for path, name, image in zip(files, _panel_names(files, source), inputs):
         x = image[None].to(device)
@@ -321,7 +332,7 @@ def _folder_batches(pairs, model: IARed, batch_size: int):
     size = model.backbone.cfg.img_size
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start: start + batch_size]
-        yield (torch.stack([transform(_as_model_mode(load_image(i), model)) for i, _ in chunk]),
+        yield (torch.stack([transform(_as_model_mode(load_image(i), model, i)) for i, _ in chunk]),
                torch.stack([load_mask(m, size) for _, m in chunk]))
 
 

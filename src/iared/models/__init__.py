@@ -32,6 +32,7 @@ __all__ = [
     "MODEL_BUILDERS",
     "MODEL_CONFIGS",
     "TASK_BACKBONES",
+    "TASK_PRUNED",
     "Block",
     "ConvNet",
     "ConvNetConfig",
@@ -46,6 +47,7 @@ __all__ = [
     "from_hf_timesformer",
     "from_timm",
     "list_models",
+    "split_model_name_tag",
     "load_model",
     "load_timesformer",
 ]
@@ -101,10 +103,21 @@ EMBEDDED_CHECKPOINT = EMBEDDED_CHECKPOINTS["digits_vit"]
 # The shipped backbone of each embedded task: what demo, compare and train-interpreters use when given none.
 TASK_BACKBONES = {"digits-natural": "digits_natural_vit", "digits-clutter": "digits_vit",
                   "moving-digits": "moving_digits_tsf"}
+# The pruned model (backbone + trained interpreters) shipped for each embedded task, file names in iared/assets.
+TASK_PRUNED = {"digits-natural": "digits_natural_pruned.pt", "digits-clutter": "digits_pruned.pt",
+               "moving-digits": "moving_digits_pruned.pt"}
 
 
 def list_models() -> list[str]:
     return sorted([*MODEL_CONFIGS, *MODEL_BUILDERS])
+
+
+def split_model_name_tag(name: str) -> tuple[str, str]:
+    """``"deit_small_patch16_224.fb_in1k"`` -> ``("deit_small_patch16_224", "fb_in1k")``; no tag: ``""``.
+    timm's rule (``timm.models.split_model_name_tag``), without importing timm: the architecture
+    is what registries are keyed by, the tag names one of its pretrained weight sets."""
+    base, _, tag = name.partition(".")
+    return base, tag
 
 
 def create_model(name: str, *, pretrained: bool = False, checkpoint: str | os.PathLike | None = None,
@@ -116,17 +129,19 @@ def create_model(name: str, *, pretrained: bool = False, checkpoint: str | os.Pa
     official DeiT / DeiT-III, safetensors or iared layout). Weights made at another image size
     (``img_size=...`` override) get their position table resampled as timm does.
     """
-    if name in MODEL_BUILDERS:  # another family (MViTv2, TimeSformer): overrides are its config's fields
-        builder, config = MODEL_BUILDERS[name]
-        return builder(name, config, pretrained=pretrained, checkpoint=checkpoint, **overrides)
-    if name not in MODEL_CONFIGS:
+    # a timm tag (".fb_in1k") picks pretrained weights; the architecture is the name without it
+    base, _ = split_model_name_tag(name)
+    if base in MODEL_BUILDERS:  # another family (MViTv2, TimeSformer): overrides are its config's fields
+        builder, config = MODEL_BUILDERS[base]
+        return builder(name if pretrained else base, config, pretrained=pretrained, checkpoint=checkpoint, **overrides)
+    if base not in MODEL_CONFIGS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
-    model = VisionTransformer(ViTConfig(**{**MODEL_CONFIGS[name], **overrides}))
+    model = VisionTransformer(ViTConfig(**{**MODEL_CONFIGS[base], **overrides}))
     if checkpoint is not None:
         state_dict = extract_state_dict(read_checkpoint(checkpoint), checkpoint)
         load_weights(model, adapt_state_dict(state_dict, model.cfg), checkpoint)
-    elif pretrained and name in EMBEDDED_CHECKPOINTS:
-        path = embedded_checkpoint_path(name)
+    elif pretrained and base in EMBEDDED_CHECKPOINTS:
+        path = embedded_checkpoint_path(base)
         load_weights(model, adapt_state_dict(extract_state_dict(read_checkpoint(path), path), model.cfg), path)
     elif pretrained:
         import timm

@@ -28,6 +28,19 @@ MODES: tuple[str, ...] = ("sample", "threshold", "budget", "all")
 DEFAULT_THRESHOLD = 0.5  # the paper's inference rule: keep a token whose score exceeds 0.5
 
 
+def check_threshold(threshold, what: str = "--threshold"):
+    """``threshold`` (one value or one per stage) unchanged when every value is in [0, 1], else a one-line
+    ValueError naming it: scores are keep probabilities, so 1.5 would silently drop every token
+    and -0.2 keep all of them. None (use the checkpoint's) passes."""
+    if threshold is None:
+        return None
+    values = list(threshold) if isinstance(threshold, (list, tuple)) else [threshold]
+    bad = [v for v in values if not (isinstance(v, (int, float)) and 0.0 <= float(v) <= 1.0)]
+    if bad:
+        raise ValueError(f"{what} {threshold}: thresholds are keep probabilities, in [0, 1] (got {bad[0]})")
+    return threshold
+
+
 def quarter_locations(depth: int, count: int = 3) -> tuple[int, ...]:
     """``round(i * depth / (count + 1))`` for i = 1..count, within [1, depth - 1], duplicates
     dropped: 12 blocks (3, 6, 9) as EViT and DynamicViT; 6 blocks (2, 3, 4); 3 blocks (1, 2)."""

@@ -74,11 +74,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from iared.files import check_output_dir, check_output_file, write_json
+from iared.files import check_output_dir, check_output_file
 from iared.timing import use_threads
 from iared.train.common import (
     Checkpointer,
-    JsonlLogger,
+    RunLogger,
     StepBatchSampler,
     StepGuard,
     all_reduce_sums,
@@ -95,6 +95,7 @@ from iared.train.common import (
     training_state,
     unwrap,
     warmup_cosine,
+    write_run_config,
 )
 
 __all__ = ["HELP", "BackboneTrainConfig", "classification_loss", "export_weights", "resolve_config", "train"]
@@ -244,10 +245,11 @@ def _evaluate(model: nn.Module, loader, device, cache: list | None = None) -> di
 
 def _model_config(name: str, overrides: dict[str, Any]):
     """The config of a trainable backbone name (a ViT, a TimeSformer, or a CNN teacher), overrides applied."""
-    from iared.models import MODEL_CONFIGS, ViTConfig
+    from iared.models import MODEL_CONFIGS, ViTConfig, split_model_name_tag
     from iared.models.convnet import CONVNET_CONFIGS, ConvNetConfig
     from iared.models.timesformer import TIMESFORMER_CONFIGS, TimeSformerConfig
 
+    name = split_model_name_tag(name)[0]  # a timm tag (.fb_in1k) names pretrained weights, not a geometry
     if name in MODEL_CONFIGS:
         return ViTConfig(**{**MODEL_CONFIGS[name], **overrides})
     if name in CONVNET_CONFIGS:
@@ -276,7 +278,7 @@ def _train(cfg: BackboneTrainConfig, rank: int, world: int, device: torch.device
     if cfg.export:
         check_output_file(cfg.export, "--export file")
     ckpt = Checkpointer(out, cfg.save_every)
-    log = JsonlLogger(out / "log.jsonl")
+    log = RunLogger(out / "log.jsonl")
     state = None
     if cfg.resume and ckpt.exists():
         state = ckpt.load()
@@ -329,8 +331,8 @@ def _train(cfg: BackboneTrainConfig, rank: int, world: int, device: torch.device
     if state is not None:
         guard.bad_steps = int(state.get("bad_steps", 0))
     if is_main():
-        write_json(out / "config.json",
-                   {"model": unwrap(model).cfg.to_dict(), "train": dataclasses.asdict(cfg), "world_size": world})
+        write_run_config(out, {"model": unwrap(model).cfg.to_dict(), "train": dataclasses.asdict(cfg),
+                               "world_size": world})
         log.log(event="start", step=step, world_size=world, device=str(device), resumed=state is not None)
 
     def state_fn():

@@ -43,12 +43,12 @@ import torch.distributed as dist
 from torch import nn
 
 from iared.checkpoint import CheckpointError, non_finite_tensors, read_checkpoint, save_atomic
-from iared.files import json_safe
+from iared.files import json_safe, remove_stale_temporaries
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "Checkpointer",
-    "JsonlLogger",
+    "RunLogger",
     "NonFiniteError",
     "StepBatchSampler",
     "StepGuard",
@@ -70,6 +70,7 @@ __all__ = [
     "training_state",
     "unwrap",
     "warmup_cosine",
+    "write_run_config",
 ]
 
 CHECKPOINT_FORMAT = "iared-train/1"
@@ -341,6 +342,8 @@ class Checkpointer:
         self.every = int(every)
         self.path = self.directory / filename
         self.saved_step: int | str | None = None  # step (or a label such as "stage 2 step 0") last written
+        if is_main():  # a run starts or resumes here: what a killed write left behind goes (and is named)
+            remove_stale_temporaries(self.directory)
 
     def maybe_save(self, step: int, state_fn: Callable[[], dict]) -> bool:
         if self.every > 0 and step % self.every == 0:
@@ -457,24 +460,120 @@ class StepGuard:
         return False
 
 
+def write_run_config(out: str | os.PathLike, config: dict) -> None:
+    """A run's settings beside its checkpoint: ``config.json`` and, when PyYAML is installed,
+    ``config.yaml``; ``--config`` reads either back and repeats the run (:mod:`iared.commands`)."""
+    from iared.files import write_json, write_text
+
+    out = Path(out)
+    write_json(out / "config.json", config)
+    try:
+        import yaml
+    except ImportError:  # YAML is the readable copy; the JSON one is what the run needs
+        return
+    write_text(out / "config.yaml", yaml.safe_dump(json_safe(config), sort_keys=False))
+
+
 # -- logging ----------------------------------------------------------------------------------
 
 
-class JsonlLogger:
-    """Appends one JSON object per line to ``path`` (rank 0 only); adds wall time ``time``.
-    Strict JSON: a NaN / inf value is written as null (bare ``NaN`` is not JSON)."""
+class RunLogger:
+    """A run's log, rank 0 only: one JSON object per line in ``path`` (``log.jsonl``; wall time ``time``
+    added; strict JSON, NaN / inf written as null), the same records as rows of ``log.csv`` beside it
+    (a column per key, the file rewritten when a new key appears, as Lightning's CSVLogger does),
+    and, when TensorBoard is installed (optional, as in timm), every number as a scalar under
+    ``tensorboard/``. The first record says which of these sinks are active (``sinks``)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self.csv_path = self.path.with_suffix(".csv")
         self.start = time.time()
+        self._columns: list[str] | None = None  # the CSV header, read from the file on the first record
+        self._writer = None  # the TensorBoard SummaryWriter, opened on the first record
+        self._said = False
 
     def log(self, **record) -> None:
         if not is_main():
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        record = {**record, "time": round(time.time() - self.start, 3)}
+        record = json_safe({**record, "time": round(time.time() - self.start, 3)})
+        if not self._said:
+            self._writer = _tensorboard_writer(self.path.parent / "tensorboard")
+            sinks = [self.path.name, self.csv_path.name] + (["tensorboard/"] if self._writer is not None else [])
+            line = {**record, "sinks": sinks}
+            self._said = True
+        else:
+            line = record
         with open(self.path, "a") as f:
-            f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+            f.write(json.dumps(line, allow_nan=False) + "\n")
+        self._write_csv(record)
+        if self._writer is not None:
+            _tensorboard_scalars(self._writer, record)
+
+    def _write_csv(self, record: dict) -> None:
+        import csv
+        import io
+
+        from iared.files import write_text
+
+        if self._columns is None:  # resumed into a folder: keep its header
+            self._columns = _csv_header(self.csv_path)
+        cells = {k: v if isinstance(v, (int, float, str)) or v is None else json.dumps(v) for k, v in record.items()}
+        new = [k for k in cells if k not in self._columns]
+        if new or not self.csv_path.is_file():  # a new column: the whole file again, with the wider header
+            rows = _csv_rows(self.csv_path) if self.csv_path.is_file() else []
+            self._columns = self._columns + new
+            buffer = io.StringIO()
+            writer = csv.DictWriter(buffer, self._columns)
+            writer.writeheader()
+            writer.writerows([*rows, cells])
+            write_text(self.csv_path, buffer.getvalue())
+            return
+        with open(self.csv_path, "a", newline="") as f:
+            csv.DictWriter(f, self._columns).writerow(cells)
+
+
+def _csv_header(path: Path) -> list[str]:
+    import csv
+
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return next(csv.reader(f), [])
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _tensorboard_writer(directory: Path):
+    """A SummaryWriter on ``directory``, or None when TensorBoard is not installed (an optional sink)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch.utils.tensorboard needs the tensorboard package
+        return None
+    return SummaryWriter(log_dir=str(directory))
+
+
+def _tensorboard_scalars(writer, record: dict) -> None:
+    """Every number of ``record`` as a scalar, tagged by what the record is (``train/loss``,
+    ``eval/val/top1``, ``stage0/reward``) at its ``step``; lists as ``key/0``, ``key/1``, ..."""
+    parts = [str(record[k]) for k in ("event", "split") if isinstance(record.get(k), str)]
+    if isinstance(record.get("stage"), int):
+        parts.append(f"stage{record['stage']}")
+    prefix = "/".join(parts) or "train"
+    step = record.get("step") if isinstance(record.get("step"), int) else None
+    for key, value in record.items():
+        if key in ("event", "split", "stage", "step", "time"):
+            continue
+        values = value if isinstance(value, list) else [value]
+        for i, v in enumerate(values):
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                writer.add_scalar(f"{prefix}/{key}" + (f"/{i}" if isinstance(value, list) else ""), v, step)
+    writer.flush()  # a run can be killed at any time; what was logged should be on disk
 
 
 def progress(iterable=None, **kw):

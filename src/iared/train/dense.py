@@ -1,6 +1,6 @@
 """``iared train-dense``: train a DPT head (:mod:`iared.heads.dpt`) on an IA-RED² model's tokens.
 
-The starting point is a pruned checkpoint (default: the shipped ``digits_pruned.pt``: backbone +
+The starting point is a pruned checkpoint (default: the task's shipped one, ``TASK_PRUNED``: backbone +
 interpreters), a backbone file (fresh interpreters) or a dense checkpoint (its head too). The
 backbone is frozen (default) or fine-tuned (``--finetune-backbone``, its learning rate scaled by
 ``--backbone-lr-scale``); the head phase never changes the interpreters.
@@ -24,7 +24,7 @@ model, optimizer and RNG states, ``log.jsonl``; ``--resume`` continues bit for b
 
 The README's figures (digits-clutter test mIoU 85.93 unpruned, 86.65 pruned) come from::
 
-    iared train-dense --steps 1000 --batch-size 32 --lr 2e-3 --warmup 30 --pruned-fraction 0.5 \
+    iared train-dense --task digits-clutter --steps 1000 --batch-size 32 --lr 2e-3 --warmup 30 --pruned-fraction 0.5 \
         --neck-hidden-sizes 24 32 48 64 --pixel-refinement 8 --threads 1 --out runs/dense_b
 """
 
@@ -41,14 +41,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from iared.dense import image_miou
-from iared.files import check_output_dir, write_json
+from iared.files import check_output_dir
 from iared.pruning import IARed, IARedConfig
 from iared.rl import segmentation_reward
 from iared.timing import use_threads
 from iared.train.common import (
     CHECKPOINT_FORMAT,
     Checkpointer,
-    JsonlLogger,
+    RunLogger,
     StepBatchSampler,
     StepGuard,
     capture_rng,
@@ -58,19 +58,18 @@ from iared.train.common import (
     seed_everything,
     set_lr,
     warmup_cosine,
+    write_run_config,
 )
 from iared.train.interpreters import InterpreterTrainConfig, InterpreterTrainer, stack_batch
 
 __all__ = ["HELP", "DenseTrainConfig", "build_dense_model", "train_dense"]
-
-SHIPPED_PRUNED = "digits_pruned.pt"
 
 
 @dataclass
 class DenseTrainConfig:
     """Every option of ``iared train-dense``; the CLI maps onto it one to one."""
 
-    checkpoint: str | None = None  # pruned checkpoint or backbone weights; None: the shipped digits_pruned.pt
+    checkpoint: str | None = None  # pruned checkpoint or backbone weights; None: the task's shipped pruned model
     model: str | None = None
     pretrained: bool = False
     model_overrides: dict[str, Any] = field(default_factory=dict)
@@ -116,7 +115,7 @@ OPERATIONAL = {"out", "save_every", "log_every", "device", "threads", "resume", 
 
 HELP = {
     "checkpoint": "IA-RED² checkpoint (backbone + interpreters) or backbone weights (fresh interpreters); "
-                  "default: the shipped digits_pruned.pt",
+                  "default: the task's shipped pruned model (digits_natural_pruned.pt, digits_pruned.pt)",
     "model": "backbone name, with --checkpoint (how to build it) or --pretrained",
     "pretrained": "with --model: timm's download, or the shipped digits_vit",
     "model_overrides": "change a ViTConfig field of --model, e.g. depth=4 (repeatable)",
@@ -174,7 +173,9 @@ def build_dense_model(cfg: DenseTrainConfig, num_classes: int):
             raise ValueError(f"{cfg.checkpoint}: its head predicts {model.dpt_cfg.num_classes} classes, "
                              f"--task {cfg.task} has {num_classes}")
         return model
-    default = str(resources.files("iared") / "assets" / SHIPPED_PRUNED)
+    from iared.models import TASK_PRUNED
+
+    default = str(resources.files("iared") / "assets" / TASK_PRUNED.get(cfg.task, TASK_PRUNED["digits-clutter"]))
     reduced = load_iared(cfg.checkpoint, cfg.model, cfg.pretrained, cfg.model_overrides, default=default)
     return DenseModel(reduced, _dpt_config(cfg, num_classes, reduced.backbone.cfg.in_chans))
 
@@ -216,7 +217,7 @@ def train_dense(cfg: DenseTrainConfig) -> dict[str, Any]:
     out = check_output_dir(cfg.out, "--out folder")
     device = torch.device(cfg.device)
     ckpt = Checkpointer(out, cfg.save_every)
-    log = JsonlLogger(out / "log.jsonl")
+    log = RunLogger(out / "log.jsonl")
     state = None
     if cfg.resume and ckpt.exists():
         state = load_training_state(ckpt.path)
@@ -244,7 +245,7 @@ def train_dense(cfg: DenseTrainConfig) -> dict[str, Any]:
     guard = StepGuard(cfg.max_bad_steps, ckpt, device=device)
     if state is not None:
         guard.bad_steps = int(state.get("bad_steps", 0))
-    write_json(out / "config.json", {**_model_config(model), "train": _train_dict(cfg)})
+    write_run_config(out, {**_model_config(model), "train": _train_dict(cfg)})
     log.log(event="start", step=step, resumed=state is not None)
 
     def state_fn():  # the layout of iared.train.common.training_state, with the dense model's config

@@ -25,12 +25,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from iared.checkpoint import CheckpointError, read_checkpoint
-from iared.files import check_output_dir, write_json
+from iared.files import check_output_dir
 from iared.pruning import IARed, IARedConfig, InferenceSettings, save_pruned
 from iared.rl import Baseline, RewardKind, RunningMean, blockdrop_reward, policy_gradient_loss, probability_reward
 from iared.train.common import (
     Checkpointer,
-    JsonlLogger,
+    RunLogger,
     StepGuard,
     all_reduce_sums,
     autocast,
@@ -39,6 +39,7 @@ from iared.train.common import (
     init_distributed,
     is_main,
     rank_share,
+    write_run_config,
 )
 
 TRAIN_STATE_FORMAT = "iared-interp-train/1"
@@ -140,7 +141,7 @@ class InterpreterTrainer:
         self.out = Path(cfg.out)
         self.checkpointer = Checkpointer(self.out, filename="train_state.pt")
         self.guard = StepGuard(cfg.max_bad_steps, self.checkpointer, device=self.device)
-        self.logger = JsonlLogger(self.out / "log.jsonl")
+        self.logger = RunLogger(self.out / "log.jsonl")
 
     # -- state ------------------------------------------------------------------------------
 
@@ -313,9 +314,11 @@ def load_split(task: str, split: str, n: int, seed: int = 0, model_cfg=None) -> 
 
 
 def train_from_config(cfg: InterpreterTrainConfig, resume: bool = False, progress: bool = True) -> tuple[IARed, list]:
-    from iared.loading import task_dataset
+    from iared.loading import check_labels_fit, task_dataset
+    from iared.reducers.base import check_threshold
 
     out = check_output_dir(cfg.out, "--out folder")
+    check_threshold(cfg.threshold)
     if cfg.max_bad_steps < 0:
         raise ValueError(f"--max-bad-steps must be >= 0, got {cfg.max_bad_steps}")
     if len(cfg.stage_weights) != cfg.num_stages:
@@ -329,6 +332,7 @@ def train_from_config(cfg: InterpreterTrainConfig, resume: bool = False, progres
     # interpreters learn on the evaluation view of the images: the data of a step stays a pure
     # function of (seed, stage, step), so --resume is exact on folders too
     train_set = task_dataset(cfg.task, "train", model.backbone.cfg)
+    check_labels_fit(train_set, model.backbone.cfg.num_classes, cfg.task, cfg.backbone or "the backbone")
     if cfg.prerender:
         from iared.data.samples import prerender_task
 
@@ -339,7 +343,7 @@ def train_from_config(cfg: InterpreterTrainConfig, resume: bool = False, progres
         if not trainer.state_path().is_file():
             raise FileNotFoundError(f"nothing to resume: {trainer.state_path()} does not exist")
         trainer.load_state(trainer.state_path())
-    write_json(out / "config.json", _config_dict(cfg))
+    write_run_config(out, _config_dict(cfg))
     history = trainer.run()
     finetune_backbone(model, train_set, cfg, progress=progress, guard=trainer.guard)
     if is_main():
@@ -380,7 +384,7 @@ def train_on_backbone(backbone, train_set, cfg: InterpreterTrainConfig, resume: 
     if resume and trainer.state_path().is_file():
         _check_same_run(trainer.state_path(), model, cfg)
         trainer.load_state(trainer.state_path())
-    write_json(out / "config.json", _config_dict(cfg))
+    write_run_config(out, _config_dict(cfg))
     trainer.run()
     save_pruned(model, out / "pruned.pt", extra={"train": _config_dict(cfg)},
                     inference=InferenceSettings(threshold=cfg.threshold))
