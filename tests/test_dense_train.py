@@ -9,8 +9,7 @@ from iared.cli import main
 from iared.dense import load_dense
 from iared.models.vit import VisionTransformer, ViTConfig
 
-TINY_HEAD = ["--neck-hidden-sizes", "4", "4", "4", "4", "--fusion-hidden-size", "4",
-             "--reassemble-factors", "4", "2", "1", "0.5"]
+TINY_HEAD = ["--neck-hidden-sizes", "4,4,4,4", "--fusion-hidden-size", "4", "--reassemble-factors", "4,2,1,0.5"]
 
 
 @pytest.fixture(scope="module")

@@ -121,7 +121,7 @@ def test_neither_floor_finds_the_digit():
 
 def test_make_dataset_writes_a_video_folder(tmp_path, capsys):
     out = tmp_path / "md"
-    assert cli_main(["make-dataset", "moving-digits", "--split", "test", "--n", "5", "--out", str(out),
+    assert cli_main(["make-dataset", "--task", "moving-digits", "--split", "test", "--n", "5", "--out", str(out),
                      "--no-progress"]) == 0
     videos = sorted((out / "videos").rglob("*.mp4"))
     assert len(videos) == 5
@@ -134,7 +134,7 @@ def test_make_dataset_writes_a_video_folder(tmp_path, capsys):
         for t in range(FRAMES):
             png = np.asarray(Image.open(out / "masks" / str(label) / path.stem / f"{t}.png")) > 127
             assert np.array_equal(png, masks[t].numpy())
-    assert cli_main(["make-dataset", "moving-digits", "--n", "5", "--out", str(out)]) == 2  # not empty: refused
+    assert cli_main(["make-dataset", "--task", "moving-digits", "--n", "5", "--out", str(out)]) == 2  # not empty
 
 
 @pytest.mark.parametrize("task", ["digits-natural", "moving-digits"])

@@ -3,6 +3,7 @@ MAC count, key frames, batches of independent streams, and the digit-streams tas
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -18,7 +19,8 @@ from iared.streaming import GatePolicy, Stream, run_stream
 
 def tiny_vit(seed: int = 0, **kw) -> VisionTransformer:
     torch.manual_seed(seed)
-    cfg = dict(img_size=32, patch_size=8, in_chans=3, num_classes=5, embed_dim=32, depth=4, num_heads=2)
+    cfg = {"img_size": 32, "patch_size": 8, "in_chans": 3, "num_classes": 5, "embed_dim": 32, "depth": 4,
+           "num_heads": 2}
     return VisionTransformer(ViTConfig(**{**cfg, **kw})).eval()
 
 
@@ -189,7 +191,7 @@ def test_digit_streams_task():
     assert x.min() >= 0 and x.max() <= 1 and torch.allclose(x * 255, (x * 255).round(), atol=1e-3)
     assert masks.flatten(1).any(1).all(), "every frame shows its digit"
     segs = s["segments"]
-    assert segs[0][0] == 0 and segs[-1][1] == 40 and all(a[1] == b[0] for a, b in zip(segs, segs[1:]))
+    assert segs[0][0] == 0 and segs[-1][1] == 40 and all(a[1] == b[0] for a, b in itertools.pairwise(segs))
     assert len(segs) >= 2
     assert all(len(set(s["labels"][a:b].tolist())) == 1 for a, b in segs)
     step = (x[1:] - x[:-1]).abs().mean()

@@ -123,7 +123,8 @@ def test_ddp_two_processes_equal_one(full_run, tmp_path):
            "-m", "iared.cli", "train", *RUN, "--device", "cpu", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "log.jsonl"]
+    files = sorted(p.name for p in out.iterdir() if p.name != "tensorboard")  # TensorBoard: when installed
+    assert files == ["checkpoint.pt", "config.json", "config.yaml", "log.csv", "log.jsonl"]
     assert proc.stdout.count("step 6: val top-1") == 1  # rank 0 reports, rank 1 stays quiet
 
     assert json.loads((out / "config.json").read_text())["world_size"] == 2

@@ -8,13 +8,16 @@ from iared.interpreter import MultiHeadInterpreter
 from iared.models import VisionTransformer, create_model, from_timm
 from iared.prediction import predict
 from iared.pruning import IARed, IARedConfig, PrunedOutput
+from iared.streaming import GatePolicy, Stream
 
 __version__ = "0.1.0"
 __all__ = [
+           "GatePolicy",
            "IARed",
            "IARedConfig",
            "MultiHeadInterpreter",
            "PrunedOutput",
+           "Stream",
            "VisionTransformer",
            "__version__",
            "create_model",

@@ -1,6 +1,6 @@
 """Accuracy, compute and speed of a pruned model against its own backbone, in one run on the same data.
 
-Used by ``iared eval --pruned``, ``iared demo`` and the interpreter trainer's periodic
+Used by ``iared eval`` (of a pruned checkpoint), ``iared demo`` and the interpreter trainer's periodic
 evaluation, so the three report the same figures the same way.
 """
 

@@ -11,7 +11,6 @@ interleaved with the full model on the same frames and clock.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -188,16 +187,18 @@ class StreamCompareConfig:
     test_streams: int = 32
     frames: int = 64
     max_loss: float = 1.0  # points of per-frame top-1 a setting may lose on validation
-    thresholds: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)  # the reuse gate's relative change
+    thresholds: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)  # the reuse gate's relative change
     tome_r: tuple[int, ...] = (2, 4, 6, 8, 10)
     repeats: int = 5  # timed rounds per method (interleaved); ranges reported
+    clock: str = "wall"  # iared.timing's clocks: wall, or cpu (process CPU time; robust to other jobs at 1 thread)
     bootstrap: int = 2000
     seed: int = 0
 
 
 @dataclass
 class _Method:
-    """A way to run a batch of streams: ``run(frames (B, T, ...)) -> (logits (B, T, K), macs (B, T))``."""
+    """A way to run a batch of streams: ``run(frames (B, T, ...)) -> (logits (B, T, K), macs (B, T), share)``,
+    ``share`` the mean share of alive tokens its gates recomputed (None for per-frame methods)."""
 
     name: str
     knob: dict
@@ -215,8 +216,8 @@ def _per_frame(model: ReducedModel, **kw) -> Callable[[Tensor], tuple[Tensor, Te
         for t in range(T):
             out = model(frames[:, t], **kw)
             logits.append(out.logits)
-            macs.append(out.macs.double().cpu().expand(B) if out.macs.dim() else out.macs.double().expand(B))
-        return torch.stack(logits, 1), torch.stack(macs, 1)
+            macs.append(out.macs.double().cpu().expand(B))
+        return torch.stack(logits, 1), torch.stack(macs, 1), None
 
     return run
 
@@ -224,7 +225,8 @@ def _per_frame(model: ReducedModel, **kw) -> Callable[[Tensor], tuple[Tensor, Te
 def _streamed(stream: Stream) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
     def run(frames):
         r = run_stream(stream, frames)
-        return r["logits"], r["macs"]
+        alive = r["alive"].double().clamp_min(1)[..., None]
+        return r["logits"], r["macs"], float((r["recomputed"].double() / alive).mean())
 
     return run
 
@@ -265,10 +267,16 @@ def compare_streaming(cfg: StreamCompareConfig, progress: Callable[[str], None] 
                                                       **forward_kwargs("tome", r))) for r in cfg.tome_r],
     }
 
+    memo: dict[tuple[int, int], dict] = {}
+
     def measure(method: _Method, x: Tensor, y: Tensor) -> dict:
-        logits, macs = method.run(x)
-        correct = _accuracy(logits, y)
-        return {"correct": correct, "top1": float(correct.mean()), "macs": float(macs.mean())}
+        key = (id(method), id(x))
+        if key not in memo:
+            logits, macs, share = method.run(x)
+            correct = _accuracy(logits, y)
+            memo[key] = {"correct": correct, "top1": float(correct.mean()), "macs": float(macs.mean()),
+                         "recomputed": share}
+        return memo[key]
 
     progress("validation: full per-frame model and IA-RED²")
     val = {name: measure(ms[0], val_x, val_y) for name, ms in base.items()}
@@ -279,7 +287,7 @@ def compare_streaming(cfg: StreamCompareConfig, progress: Callable[[str], None] 
         rows = []
         for m in ms:
             r = measure(m, val_x, val_y)
-            rows.append({"knob": m.knob, "top1": r["top1"], "macs": r["macs"],
+            rows.append({"knob": m.knob, "top1": r["top1"], "macs": r["macs"], "recomputed": r["recomputed"],
                          "loss_pt": 100 * (full_val - r["top1"])})
             progress(f"validation {name} {m.knob}: top-1 {100 * r['top1']:.2f} %, {r['macs'] / 1e6:.1f} M MACs")
         ok = [i for i, row in enumerate(rows) if row["loss_pt"] <= cfg.max_loss]
@@ -291,7 +299,7 @@ def compare_streaming(cfg: StreamCompareConfig, progress: Callable[[str], None] 
     # change (its value picked on validation to spend no more MACs), and key frames only.
     reuse = chosen["reuse"]
     reuse_val = measure(reuse, val_x, val_y)
-    share = _recomputed_share(Stream(backbone, GatePolicy("threshold", reuse.knob["value"])), val_x)
+    share = reuse_val["recomputed"]
     floors = {"random": [_Method("random", {"rule": "random", "value": round(share, 4)},
                                  _streamed(Stream(backbone, GatePolicy("random", share, seed=cfg.seed))))]}
     pixel = []
@@ -318,7 +326,7 @@ def compare_streaming(cfg: StreamCompareConfig, progress: Callable[[str], None] 
     for name in order:
         r = test[name]
         diff = paired_bootstrap(r["correct"], full_correct, resamples=cfg.bootstrap, seed=cfg.seed)
-        rows.append({"method": name, "knob": chosen[name].knob, "top1": r["top1"],
+        rows.append({"method": name, "knob": chosen[name].knob, "top1": r["top1"], "recomputed": r["recomputed"],
                      "delta_pt": {k: 100 * v for k, v in diff.items()},
                      "macs_per_frame": r["macs"], "macs_reduction": full_macs / r["macs"]})
         progress(f"test {name}: top-1 {100 * r['top1']:.2f} % ({100 * diff['mean']:+.2f} pt), "
@@ -327,7 +335,7 @@ def compare_streaming(cfg: StreamCompareConfig, progress: Callable[[str], None] 
     progress(f"timing {len(order)} methods, {cfg.repeats} interleaved rounds over {tuple(test_x.shape[:2])} streams x frames")
     info_start = machine_info()
     times = time_interleaved({name: (lambda m=chosen[name]: m.run(test_x)) for name in order},
-                             warmup=1, repeats=cfg.repeats, min_ms=0)
+                             warmup=1, repeats=cfg.repeats, min_ms=0, clock=cfg.clock)
     frames_total = test_x.shape[0] * test_x.shape[1]
     for row in rows:
         t = times[row["method"]]
@@ -337,7 +345,7 @@ def compare_streaming(cfg: StreamCompareConfig, progress: Callable[[str], None] 
         row["speedup"] = {"min": min(ratio), "median": float(np.median(ratio)), "max": max(ratio)}
         row["ms_per_batch_step"] = median_ms(t) / test_x.shape[1]
     return {
-        "task": STREAM_TASK, "checkpoint": Path(path).name, "config": asdict(cfg),
+        "task": STREAM_TASK, "checkpoint": Path(path).name, "config": asdict(cfg), "threads": torch.get_num_threads(),
         "streams": {"val": list(val_x.shape[:2]), "test": list(test_x.shape[:2])},
         "full_macs_per_frame": full_macs, "validation": {"full_top1": full_val, "selection": selection},
         "test": rows, "machine": info_start, "machine_end": machine_info(),
@@ -345,13 +353,6 @@ def compare_streaming(cfg: StreamCompareConfig, progress: Callable[[str], None] 
                   "once; delta_pt: paired bootstrap over sequences (95 % interval); frames_per_s and speedup: "
                   "ranges over interleaved timing rounds of the whole test batch of streams"),
     }
-
-
-def _recomputed_share(stream: Stream, frames: Tensor) -> float:
-    """Mean share of the alive tokens the gates recomputed over ``frames`` (B, T, ...)."""
-    r = run_stream(stream, frames)
-    alive = r["alive"].double().clamp_min(1)[..., None]
-    return float((r["recomputed"].double() / alive).mean())
 
 
 def format_compare(result: dict) -> str:

@@ -50,7 +50,7 @@ from iared.models.vit import Block, BlockRecord
 from iared.stages import ReducedModel
 from iared.tokens import DenseTokens, Tokens
 
-__all__ = ["GATE_RULES", "GATES", "GatePolicy", "StepStats", "Stream", "StreamState", "run_stream"]
+__all__ = ["GATES", "GATE_RULES", "GatePolicy", "StepStats", "Stream", "StreamState", "run_stream"]
 
 GATE_RULES = ("threshold", "top", "random", "pixel", "all", "hold")
 GATES = ("qkv", "proj", "mlp")  # the gated products of a block, in order

@@ -159,14 +159,14 @@ def test_make_dataset_command(tmp_path, capsys):
     from iared.cli import main
 
     out = tmp_path / "cmd"
-    assert main(["make-dataset", "digits-natural", "--n", "3", "--out", str(out), "--no-progress"]) == 0
+    assert main(["make-dataset", "--task", "digits-natural", "--n", "3", "--out", str(out), "--no-progress"]) == 0
     assert len(list(out.glob("images/*/*.png"))) == 3 and len(list(out.glob("masks/*/*.png"))) == 3
-    assert main(["make-dataset", "digits-natural", "--n", "3", "--out", str(out), "--no-progress"]) == 2
+    assert main(["make-dataset", "--task", "digits-natural", "--n", "3", "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "not empty" in err[-1]
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["make-dataset", "digits-natural", "--n", "3", "--backgrounds", str(empty),
+    assert main(["make-dataset", "--task", "digits-natural", "--n", "3", "--backgrounds", str(empty),
                  "--out", str(tmp_path / "y"), "--no-progress"]) == 2
     assert "backgrounds" in capsys.readouterr().err
 

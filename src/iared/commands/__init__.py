@@ -174,7 +174,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 def _config_defaults(parser: argparse.ArgumentParser, path) -> dict[str, Any]:
     """``dest -> value`` for ``parser`` from the file at ``path``; unknown keys are refused."""
-    # argparse has no public list of a parser's actions; reading _actions is the documented-by-use way
+    # argparse offers no public list of a parser's actions; _actions has been stable across Python releases
     by_name = {}
     for action in parser._actions:
         if action.dest in (argparse.SUPPRESS, "help", "config"):
@@ -392,7 +392,8 @@ def add_config_arguments(p: argparse.ArgumentParser, config_cls, help: dict[str,
             p.add_argument(flag, dest=f.name, action="store_true", default=unset if keep_unset else default,
                            help=help_text)
         else:
-            metavar = {"checkpoint": "FILE", "out": "DIR"}.get(f.name, f.name.upper())
+            shared = {"checkpoint": "FILE", "out": "DIR", "model": "NAME", "task": "TASK"}  # the vocabulary's
+            metavar = shared.get(f.name, f.name.upper())
             p.add_argument(flag, dest=f.name, type=tp, default=unset if keep_unset else default, help=help_text,
                            metavar=metavar)
 

@@ -61,7 +61,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="the interpreters' keep threshold (default: the checkpoint's)")
     g = p.add_argument_group("the embedded task (no inputs)")
     g.add_argument("--split", default="test", choices=("val", "test"))
-    g.add_argument("--streams", type=int, default=8, metavar="N", help="sequences, streamed as one batch (default: 8)")
+    g.add_argument("--streams", type=int, metavar="N",
+                   help="sequences, streamed as one batch (default: 8; with --compare: 32 test sequences)")
     g.add_argument("--frames", type=int, default=64, metavar="T", help="frames per sequence (default: 64)")
     p.add_argument("--max-frames", type=int, metavar="N", help="videos and folders: the first N frames only")
     p.add_argument("--top-k", type=int, default=1, metavar="K", help="classes per frame in the output (default: 1)")
@@ -72,6 +73,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-loss", type=float, default=1.0, metavar="PT",
                    help="--compare: per-frame top-1 points a setting may lose on validation (default: 1.0)")
     p.add_argument("--repeats", type=int, default=5, help="--compare: interleaved timing rounds (default: 5)")
+    p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                   help="--compare: wall (elapsed) or cpu (process CPU time, robust to other jobs with --threads 1)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.set_defaults(func=main, json="-")
     return p
@@ -98,7 +101,7 @@ def main(args: argparse.Namespace) -> int:
     use_threads(args.threads)
     check_json_path(args.json)
     for name in ("streams", "frames", "top_k", "repeats"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_frames is not None and args.max_frames < 1:
         raise ValueError(f"--max-frames must be >= 1, got {args.max_frames}")
@@ -108,7 +111,8 @@ def main(args: argparse.Namespace) -> int:
         if args.inputs:
             raise ValueError("--compare runs on the embedded digit-streams task: give no inputs")
         cfg = StreamCompareConfig(checkpoint=args.checkpoint, max_loss=args.max_loss, repeats=args.repeats,
-                                  test_streams=args.streams if args.streams != 8 else 32, frames=args.frames)
+                                  clock=args.clock, frames=args.frames,
+                                  test_streams=args.streams or StreamCompareConfig.test_streams)
         result = compare_streaming(cfg)
         write_report(result, format_compare(result), None if args.json == "-" else args.json)
         return 0
@@ -155,7 +159,7 @@ def _inputs(args, stream: Stream):
             raise ValueError(f"the embedded digit-streams task is 64x64 RGB; this model takes "
                              f"{backbone.cfg.img_size}x{backbone.cfg.img_size} x {backbone.cfg.in_chans}: give videos "
                              "or frame folders")
-        return task_streams(args.split, args.streams, args.frames)
+        return task_streams(args.split, args.streams or 8, args.frames)
     cfg = stream.model.backbone.cfg
     for path in args.inputs:  # every input checked before any is decoded
         if not Path(path).exists():

@@ -74,15 +74,13 @@ import torch
 
 from .digits import INK_THRESHOLD, MARGIN, SPLITS, _split_tables, patch_foreground
 from .natural import (
-    FRAGMENT_FRACTION,
-    MIN_FRAGMENT_INK,
     OPACITY,
     _background,
     _blend,
     _bundled_photos,
     _digit_mattes,
     _pick_colour,
-    _taper,
+    fragment_crop,
 )
 from .samples import RenderCache, RenderedTask, checked_index
 
@@ -105,11 +103,11 @@ DEFAULT_LENGTHS = {"train": 20_000, "val": 1_000, "test": 1_000}
 RULES = ("framediff", "leastchange", "pixel", "random")
 
 
-def _track(rng: np.random.Generator, speed: tuple[float, float]) -> np.ndarray:
-    """``(FRAMES, 2)`` integer offsets ``(dy, dx)`` of a straight path at a random speed and direction."""
+def _track(rng: np.random.Generator, speed: tuple[float, float], length: int = FRAMES) -> np.ndarray:
+    """``(length, 2)`` integer offsets ``(dy, dx)`` of a straight path at a random speed and direction."""
     v = float(rng.uniform(*speed))
     angle = float(rng.uniform(0, 2 * math.pi))
-    t = np.arange(FRAMES, dtype=np.float64)
+    t = np.arange(length, dtype=np.float64)
     return np.stack([np.rint(v * math.sin(angle) * t), np.rint(v * math.cos(angle) * t)], axis=1).astype(np.int64)
 
 
@@ -219,16 +217,8 @@ class MovingDigits(RenderedTask):
         contrasts = [contrast]
         misses = 0
         while len(fragment_sources) < MAX_FRAGMENTS and len(covered) < FRAGMENT_COVER * n_digit and misses < 8:
-            f_src = source
-            while f_src == source:
-                f_src = int(indices[rng.integers(len(indices))])
-            size = round(side * rng.uniform(*FRAGMENT_FRACTION))
-            for _ in range(8):  # a random window can miss the strokes; retry a few times
-                cy, cx = rng.integers(0, side - size + 1, size=2)
-                crop = mattes[f_src, cy: cy + size, cx: cx + size]
-                if (crop > INK_THRESHOLD / OPACITY[0]).sum() >= MIN_FRAGMENT_INK:
-                    break
-            crop = crop * _taper(size) * np.float32(rng.uniform(*OPACITY))
+            f_src, crop = fragment_crop(mattes, indices, source, side, rng)
+            size = crop.shape[0]
             still = bool(rng.random() < STILL_SHARE)
             path = _track(rng, DIGIT_DRIFT if still else FRAGMENT_SPEED)
             fy_lo, fy_hi, fx_lo, fx_hi = _start_range(path, size, FRAME)

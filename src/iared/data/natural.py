@@ -316,16 +316,8 @@ class DigitsNatural(RenderedTask):
         covered = np.zeros((CANVAS // PATCH) ** 2, bool)
         fragment_sources: list[int] = []
         while len(fragment_sources) < MAX_FRAGMENTS and covered.sum() < FRAGMENT_COVER * n_digit:
-            f_src = source
-            while f_src == source:
-                f_src = int(indices[rng.integers(len(indices))])
-            size = int(round(side * rng.uniform(*FRAGMENT_FRACTION)))
-            for _ in range(8):  # a random window can miss the strokes; retry a few times
-                cy, cx = rng.integers(0, side - size + 1, size=2)
-                crop = mattes[f_src, cy : cy + size, cx : cx + size]
-                if (crop > INK_THRESHOLD / OPACITY[0]).sum() >= MIN_FRAGMENT_INK:
-                    break
-            crop = crop * _taper(size) * np.float32(rng.uniform(*OPACITY))
+            f_src, crop = fragment_crop(mattes, indices, source, side, rng)
+            size = crop.shape[0]
             (fy, fx), best_fp = place_fragment(crop, (top, bottom, left, right), covered, rng)
             contrasts.append(_paint(image, crop, fy, fx, rng))
             region = clutter_alpha[fy : fy + size, fx : fx + size]
@@ -346,6 +338,23 @@ class DigitsNatural(RenderedTask):
             "photo": photo,
             "contrasts": contrasts,
         }
+
+
+def fragment_crop(mattes: np.ndarray, indices: np.ndarray, source: int, side: int,
+                  rng: np.random.Generator) -> tuple[int, np.ndarray]:
+    """A distractor: a tapered crop (side ``FRAGMENT_FRACTION`` of ``side``) of the strokes of another
+    source digit than ``source`` (one of ``indices``), at a random opacity. Returns its source and
+    matte. Shared by every task drawn from these parts, so their distractors are alike."""
+    f_src = source
+    while f_src == source:
+        f_src = int(indices[rng.integers(len(indices))])
+    size = round(side * rng.uniform(*FRAGMENT_FRACTION))
+    for _ in range(8):  # a random window can miss the strokes; retry a few times
+        cy, cx = rng.integers(0, side - size + 1, size=2)
+        crop = mattes[f_src, cy: cy + size, cx: cx + size]
+        if (crop > INK_THRESHOLD / OPACITY[0]).sum() >= MIN_FRAGMENT_INK:
+            break
+    return f_src, crop * _taper(size) * np.float32(rng.uniform(*OPACITY))
 
 
 @functools.cache

@@ -24,26 +24,23 @@ of ``(seed, split, index)``.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
 from .digits import CANVAS, INK_THRESHOLD, MARGIN, PATCH, SPLITS, _split_tables
+from .moving import _start_range, _track
 from .natural import (
     CROP_SIDES,
     DIGIT_SIDES,
     FRAGMENT_COVER,
-    FRAGMENT_FRACTION,
     MAX_FRAGMENTS,
-    MIN_FRAGMENT_INK,
     OPACITY,
     _background,
     _blend,
     _bundled_photos,
     _digit_mattes,
     _pick_colour,
-    _taper,
+    fragment_crop,
 )
 
 __all__ = ["FRAMES", "DigitStreams"]
@@ -57,21 +54,6 @@ STILL_SHARE = 0.5  # share of distractors that stay where they are in the frame
 NOISE = 1.0 / 255  # sensor noise (std) added to every frame before 8-bit quantisation
 PLACEMENT_TRIES = 24
 DEFAULT_LENGTHS = {"train": 256, "val": 32, "test": 32}
-
-
-def _path(rng: np.random.Generator, speed: tuple[float, float], length: int) -> np.ndarray:
-    """``(length, 2)`` integer offsets ``(dy, dx)`` of a straight path at a random speed and direction."""
-    v = float(rng.uniform(*speed))
-    angle = float(rng.uniform(0, 2 * math.pi))
-    t = np.arange(length, dtype=np.float64)
-    return np.stack([np.rint(v * math.sin(angle) * t), np.rint(v * math.cos(angle) * t)], 1).astype(np.int64)
-
-
-def _start_range(offsets: np.ndarray, size: int, side: int) -> tuple[int, int, int, int]:
-    """Inclusive start positions ``(y_lo, y_hi, x_lo, x_hi)`` keeping a ``size`` square on ``offsets``
-    inside a ``side`` square on every frame."""
-    lo, hi = offsets.min(0), offsets.max(0)
-    return int(-lo[0]), int(side - size - hi[0]), int(-lo[1]), int(side - size - hi[1])
 
 
 def _segments(rng: np.random.Generator, frames: int) -> list[tuple[int, int]]:
@@ -135,7 +117,7 @@ class DigitStreams(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, self._split_index, i, 7919])
         indices, by_class = _split_tables(self.split)
         photos = _bundled_photos(self.split)
-        pan = _path(rng, PAN_SPEED, T)
+        pan = _track(rng, PAN_SPEED, T)
         side = CANVAS + int(np.abs(pan).max()) * 2 + 1
         scale = side / CANVAS  # same photo pixels per canvas pixel as digits-natural's backgrounds
         panorama = _background(photos[int(rng.integers(len(photos)))], rng, permute=self.split == "train",
@@ -164,7 +146,7 @@ class DigitStreams(torch.utils.data.Dataset):
         source = int(pool[rng.integers(len(pool))])
         side = int(DIGIT_SIDES[rng.integers(len(DIGIT_SIDES))])
         mattes, boxes = _digit_mattes(side)
-        drift = _path(rng, DIGIT_DRIFT, t)
+        drift = _track(rng, DIGIT_DRIFT, t)
         y_lo, y_hi, x_lo, x_hi = _start_range(drift, side, CANVAS)
         digit_path = drift + np.array([int(rng.integers(y_lo, y_hi + 1)), int(rng.integers(x_lo, x_hi + 1))])
         matte = mattes[source] * np.float32(rng.uniform(*OPACITY))
@@ -180,17 +162,9 @@ class DigitStreams(torch.utils.data.Dataset):
         covered: set[int] = set()
         placed = misses = 0
         while placed < MAX_FRAGMENTS and len(covered) < FRAGMENT_COVER * n_digit and misses < 8:
-            f_src = source
-            while f_src == source:
-                f_src = int(indices[rng.integers(len(indices))])
-            size = round(side * rng.uniform(*FRAGMENT_FRACTION))
-            for _ in range(8):  # a random window can miss the strokes; retry a few times
-                cy, cx = rng.integers(0, side - size + 1, size=2)
-                crop = mattes[f_src, cy: cy + size, cx: cx + size]
-                if (crop > INK_THRESHOLD / OPACITY[0]).sum() >= MIN_FRAGMENT_INK:
-                    break
-            crop = crop * _taper(size) * np.float32(rng.uniform(*OPACITY))
-            path = _path(rng, DIGIT_DRIFT if rng.random() < STILL_SHARE else FRAGMENT_SPEED, t)
+            _, crop = fragment_crop(mattes, indices, source, side, rng)
+            size = crop.shape[0]
+            path = _track(rng, DIGIT_DRIFT if rng.random() < STILL_SHARE else FRAGMENT_SPEED, t)
             fy_lo, fy_hi, fx_lo, fx_hi = _start_range(path, size, CANVAS)
             start = None
             for _ in range(PLACEMENT_TRIES):
