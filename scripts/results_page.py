@@ -381,6 +381,47 @@ def render_crossover(name: str, d: dict) -> list[str]:
     return out + table(["sequences, heads, head dim", "key mask"] + [f"{k} keys" for k in keys], body) + [""]
 
 
+def _range(r: dict | None, fmt=num) -> str:
+    return "" if not r else f"{fmt(r['min'])} – {fmt(r['max'])}"
+
+
+def render_stream_compare(name: str, d: dict) -> list[str]:
+    cfg = d.get("config") or {}
+    val, test = (d.get("streams") or {}).get("val"), (d.get("streams") or {}).get("test")
+    out = head(name, f"`iared stream --compare` on {d.get('task')} with `{d.get('checkpoint')}`.",
+               machine_line(d.get("machine"), {"threads": d.get("threads")}))
+    out += [f"Validation {val[0]} x {val[1]}, test {test[0]} x {test[1]} streams x frames, batch = every test "
+            f"stream at once. Knobs chosen on validation: the fewest MACs within {cfg.get('max_loss')} pt of the "
+            f"full model ({pct((d.get('validation') or {}).get('full_top1'))} on validation); floors at the "
+            f"chosen reuse budget. Per-frame top-1 on test with a paired bootstrap 95 % interval over streams; "
+            f"frames/s and speed-up: range over {cfg.get('repeats')} interleaved rounds, {cfg.get('clock')} "
+            f"clock.", ""]
+    rows = []
+    for r in d.get("test") or []:
+        knob = ", ".join(f"{k} {v}" for k, v in (r.get("knob") or {}).items()) or "–"
+        delta = r.get("delta_pt") or {}
+        rows.append([r["method"], knob, pct(r.get("top1")),
+                     f"{delta.get('mean', 0):+.2f} pt [{delta.get('lo', 0):+.2f}, {delta.get('hi', 0):+.2f}]",
+                     times(r.get("macs_reduction")), num(r.get("recomputed")) if r.get("recomputed") is not None
+                     else "", _range(r.get("frames_per_s"), lambda v: f"{v:.0f}"),
+                     f"{times(r['speedup']['median'])} ({_range(r['speedup'], times)})" if r.get("speedup") else ""])
+    return out + table(["method", "knob", "top-1", "Δ top-1 [95 % CI]", "fewer MACs", "recomputed share",
+                        "frames/s", "speed-up, median (range)"], rows) + [""]
+
+
+def render_stream_clips(name: str, d: dict) -> list[str]:
+    out = head(name, f"`scripts/stream_real_clips.py`: {d.get('model')}, first {d.get('frames_per_clip')} frames "
+                     "of each real clip; random weights, so speed and recomputed share only.",
+               machine_line(d.get("machine")))
+    rows = []
+    for c in d.get("clips") or []:
+        for policy, r in (c.get("policies") or {}).items():
+            rows.append([c["clip"], policy, num(r.get("frames_per_s"), 1), times(r.get("speedup_vs_all")),
+                         times(r.get("macs_reduction")), num(r.get("recomputed"))])
+    return out + table(["clip", "gate rule", "frames/s", "vs all gates open", "fewer MACs", "recomputed share"],
+                       rows) + [""]
+
+
 KINDS = [  # (test on the file's structure, section, renderer)
     (lambda d: "accuracy_full" in d and "accuracy_pruned" in d, "Shipped models", render_eval),
     (lambda d: "candidates" in d and "unpruned" in d, "Every method on one backbone (`iared compare`)",
@@ -394,6 +435,10 @@ KINDS = [  # (test on the file's structure, section, renderer)
      "Heatmaps against the explainers (`iared explain-eval`)", render_explain),
     (lambda d: isinstance(d.get("rows"), list) and d["rows"] and "matmul_over_fused" in d["rows"][0],
      "Attention kernels on CPU", render_crossover),
+    (lambda d: d.get("task") == "digit-streams" and isinstance(d.get("test"), list),
+     "Streaming reuse (`iared stream`)", render_stream_compare),
+    (lambda d: isinstance(d.get("clips"), list) and "frames_per_clip" in d,
+     "Streaming reuse (`iared stream`)", render_stream_clips),
 ]
 
 ORDER = [  # files shown first in their section, in this order; the rest follow by name

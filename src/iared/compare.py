@@ -482,7 +482,8 @@ def run_compare(cfg: CompareConfig, progress: Callable[[str], None] = _log) -> d
     out_dir = Path(cfg.out)
     default = TASK_BACKBONES.get(cfg.task, "digits_vit")
     device = torch.device(cfg.device)
-    backbone = load_backbone(cfg.backbone, cfg.model, pretrained=cfg.backbone is None, default=default).eval()
+    backbone = load_backbone(cfg.backbone, cfg.model, pretrained=cfg.backbone is None, default=default,
+                             pruned_note=cfg.iared_checkpoint != cfg.backbone).eval()
     backbone.requires_grad_(False).to(device)
     check_methods(cfg, backbone)
     test_set = task_dataset(cfg.task, "test", backbone.cfg)

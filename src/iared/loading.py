@@ -174,21 +174,24 @@ def checkpoint_task(checkpoint: str | os.PathLike | None = None, model: str | No
     return None
 
 
-def _backbone_weights(obj: dict, path) -> dict[str, torch.Tensor]:
+def _backbone_weights(obj: dict, path, note: bool = True) -> dict[str, torch.Tensor]:
     sd = extract_state_dict(obj, path)
     if is_pruned(obj):  # a pruned checkpoint used as a backbone: its fine-tuned backbone
         rest = {k.split(".")[1] for k in sd if k.startswith("reducers.") and k.count(".") > 1}
         sd = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
-        # said, because the file has more than is used: a user may think its interpreters carry on
-        print(f"iared: {path} is a pruned checkpoint: taking its backbone ({len(sd)} tensors), ignoring its "
-              f"{len(rest)} interpreter(s)", file=sys.stderr)
+        if note:  # said, because the file has more than is used: a user may think its interpreters carry on
+            print(f"iared: {path} is a pruned checkpoint: taking its backbone ({len(sd)} tensors), ignoring its "
+                  f"{len(rest)} interpreter(s)", file=sys.stderr)
     return sd
 
 
 def load_backbone(checkpoint: str | os.PathLike | None = None, model: str | None = None, pretrained: bool = False,
-                  overrides: dict | None = None, default: str | None = None):
+                  overrides: dict | None = None, default: str | None = None, pruned_note: bool = True):
     """A backbone (:class:`VisionTransformer`, or a :class:`~iared.models.timesformer.TimeSformer`)
     from the command-line choices (module docstring).
+
+    ``pruned_note``: say in one line that a pruned checkpoint's interpreters are ignored (False for
+    callers that load those interpreters themselves, as ``compare`` does).
 
     ``default``: a registered name whose ``pretrained`` weights are used when nothing is given
     (``digits_vit``: the shipped backbone); None makes "nothing given" an error.
@@ -221,8 +224,8 @@ def load_backbone(checkpoint: str | os.PathLike | None = None, model: str | None
         raise ValueError("--pretrained and --checkpoint exclude each other: which weights should be used?")
     obj = read_checkpoint(checkpoint)
     if (name in TIMESFORMER_CONFIGS) or (model is None and _holds_timesformer(obj)):
-        return _load_timesformer(obj, checkpoint, name, overrides)
-    sd = _backbone_weights(obj, checkpoint)
+        return _load_timesformer(obj, checkpoint, name, overrides, pruned_note)
+    sd = _backbone_weights(obj, checkpoint, pruned_note)
     if model is not None:
         cfg = config_from_dict(ViTConfig, {**MODEL_CONFIGS[name], **overrides}, checkpoint, f"--model {model}")
     else:
@@ -274,7 +277,7 @@ def _holds_timesformer(obj: dict) -> bool:
     return any(isinstance(k, str) and (".temporal_attn." in k or k.endswith("time_embed")) for k in keys)
 
 
-def _load_timesformer(obj: dict, path, model: str | None, overrides: dict):
+def _load_timesformer(obj: dict, path, model: str | None, overrides: dict, pruned_note: bool = True):
     """A TimeSformer from a file: built as ``model`` (plus overrides), else as the file's saved config,
     else with the geometry read off the weights (:func:`iared.models.timesformer.config_from_state_dict`)."""
     from iared.models.timesformer import (
@@ -286,7 +289,8 @@ def _load_timesformer(obj: dict, path, model: str | None, overrides: dict):
         official_state_dict,
     )
 
-    sd = official_state_dict({"model": _backbone_weights(obj, path)} if "model_state" not in obj else obj, path)
+    sd = official_state_dict({"model": _backbone_weights(obj, path, pruned_note)} if "model_state" not in obj else obj,
+                             path)
     saved = _file_model_config(obj)
     if model is not None:
         cfg = config_from_dict(TimeSformerConfig, {**TIMESFORMER_CONFIGS[model], **overrides}, path, f"--model {model}")

@@ -303,7 +303,7 @@ def compare_streaming(cfg: StreamCompareConfig, progress: Callable[[str], None] 
     floors = {"random": [_Method("random", {"rule": "random", "value": round(share, 4)},
                                  _streamed(Stream(backbone, GatePolicy("random", share, seed=cfg.seed))))]}
     pixel = []
-    for v in (0.01, 0.02, 0.03, 0.05, 0.08, 0.12):
+    for v in (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5):
         m = _Method("pixel", {"rule": "pixel", "value": v}, _streamed(Stream(backbone, GatePolicy("pixel", v))))
         r = measure(m, val_x, val_y)
         pixel.append((r["macs"], v, m))

@@ -77,27 +77,18 @@ def binarize(heatmaps: Tensor) -> Tensor:
 
 
 def average_precision(scores, labels) -> float:
-    """Average precision of ``scores`` ranking the True entries of ``labels`` (any shape).
+    """Average precision of ``scores`` ranking the True entries of ``labels`` (any shape):
+    ``sklearn.metrics.average_precision_score`` (tied scores form one threshold). NaN when
+    ``labels`` holds no positive (sklearn would warn and return a meaningless value)."""
+    from sklearn.metrics import average_precision_score
 
-    ``AP = sum_n (R_n - R_{n-1}) P_n`` over the distinct score thresholds, high to low (tied
-    scores form one threshold), as ``sklearn.metrics.average_precision_score``. NaN when
-    ``labels`` holds no positive.
-    """
     s = np.asarray(scores, dtype=np.float64).ravel()
     y = np.asarray(labels, dtype=bool).ravel()
     if s.shape != y.shape:
         raise ValueError(f"average_precision: {s.shape[0]} scores but {y.shape[0]} labels")
-    positives = int(y.sum())
-    if positives == 0:
+    if not y.any():
         return float("nan")
-    order = np.argsort(-s, kind="stable")
-    s, y = s[order], y[order]
-    tp = np.cumsum(y)
-    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last index of each group of tied scores
-    tp = tp[last]
-    precision = tp / (last + 1)
-    recall = tp / positives
-    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+    return float(average_precision_score(y, s))
 
 
 def protocol_ap(heatmap, mask) -> float:
@@ -217,19 +208,14 @@ def pointing_game(heatmaps: Tensor, masks: Tensor, tolerance: float = 0.0) -> Te
 
 
 def blur(images: Tensor, kernel_size: int = 11, sigma: float = 5.0) -> Tensor:
-    """Gaussian blur (separable, reflect padding) of ``(B, C, H, W)``: RISE's insertion baseline."""
-    radius = kernel_size // 2
-    x = torch.arange(kernel_size, dtype=images.dtype, device=images.device) - radius
-    k = torch.exp(-(x**2) / (2 * sigma**2))
-    k = k / k.sum()
-    C = images.shape[1]
-    pad = min(radius, images.shape[-1] - 1, images.shape[-2] - 1)
-    out = F.pad(images, (pad, pad, pad, pad), mode="reflect") if pad else images
-    if pad < radius:  # tiny images: crop the kernel to the padding we could afford
-        k = k[radius - pad: radius + pad + 1]
-        k = k / k.sum()
-    out = F.conv2d(out, k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
-    return F.conv2d(out, k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
+    """Gaussian blur (torchvision's, reflect padding) of ``(B, C, H, W)``: RISE's insertion baseline.
+    On images smaller than the kernel, the kernel shrinks to what reflect padding allows."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    radius = min(kernel_size // 2, images.shape[-1] - 1, images.shape[-2] - 1)
+    if radius < 1:
+        return images
+    return gaussian_blur(images, [2 * radius + 1] * 2, [sigma, sigma])
 
 
 BASELINES = ("rise", "zero", "blur")
