@@ -1,5 +1,7 @@
 """Helpers shared by test modules (import as ``from tests.helpers import ...``)."""
 
+import json
+
 import torch
 
 
@@ -19,3 +21,21 @@ def spread_interpreters(model, std: float = 1.0):
     for interp in model.interpreters:
         torch.nn.init.normal_(interp.qk.weight, std=std)
     return model
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``iared ARGV`` in this process: (exit status, stdout, stderr)."""
+    from iared.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def json_lines(text: str) -> list[dict]:
+    """Strict JSON (bare NaN / Infinity refused), one object per non-empty line."""
+    def refuse(name):
+        raise AssertionError(f"not JSON: {name}")
+
+    return [json.loads(line, parse_constant=refuse) for line in text.splitlines() if line.strip()]

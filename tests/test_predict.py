@@ -7,7 +7,6 @@ the clip, its decoding and frame sampling are what is real here).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -16,33 +15,19 @@ import torch
 from PIL import Image
 
 import iared
-from iared.cli import main as cli_main
 from iared.models import create_model
 from iared.models.timesformer import TimeSformer, TimeSformerConfig
 from iared.models.vit import VisionTransformer, ViTConfig
 from iared.pruning import IARed, save_pruned
 from iared.train.backbone import export_weights
+from tests.helpers import json_lines
+from tests.helpers import run_cli as run
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SAMPLE = DATA / "imagenet-sample"
 CLIP = DATA / "video" / "kinetics400_demo.mp4"
 RGB_TINY = {"img_size": 32, "patch_size": 8, "in_chans": 3, "num_classes": 10, "embed_dim": 24, "depth": 3,
             "num_heads": 2}
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = cli_main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def json_lines(text: str) -> list[dict]:
-    """Strict JSON (bare NaN / Infinity refused), one object per line."""
-    def refuse(name):
-        raise AssertionError(f"not JSON: {name}")
-
-    return [json.loads(line, parse_constant=refuse) for line in text.splitlines()]
 
 
 def check_top_k(result: dict, k: int, num_classes: int) -> None:

@@ -3,7 +3,6 @@ the strips of --explain, one-line refusals, and the --compare report's structure
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -14,22 +13,10 @@ from iared.cli import main as cli_main
 from iared.models import create_model
 from iared.models.vit import VisionTransformer, ViTConfig
 from iared.train.backbone import export_weights
+from tests.helpers import json_lines as lines
+from tests.helpers import run_cli as run
 
 CLIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "video" / "kinetics400_demo.mp4"
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = cli_main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def lines(text: str) -> list[dict]:
-    def refuse(name):
-        raise AssertionError(f"not JSON: {name}")
-
-    return [json.loads(line, parse_constant=refuse) for line in text.splitlines() if line.strip()]
 
 
 def test_the_embedded_task_streams_with_the_shipped_model(tmp_path, capsys):

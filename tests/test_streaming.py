@@ -114,6 +114,11 @@ def test_hold_repeats_the_key_frame_and_computes_nothing_between():
     assert torch.equal(r["logits"][:, 1], r["logits"][:, 0])
     assert (r["macs"][:, 1::2] == 0).all()
     assert torch.allclose(r["logits"][:, 2], per_frame(vit, x[:, 2:3])[:, 0], atol=1e-5)
+    recorded = Stream(vit, GatePolicy("hold", keyframe_every=2), record_tokens=True)
+    state = recorded.init(2)
+    for t in range(2):
+        _, state = recorded.step(x[:, t], state)
+    assert state.last.tokens.shape == (2, vit.num_tokens) and (state.last.tokens == 0).all()  # nothing computed
 
 
 def test_drift_gives_a_key_frame_to_the_stream_that_changed_only():

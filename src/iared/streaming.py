@@ -183,7 +183,9 @@ class Stream:
             state.frame += 1
             state.since_key += 1
             zeros = torch.zeros(B, self.depth, dtype=torch.long)
-            state.last = StepStats(torch.zeros(B, dtype=torch.float64), zeros, zeros[..., None].repeat(1, 1, 3), key)
+            tokens = torch.zeros(B, self.num_tokens, dtype=torch.int8) if self.record_tokens else None
+            state.last = StepStats(torch.zeros(B, dtype=torch.float64), zeros, zeros[..., None].repeat(1, 1, 3),
+                                   key.cpu(), tokens)
             return state.logits, state
         run = _FrameRun(self, state, key, frames)
         out = self.model(frames, block_runner=run, **self.forward_kwargs)
