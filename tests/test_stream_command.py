@@ -57,6 +57,32 @@ def test_a_folder_of_frames_with_a_backbone_reuses_only(tmp_path, capsys):
     assert 0 < records[2]["recomputed"] < 1 and "label" not in records[0]
 
 
+def test_streams_of_different_lengths_each_get_their_own_strip(tmp_path, capsys):
+    torch.manual_seed(0)
+    vit = VisionTransformer(ViTConfig(img_size=32, patch_size=8, num_classes=4, embed_dim=32, depth=2, num_heads=2))
+    weights = export_weights(vit, tmp_path / "tiny.safetensors")
+    folders = []
+    for name, count in (("a", 3), ("b", 2), ("c", 3)):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i in range(count):
+            Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(folder / f"{i}.png")
+        folders.append(folder)
+    code, out, err = run(capsys, "stream", *folders, "--checkpoint", weights, "--policy", "top",
+                         "--explain", tmp_path / "strips")
+    assert code == 0, err
+    records = lines(out)
+    per_stream = {}
+    for r in records:
+        if "stream" in r:
+            per_stream.setdefault(Path(r["stream"]).name, []).append(r["frame"])
+    assert per_stream == {"a": [0, 1, 2], "b": [0, 1], "c": [0, 1, 2]}
+    widths = [Image.open(tmp_path / "strips" / f"stream-{i:03d}.png").size[0] for i in range(3)]
+    assert widths == [3 * 32, 2 * 32, 3 * 32]
+    later = [r for r in records if r.get("frame", 0) > 0]
+    assert all(r["recomputed"] < 1 for r in later)  # --policy top alone means top:0.3, not "nothing" or "all"
+
+
 @pytest.mark.skipif(not CLIP.is_file(), reason=f"real video clip not present at {CLIP}")
 def test_the_real_kinetics_clip_with_a_random_deit_s(tmp_path, capsys):
     torch.manual_seed(0)
@@ -76,6 +102,7 @@ def test_the_real_kinetics_clip_with_a_random_deit_s(tmp_path, capsys):
     (["stream", "--policy", "hold"], "keyframe_every"),
     (["stream", "--threshold", "1.5"], "--threshold must lie in [0, 1]"),
     (["stream", "--frames", "0"], "--frames must be >= 1"),
+    (["stream", "--compare", "--policy", "top:0.2"], "--compare chooses every method's settings"),
 ])
 def test_bad_input_is_one_line(capsys, argv, message):
     code, _, err = run(capsys, *argv)
@@ -99,12 +126,17 @@ def test_compare_chooses_on_validation_and_reports_every_method_once(tmp_path):
     assert methods == ["full", "iared", "reuse", "iared+reuse", "tome", "random", "pixel", "keyframes"]
     sel = result["validation"]["selection"]
     assert [row["knob"]["value"] for row in sel["reuse"]["sweep"]] == [0.1, 0.3]
+    by = {r["method"]: r for r in result["test"]}
+    for name in ("reuse", "iared+reuse", "tome"):  # the fewest MACs within the loss window, on validation
+        rows = sel[name]["sweep"]
+        ok = [r for r in rows if r["loss_pt"] <= cfg.max_loss]
+        best = min(ok, key=lambda r: r["macs"]) if ok else max(rows, key=lambda r: r["top1"])
+        assert sel[name]["chosen"] == best["knob"] == by[name]["knob"]
     for row in result["test"]:
         d = row["delta_pt"]
         assert d["lo"] <= d["mean"] <= d["hi"]
         assert row["frames_per_s"]["min"] <= row["frames_per_s"]["median"] <= row["frames_per_s"]["max"]
     full = result["test"][0]
     assert full["delta_pt"]["mean"] == 0 and full["macs_reduction"] == pytest.approx(1.0)
-    by = {r["method"]: r for r in result["test"]}
     assert by["iared+reuse"]["macs_per_frame"] < by["iared"]["macs_per_frame"]
     assert result["machine"]["speed_probe_ms_at_start"] > 0 and result["machine_end"]["speed_probe_ms_at_start"] > 0

@@ -97,6 +97,57 @@ def test_top_rule_recomputes_its_fraction_of_each_stream():
     assert (r["recomputed"][:, 1:] == math.ceil(0.25 * vit.num_tokens)).all()
 
 
+def test_top_rule_always_computes_tokens_it_never_computed():
+    # With a fraction of 0, top recomputes only tokens with no reference yet (kept for the first time),
+    # exactly what a threshold no change can pass does: both must agree, tokens and logits.
+    model, x = tiny_iared(), frames(B=3, T=6)
+    kw = {"mode": "threshold", "threshold": 0.5}
+    top = run_stream(Stream(model, GatePolicy("top", 0.0), **kw), x)
+    never = run_stream(Stream(model, GatePolicy("threshold", 1e9), **kw), x)
+    assert torch.equal(top["recomputed"], never["recomputed"])
+    assert top["recomputed"][:, 1:].sum() > 0, "the interpreters should keep new tokens, or this checks nothing"
+    assert torch.allclose(top["logits"], never["logits"], atol=1e-6)
+
+
+def test_pixel_rule_recomputes_the_changed_patch_and_the_class_token():
+    vit = tiny_vit()
+    x = frames(B=1, T=1).repeat(1, 3, 1, 1, 1)
+    x[0, 2, :, 0:8, 8:16] += 0.5  # patch 1 -> token 2
+    r = run_stream(Stream(vit, GatePolicy("pixel", 0.01)), x)
+    assert (r["recomputed"][0, 1] == 1).all()  # the class token only, at every gate of every block
+    assert (r["recomputed"][0, 2] == 2).all()  # and the changed patch
+
+
+def test_pixel_references_move_only_where_a_block_computed_the_token():
+    # Block 0 reads each token's own patch embedding (no conv stem here), so where the first qkv gate
+    # holds a reference input, the block's pixel reference must be the pixels that input was made from.
+    # A reference moved for a token the interpreter dropped (not computed) would break that.
+    model = tiny_iared()
+    x = frames(B=2, T=6, seed=2)
+    x[:, 3:] += 0.2 * torch.rand(2, 3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    stream = Stream(model, GatePolicy("pixel", 0.02), mode="threshold", threshold=0.5)
+    state = stream.init(2)
+    for t in range(6):
+        _, state = stream.step(x[:, t], state)
+    vit = model.backbone
+    n0 = vit.num_tokens
+    cache = state.gates[(0, 0)]
+    ref_x = cache.buffer[:, :cache.c_in].view(2, n0, -1)[:, 1:]
+    ref_px = state.pixel_ref[0].view(2, n0, -1)[:, 1:]
+    w = vit.patch_embed.proj
+    embedded = ref_px @ w.weight.flatten(1).T + w.bias + vit.pos_embed[0, 1:]
+    held = cache.buffer[:, cache.c_in].view(2, n0)[:, 1:] > 0
+    assert held.sum() > 0 and not held.all(), "some tokens should have been dropped, or this checks nothing"
+    assert torch.allclose(ref_x[held], embedded[held], atol=1e-5)
+
+
+def test_random_rule_recomputes_about_its_fraction():
+    vit, x = tiny_vit(), frames(B=4, T=12)
+    r = run_stream(Stream(vit, GatePolicy("random", 0.25, seed=3)), x)
+    share = (r["recomputed"][:, 1:].double() / vit.num_tokens).mean()
+    assert 0.2 < share < 0.35  # 0.25 of the patches, plus the class token that is always recomputed
+
+
 def test_streams_in_a_batch_are_independent():
     model, x = tiny_iared(), frames(B=3, T=4)
     policy = GatePolicy("threshold", 0.05)
@@ -132,6 +183,22 @@ def test_drift_gives_a_key_frame_to_the_stream_that_changed_only():
     assert torch.allclose(r["logits"][1, 2], per_frame(vit, x[1:, 2:3])[0, 0], atol=1e-5)
 
 
+def test_drift_with_iared_sees_no_change_in_a_still_stream():
+    model = tiny_iared()
+    x = frames(B=3, T=1).repeat(1, 5, 1, 1, 1)
+    r = run_stream(Stream(model, GatePolicy("threshold", 0.05, drift=0.5), mode="threshold", threshold=0.5), x)
+    assert r["key"][:, 0].all() and not r["key"][:, 1:].any()
+
+
+def test_periodic_key_frames_count_from_each_streams_last_one():
+    vit = tiny_vit()
+    x = frames(B=2, T=1).repeat(1, 6, 1, 1, 1)
+    x[1, 1] = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(9))  # stream 1 drifts at frame 1
+    r = run_stream(Stream(vit, GatePolicy("threshold", 10.0, keyframe_every=3, drift=0.2)), x)
+    assert r["key"][0].tolist() == [True, False, False, True, False, False]
+    assert r["key"][1].tolist()[:5] == [True, True, True, False, False]  # frame 2 changes back: drift again
+
+
 def test_a_threshold_trades_compute_for_error():
     vit, x = tiny_vit(), frames(B=2, T=6)
     exact = per_frame(vit, x)
@@ -148,6 +215,10 @@ def test_bad_policies_and_models_are_refused():
         GatePolicy("top", 1.5)
     with pytest.raises(ValueError, match="keyframe_every"):
         GatePolicy("hold")
+    with pytest.raises(ValueError, match="cannot see drift"):
+        GatePolicy("hold", keyframe_every=2, drift=0.1)
+    with pytest.raises(ValueError, match="drift must be"):
+        GatePolicy(drift=float("nan"))
     from iared.models.timesformer import TimeSformer, TimeSformerConfig
 
     tsf = TimeSformer(TimeSformerConfig(img_size=16, patch_size=8, num_frames=2, depth=1, embed_dim=8, num_heads=1,

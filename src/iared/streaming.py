@@ -63,7 +63,8 @@ class GatePolicy:
     ``rule``: one of ``GATE_RULES``. ``value``: ``threshold``: the relative change above which a token
     is recomputed; ``top`` / ``random``: the fraction of each stream's alive tokens recomputed at every
     gate; ``pixel``: the relative change of a patch's pixels since it was last recomputed.
-    ``keyframe_every``: every k-th frame recomputes everything (0: never; ``hold`` needs it).
+    ``keyframe_every``: a stream recomputes everything k frames after its last key frame (0: never;
+    ``hold`` needs it).
     ``drift``: a stream gets a key frame when the mean relative change of its tokens entering the first
     block since its last key frame exceeds this (0: off). ``seed``: the ``random`` rule's generator.
     """
@@ -81,10 +82,14 @@ class GatePolicy:
             raise ValueError(f"gate value must be a finite number >= 0, got {self.value!r}")
         if self.rule in ("top", "random") and self.value > 1:
             raise ValueError(f"gate rule {self.rule!r} takes a fraction in [0, 1], got {self.value}")
-        if self.keyframe_every < 0 or self.drift < 0:
-            raise ValueError(f"keyframe_every and drift must be >= 0, got {self.keyframe_every}, {self.drift}")
+        if self.keyframe_every < 0 or not math.isfinite(self.drift) or self.drift < 0:
+            raise ValueError(f"key frames: keyframe_every and drift must be >= 0, got {self.keyframe_every}, "
+                             f"{self.drift}")
         if self.rule == "hold" and self.keyframe_every < 1:
             raise ValueError("gate rule 'hold' repeats the last key frame's prediction: give keyframe_every >= 1")
+        if self.rule == "hold" and self.drift:
+            raise ValueError("gate rule 'hold' computes nothing between key frames, so it cannot see drift: "
+                             "give keyframe_every only")
 
     def describe(self) -> dict:
         return {"rule": self.rule, "value": self.value, "keyframe_every": self.keyframe_every,
@@ -126,7 +131,7 @@ class StreamState:
     since_key: Tensor | None = None  # (B,) frames since each stream's last key frame
     gates: dict = field(default_factory=dict)  # (block, gate) -> _GateCache
     key_ref: Tensor | None = None  # (B * N0, C) tokens entering block 0 at each stream's last key frame
-    pixel_ref: Tensor | None = None  # (B * N0, pixels) patch pixels when each token was last recomputed
+    pixel_ref: dict | None = None  # block -> (B * N0, pixels) patch pixels when that block last recomputed each token
     logits: Tensor | None = None  # the last prediction (the ``hold`` rule repeats it)
     last: StepStats | None = None
     generator: torch.Generator | None = None
@@ -177,8 +182,9 @@ class Stream:
         if frames.shape[0] != state.batch_size:
             raise ValueError(f"step: {frames.shape[0]} frames for a state of {state.batch_size} streams")
         policy, B = self.policy, state.batch_size
-        periodic = policy.keyframe_every and state.frame % policy.keyframe_every == 0
-        key = torch.full((B,), state.frame == 0 or bool(periodic), dtype=torch.bool, device=frames.device)
+        key = torch.full((B,), state.frame == 0, dtype=torch.bool, device=frames.device)
+        if policy.keyframe_every:  # per stream: counted from each stream's last key frame (drift ones too)
+            key |= state.since_key.to(frames.device) >= policy.keyframe_every - 1
         if policy.rule == "hold" and not key.any():
             state.frame += 1
             state.since_key += 1
@@ -219,26 +225,28 @@ class _FrameRun:
         self._set_key(key)
         self.token_codes = (torch.zeros(B * stream.num_tokens, dtype=torch.int8, device=frames.device)
                             if stream.record_tokens else None)
-        self.changed_pixels = None
-        if stream.policy.rule == "pixel":
-            self.changed_pixels = self._pixel_changes(frames)
+        self.pixels = self._patch_pixels(frames) if stream.policy.rule == "pixel" else None
+        self.changed_pixels: Tensor | None = None  # this block's pixel rule selection, rows of the tokens
 
-    def _pixel_changes(self, frames: Tensor) -> Tensor:
-        """``(B * N0,)`` bool: prefix tokens, and patches whose pixels moved more than the policy's value
-        since they were last recomputed (whose reference then becomes the current pixels)."""
-        state, n0 = self.state, self.stream.num_tokens
+    def _patch_pixels(self, frames: Tensor) -> Tensor:
+        """``(B * N0, P)``: the pixels under every token (zeros for prefix tokens), on the stream grid."""
+        n0 = self.stream.num_tokens
         patches = self.stream.model.backbone.patch_pixels(frames)  # (B, N_patches, P)
         prefix = n0 - patches.shape[1]
-        pixels = torch.cat([patches.new_zeros(patches.shape[0], prefix, patches.shape[2]), patches], 1).flatten(0, 1)
-        if state.pixel_ref is None:
-            state.pixel_ref = pixels.clone()
-            return torch.ones(pixels.shape[0], dtype=torch.bool, device=pixels.device)
-        change = (pixels - state.pixel_ref).norm(dim=-1) / state.pixel_ref.norm(dim=-1).clamp_min(1e-6)
-        changed = change > self.stream.policy.value
-        changed.view(-1, n0)[:, :prefix] = True
-        changed |= self.key.repeat_interleave(n0)
-        state.pixel_ref[changed] = pixels[changed]
-        return changed
+        return torch.cat([patches.new_zeros(patches.shape[0], prefix, patches.shape[2]), patches], 1).flatten(0, 1)
+
+    def _pixel_changes(self, block: int, rows: Tensor | None, tokens: Tokens) -> Tensor:
+        """Token-aligned bool: prefix tokens, and patches whose pixels moved by more than the policy's
+        value since this block last recomputed them (block by block: a token dropped before a block
+        keeps that block's reference until it is computed there again)."""
+        refs = self.state.pixel_ref
+        if refs is None:
+            refs = self.state.pixel_ref = {}
+        if block not in refs:
+            refs[block] = torch.zeros_like(self.pixels)
+        pixels, ref = _take(self.pixels, rows), _take(refs[block], rows)
+        change = (pixels - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-6)
+        return (change > self.stream.policy.value) | tokens.is_prefix().reshape(-1)
 
     def _set_key(self, key: Tensor) -> None:
         """Which streams recompute everything this frame: ``key`` (B,) bool, and what the gates read."""
@@ -257,6 +265,8 @@ class _FrameRun:
             self.token_codes[seen] = torch.maximum(self.token_codes[seen], torch.ones_like(self.token_codes[seen]))
         if index == 0:
             self._key_frames(flat, rows, image)
+        if self.pixels is not None:
+            self.changed_pixels = self._pixel_changes(index, rows, tokens)
         attn = block.attn
         heads = attn.num_heads
         qkv = self._gate(index, 0, flat, rows, image, lambda h: attn.qkv(block.norm1(h)), 3 * C, tokens)
@@ -288,10 +298,13 @@ class _FrameRun:
         if state.key_ref is None:
             state.key_ref = flat.new_zeros(n_rows, flat.shape[1])
         ref = _take(state.key_ref, rows)
-        change = (flat - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-6)
-        per_stream = torch.zeros(state.batch_size, dtype=change.dtype, device=flat.device).index_add_(0, image, change)
-        per_stream = per_stream / torch.bincount(image, minlength=state.batch_size).clamp_min(1)
-        self._set_key(self.key | (per_stream > policy.drift))
+        ref_norm = ref.norm(dim=-1)
+        known = ref_norm > 0  # tokens seen at the stream's last key frame (a dropped one has no reference)
+        change = torch.where(known, (flat - ref).norm(dim=-1) / ref_norm.clamp_min(1e-12), 0)
+        zeros = torch.zeros(state.batch_size, dtype=change.dtype, device=flat.device)
+        per_stream = zeros.index_add(0, image, change) / zeros.index_add(0, image, known.to(change.dtype)).clamp_min(1)
+        never = zeros.index_add(0, image, known.to(change.dtype)) == 0  # no reference yet: a key frame
+        self._set_key(self.key | (per_stream > policy.drift) | never)
         if self.key.any():
             picked = self.key[image].nonzero().squeeze(1)
             target = picked if rows is None else rows.index_select(0, picked)
@@ -309,7 +322,7 @@ class _FrameRun:
         if policy.rule == "all" or bool(self.all_key):
             picked = None
         else:
-            held = _take(cache.buffer, rows)  # (R, c_in + 1 + c_out), a copy: patched below
+            held = cache.buffer.clone() if rows is None else cache.buffer.index_select(0, rows)  # patched below
             ref_norm = held[:, c_in]
             if policy.rule in ("threshold", "top"):
                 change = torch.linalg.vector_norm(x - held[:, :c_in], dim=-1)
@@ -317,17 +330,22 @@ class _FrameRun:
                     select = change > policy.value * ref_norm
                 else:
                     select = _top_per_image(change / ref_norm, image, state.batch_size, policy.value)
+                    select |= ref_norm == 0  # never computed: always, beyond the fraction
             elif policy.rule == "pixel":
-                select = _take(self.changed_pixels, rows) | (ref_norm == 0)
+                select = self.changed_pixels | (ref_norm == 0)
             else:  # random
                 draw = torch.rand(x.shape[0], generator=state.generator, device=x.device) < policy.value
                 select = draw | tokens.is_prefix().reshape(-1) | (ref_norm == 0)
             if self.some_key:
                 select |= self.key[image]
             picked = select.nonzero().squeeze(1)
-        if self.token_codes is not None and gate == 0:
-            done = (torch.arange(x.shape[0], device=x.device) if picked is None else picked)
-            self.token_codes[done if rows is None else rows.index_select(0, done)] = 2
+        if gate == 0 and (self.token_codes is not None or self.pixels is not None):
+            done = torch.arange(x.shape[0], device=x.device) if picked is None else picked
+            done = done if rows is None else rows.index_select(0, done)
+            if self.token_codes is not None:
+                self.token_codes[done] = 2
+            if self.pixels is not None:
+                self.state.pixel_ref[block].index_copy_(0, done, self.pixels.index_select(0, done))
         if picked is None or picked.numel() == x.shape[0]:  # every row: no gather, no scatter
             out = fn(x)
             fresh = torch.cat([x, torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12), out], 1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from iared.commands import (
     write_report,
 )
 from iared.streaming import GATE_RULES, GatePolicy, Stream
+
+# the value a rule given without one takes ("--policy top" = "--policy top:0.3")
+DEFAULT_VALUES = {"threshold": 0.1, "top": 0.3, "random": 0.3, "pixel": 0.05, "all": 0.0, "hold": 0.0}
 from iared.timing import use_threads
 
 
@@ -47,11 +51,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                            "the rest) or backbone weights (reuse only); default: the shipped digits-natural model",
                         pretrained_help="with --model and no --checkpoint: timm's download (network needed); "
                                         "without it the model has random weights")
-    p.add_argument("--policy", type=_policy, default=("threshold", 0.1), metavar="RULE[:VALUE]",
+    p.add_argument("--policy", type=_policy, metavar="RULE[:VALUE]",
                    help="which tokens the gates recompute: threshold:X (relative change above X), top:F / random:F "
                         "(that fraction of alive tokens), pixel:X (patch pixels changed by X), all (every token: "
-                        "the per-frame model), hold (key frames only; needs --keyframe-every) "
-                        "(default: threshold:0.1)")
+                        "the per-frame model), hold (key frames only; needs --keyframe-every); without a value: "
+                        "threshold 0.1, top / random 0.3, pixel 0.05 (default: threshold:0.1)")
     p.add_argument("--keyframe-every", type=int, default=0, metavar="K", help="recompute everything every K frames")
     p.add_argument("--drift", type=float, default=0.0, metavar="D",
                    help="recompute everything when a stream's first-block tokens drifted by D (relative) since its "
@@ -105,17 +109,25 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_frames is not None and args.max_frames < 1:
         raise ValueError(f"--max-frames must be >= 1, got {args.max_frames}")
-    rule, value = args.policy
-    policy = GatePolicy(rule, 0.0 if value is None else value, keyframe_every=args.keyframe_every, drift=args.drift)
     if args.compare:
         if args.inputs:
             raise ValueError("--compare runs on the embedded digit-streams task: give no inputs")
+        given = [flag for flag, value in (("--policy", args.policy), ("--keyframe-every", args.keyframe_every),
+                                          ("--drift", args.drift), ("--threshold", args.threshold),
+                                          ("--model", args.model), ("--backbone-only", args.backbone_only),
+                                          ("--explain", args.explain)) if value]
+        if given:
+            raise ValueError(f"--compare chooses every method's settings on validation itself: {', '.join(given)} "
+                             "do not apply")
         cfg = StreamCompareConfig(checkpoint=args.checkpoint, max_loss=args.max_loss, repeats=args.repeats,
                                   clock=args.clock, frames=args.frames,
                                   test_streams=args.streams or StreamCompareConfig.test_streams)
         result = compare_streaming(cfg)
         write_report(result, format_compare(result), None if args.json == "-" else args.json)
         return 0
+    rule, value = args.policy or ("threshold", None)
+    policy = GatePolicy(rule, DEFAULT_VALUES[rule] if value is None else value, keyframe_every=args.keyframe_every,
+                        drift=args.drift)
     model, pruned = _load(args)
     kwargs = {}
     if pruned is not None and not args.backbone_only:
@@ -139,7 +151,7 @@ def main(args: argparse.Namespace) -> int:
                 try:
                     print(json.dumps(rec), file=out, flush="summary" in rec)
                 except BrokenPipeError:  # the reader (``| head``) is done: stop quietly, as Unix tools do
-                    sys.stderr.close()
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
                     return 0
             records.append(rec)
     if out is None:
@@ -190,14 +202,9 @@ class _Strips:
         self.stream = stream
         self.frames: dict[str, list] = {n: [] for n in self.names}
         self.codes: dict[str, list] = {n: [] for n in self.names}
-        self._offset = 0
 
-    def add(self, t, frames, state) -> None:
-        B = frames.shape[0]
-        if t == 0 and self.frames[self.names[self._offset]]:
-            self._offset += B  # the next group of streams
-        for b in range(B):
-            name = self.names[self._offset + b]
+    def add(self, names, t, frames, state) -> None:
+        for b, name in enumerate(names):
             self.frames[name].append(frames[b].float())
             self.codes[name].append(state.last.tokens[b])
 
