@@ -35,6 +35,8 @@ state lives in an explicit :class:`StreamState` the caller owns::
         state.last.macs                       # (B,) MACs this frame, per stream
 
 Blocks must be :class:`iared.models.vit.Block` (the ViT / DeiT family, augmented shortcuts aside).
+MACs follow :mod:`iared.flops`' convention: matrix products only, so the gates' own bookkeeping
+(difference norms, gathers) is elementwise work and not counted.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ class GatePolicy:
     ``keyframe_every``: a stream recomputes everything k frames after its last key frame (0: never;
     ``hold`` needs it).
     ``drift``: a stream gets a key frame when the mean relative change of its tokens entering the first
-    block since its last key frame exceeds this (0: off). ``seed``: the ``random`` rule's generator.
+    block since its last key frame exceeds this (0: off). ``seed``: the ``random`` rule's generator (one
+    for the batch: a stream's draws depend on its batch mates, its expected share does not).
     """
 
     rule: str = "threshold"

@@ -135,6 +135,9 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--threshold must lie in [0, 1], got {args.threshold}")
         kwargs = {"mode": "threshold",
                   "threshold": args.threshold if args.threshold is not None else pruned.inference.threshold}
+    elif args.threshold is not None:
+        raise ValueError("--threshold is the interpreters' keep threshold: it needs a pruned checkpoint "
+                         "(and no --backbone-only)")
     stream = Stream(model, policy, record_tokens=bool(args.explain), **kwargs)
     streams = _inputs(args, stream)
     strips = _Strips(streams, stream) if args.explain else None
@@ -172,6 +175,8 @@ def _inputs(args, stream: Stream):
                              f"{backbone.cfg.img_size}x{backbone.cfg.img_size} x {backbone.cfg.in_chans}: give videos "
                              "or frame folders")
         return task_streams(args.split, args.streams or 8, args.frames)
+    if args.streams is not None or args.split != "test":
+        raise ValueError("--streams and --split choose digit-streams sequences: with videos or folders give neither")
     cfg = stream.model.backbone.cfg
     for path in args.inputs:  # every input checked before any is decoded
         if not Path(path).exists():

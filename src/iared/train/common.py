@@ -462,9 +462,13 @@ class StepGuard:
 
 def write_run_config(out: str | os.PathLike, config: dict) -> None:
     """A run's settings beside its checkpoint: ``config.json`` and, when PyYAML is installed,
-    ``config.yaml``; ``--config`` reads either back and repeats the run (:mod:`iared.commands`)."""
+    ``config.yaml``; ``--config`` reads either back and repeats the run (:mod:`iared.commands`).
+    Rank 0 only: another rank's temporary could be taken for a killed write's and removed
+    (:class:`Checkpointer` clears those when rank 0 starts), failing that rank's rename."""
     from iared.files import write_json, write_text
 
+    if not is_main():
+        return
     out = Path(out)
     write_json(out / "config.json", config)
     try:
