@@ -13,7 +13,7 @@ import torch
 
 from iared.cli import build_parser
 from iared.cli import main as cli_main
-from iared.commands import _CommaList, _OldSpelling, package_version, parse_args, resolve_task
+from iared.commands import _CommaList, package_version, parse_args, resolve_task
 from iared.models import create_model, split_model_name_tag
 
 ASSETS = Path(str(resources.files("iared") / "assets"))
