@@ -32,6 +32,8 @@ from iared.reducers.base import MODES, Reducer, StageInput, StageSettings
 from iared.reducers.policy import budget_count
 from iared.tokens import PackedAttention, RaggedLayout, Tokens
 
+RAGGED_LAYOUTS: tuple[str, ...] = ("packed", "padded", "static")
+
 Mode = str
 BlockRunner = Callable[[int, nn.Module, Tokens, BlockRecord | None], Tokens]
 
@@ -93,6 +95,19 @@ class ReducedOutput:
     def macs(self) -> Tensor:
         return self.macs_of(self.trace).to(self.logits.device)
 
+    @functools.cached_property
+    def overflow(self) -> list[Tensor | None]:
+        """``overflow[g]``: ``(B,)`` patch tokens stage g's rule kept but the static layout's capacity
+        dropped (0 everywhere when it fits; None when the stage made no selection)."""
+        out = []
+        for (before, decision, _), (after, _) in zip(self.trace.decisions, self.trace.alive_layouts):
+            if decision is None or decision.keep is None:
+                out.append(None)
+                continue
+            wanted = before.sum_per_image((decision.keep & before.patch_mask()).long())
+            out.append(wanted - (after.lengths() - self.num_prefix))
+        return out
+
     @property
     def gflops(self) -> Tensor:
         return self.macs / 1e9
@@ -137,13 +152,19 @@ class ReducedModel(nn.Module):
                 flops_ratio: float | None = None, layout: RaggedLayout = "packed",
                 attention: PackedAttention = "auto", exploration: float = 0.0,
                 attention_out: list | None = None, noise: Tensor | None = None,
-                features_at: Sequence[int] = (), block_runner: BlockRunner | None = None) -> ReducedOutput:
+                features_at: Sequence[int] = (), block_runner: BlockRunner | None = None,
+                capacity: int | Sequence[int | None] | None = None) -> ReducedOutput:
         """Run the reduced model on ``inputs`` (``(B, C, H, W)`` images, or what the backbone embeds).
 
         mode: one of ``MODES`` or one per stage; threshold: one value or one per stage.
         keep_ratio / flops_ratio: budget mode, the fraction of alive patch tokens each stage keeps,
         or a target fraction of the unpruned FLOPs (solved to a uniform keep ratio).
-        layout: how ragged batches are held (``packed`` concatenates, ``padded`` pads + masks).
+        layout: how ragged batches are held (``packed`` concatenates, ``padded`` pads + masks to the
+        batch's longest image, ``static`` pads + masks to a width fixed in advance: no host
+        synchronisation, one graph for ``torch.compile``; see :meth:`iared.tokens.Tokens.select_capacity`).
+        capacity: ``static`` layout, the most patch tokens each stage keeps per image (one value or one
+        per stage; None: no cap, the width stays what it was). ``output.overflow`` counts the tokens an
+        image lost to it.
         exploration: sample mode draws from ``eps + (1 - 2 eps) * score``.
         noise: sample mode's uniform draws ``(B, N0)`` in original token positions (default: torch's RNG).
         features_at: block indices whose outputs a dense head reads; ``output.features[i]`` is
@@ -155,6 +176,7 @@ class ReducedModel(nn.Module):
         ``block(tokens, record=record)``, inside this same loop (streaming reuse, :mod:`iared.streaming`).
         """
         settings = self.stage_settings(mode, threshold, keep_ratio, flops_ratio, exploration, noise)
+        capacities = self.stage_capacities(layout, capacity)
         tokens = self.backbone.embed(inputs)
         if attention != "auto":
             tokens = replace(tokens, attention=attention)
@@ -169,7 +191,7 @@ class ReducedModel(nn.Module):
                 decision = reducer(StageInput(tokens, stage, settings[stage], inputs, self.backbone, record,
                                                self.stage_starts[stage]))
                 trace.decided(tokens, decision, n0)
-                tokens = tokens.apply(decision, ragged=layout)
+                tokens = tokens.apply(decision, ragged=layout, capacity=capacities[stage])
             else:
                 trace.decided(tokens, None, n0)
             trace.alive(tokens, n0)
@@ -200,6 +222,20 @@ class ReducedModel(nn.Module):
             return False
         reducer = self.reducer(nxt)
         return reducer is not None and reducer.needs_record and settings[nxt].mode != "all"
+
+    def stage_capacities(self, layout: RaggedLayout, capacity) -> list[int | None]:
+        """One capacity per stage (patch tokens; None: no cap) for the ``static`` layout."""
+        if layout not in RAGGED_LAYOUTS:
+            raise ValueError(f"layout must be one of {RAGGED_LAYOUTS}, got {layout!r}")
+        G = self.num_stages
+        if capacity is None:
+            return [None] * G
+        if layout != "static":
+            raise ValueError(f"capacity caps the static layout's width: give layout='static', not {layout!r}")
+        caps = [capacity] * G if isinstance(capacity, int) else list(capacity)
+        if len(caps) != G or any(c is not None and (not isinstance(c, int) or c < 1) for c in caps):
+            raise ValueError(f"capacity: a positive token count, one value or {G} (None for no cap), got {capacity!r}")
+        return caps
 
     def stage_settings(self, mode, threshold=0.5, keep_ratio=None, flops_ratio=None,
                        exploration: float = 0.0, noise: Tensor | None = None) -> list[StageSettings]:

@@ -14,6 +14,12 @@ a new layout arrives:
                   LayerNorm, MLP and projections run on the rows directly; attention is
                   block-diagonal per image. No compute is spent on dropped tokens.
 
+The ``static`` selection (:meth:`Tokens.select_capacity`) is padded with a width fixed in advance
+(a per-stage capacity, not the batch's longest count): shapes never depend on the scores, so a
+threshold-mode pass makes no host synchronisation and compiles as one graph (``torch.compile(...,
+fullgraph=True)``, CUDA graphs, exporters). The per-image counts live in the mask; an image that
+wants more tokens than the capacity loses its lowest-scoring ones (the stage loop counts them).
+
 Every layout carries ``index``: for each token, its position in the original sequence
 (prefix tokens first, then patches in row-major order). That is how keep masks and scores are
 reported in image coordinates no matter how many selections happened.
@@ -46,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-RaggedLayout = Literal["packed", "padded"]
+RaggedLayout = Literal["packed", "padded", "static"]
 PackedAttention = Literal["auto", "varlen", "nested", "loop", "bucket"]
 
 
@@ -187,21 +193,34 @@ class Tokens:
 
     # -- generic operations, written once over the flat rows of any layout ----------------------
 
-    def apply(self, decision: Decision, ragged: RaggedLayout = "packed") -> Tokens:
-        """The tokens after a reducer's decision (a merge or a selection, token-aligned with ``self``)."""
+    def apply(self, decision: Decision, ragged: RaggedLayout = "packed", capacity: int | None = None) -> Tokens:
+        """The tokens after a reducer's decision (a merge or a selection, token-aligned with ``self``).
+        ``ragged="static"``: a selection keeps at most ``capacity`` patch tokens per image (None: as
+        many as there are rows now), padded to that width (:meth:`select_capacity`)."""
         if decision.gate is not None:  # soft / straight-through masking: multiply into the key weights
             gate = decision.gate.to(self.data.dtype)
             gated = replace(self, weights=gate if self.weights is None else self.weights * gate)
-            return gated.apply(replace(decision, gate=None), ragged)
+            return gated.apply(replace(decision, gate=None), ragged, capacity)
         if decision.merge_into is not None:
             if decision.keep is not None:
                 raise ValueError("a decision either merges or keeps: express dropped tokens as merges")
-            return self.merge(decision.merge_into, decision.merge_weight, decision.track_sizes, ragged)
+            return self.merge(decision.merge_into, decision.merge_weight, decision.track_sizes,
+                              "padded" if ragged == "static" else ragged)
         if decision.keep is not None:
             if decision.kept_count is not None and self.uniform_length() is not None:
                 return self.select_count(decision.keep, decision.kept_count)
+            if ragged == "static":
+                return self.select_capacity(decision.keep, decision.scores, capacity)
             return self.select(decision.keep, ragged=ragged)
         return self
+
+    def select_capacity(self, keep: Tensor, scores: Tensor | None = None, capacity: int | None = None) -> Tokens:
+        """:meth:`select` into a padded batch of fixed width ``num_prefix + capacity`` (never wider
+        than now): the static-shape selection (module docstring). When an image keeps more than
+        ``capacity`` patch tokens, the lowest-``scores`` ones go (without scores: the last ones).
+        Kept tokens stay in their order, padding after them, so whenever no image overflows the
+        result holds exactly :meth:`select`'s tokens."""
+        raise ValueError(f"a static-shape selection needs a batch with one row per image, not {type(self).__name__}")
 
     def select_count(self, keep: Tensor, count: int) -> Tokens:
         """:meth:`select` when every image keeps exactly ``count`` tokens (dense layouts only)."""
@@ -512,6 +531,15 @@ def _weighted_attention(q: Tensor, k: Tensor, v: Tensor, key_weights: Tensor | N
     return _sdpa_heads(q, k, v, mask=None if bias is None else bias.to(q.dtype) if bias.dtype != torch.bool else bias)
 
 
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None,
+                     key_weights: Tensor | None = None) -> Tensor:
+    """Attention over ``G`` equal sequences ``(G, N, H, D)`` in and out, with keys that may be masked out
+    (``key_mask`` ``(G, N)`` bool, True = attend) or weighted (``key_weights`` ``(G, N)``, as
+    :attr:`Tokens.weights`): the backend every layout uses, for a model that lays its own sequences
+    out (a video block's frames and positions)."""
+    return _weighted_attention(q, k, v, key_weights, key_mask)
+
+
 @dataclass(frozen=True, eq=False)
 class _RowsTokens(Tokens):
     """Layouts with one row of ``data`` per image, ``(B, N, C)``: dense and padded."""
@@ -537,6 +565,32 @@ class _RowsTokens(Tokens):
     def summary(self, values):
         # the class token is row 0 of every image: a view, no index arithmetic
         return values[:, 0] if self.has_class_token else self.patch_mean(values)
+
+    def select_capacity(self, keep, scores=None, capacity=None):
+        n = self.data.shape[1]
+        prefix = self.is_prefix()
+        valid = self.valid()
+        keep = keep | prefix if valid is None else (keep | prefix) & valid
+        width = n if capacity is None else min(n, self.num_prefix + int(capacity))
+        # Which tokens fill the width: prefix first, then kept ones by score, then padding. Scores are
+        # keep probabilities (or attention weights), within [0, 1]: the integer parts rank the groups.
+        if scores is None:  # no scores: the earliest tokens stay, as a stable order would keep them
+            rank = (1 - torch.arange(n, device=keep.device, dtype=torch.float32) / n).expand(keep.shape)
+        else:
+            rank = scores.detach().float().nan_to_num(0.0).clamp(0, 1)
+        rank = rank + 2 * keep.float() + 4 * prefix.float()
+        if valid is not None:
+            rank = rank.masked_fill(~valid, -1.0)
+        chosen = rank.topk(width, dim=1, sorted=False).indices
+        real = keep.gather(1, chosen)
+        # Back in sequence order, real tokens first: the layout PaddedTokens promises.
+        order = chosen.gather(1, torch.argsort((~real).long() * n + chosen, dim=1))
+        mask = keep.gather(1, order)
+        data = self.data.gather(1, order.unsqueeze(-1).expand(-1, -1, self.data.shape[-1]))
+        index = torch.where(mask, self.index.gather(1, order), torch.zeros_like(order))
+        weights = None if self.weights is None else self.weights.gather(1, order) * mask
+        return PaddedTokens(data, index, self.num_prefix, self.attention, weights, self.has_class_token,
+                            self._grid_at_selection(), mask=mask)
 
 
 @dataclass(frozen=True, eq=False)

@@ -61,7 +61,7 @@ from torch import Tensor, nn
 
 from iared import flops
 from iared.models.vit import BlockRecord, Mlp, conv_stem_stages, run_stem, stem_widths
-from iared.tokens import DenseTokens, Tokens, segments_as_packed
+from iared.tokens import DenseTokens, Tokens, masked_attention, segments_as_packed
 
 ATTENTION_TYPES = ("divided_space_time", "joint_space_time", "space_only")
 # SlowFast / TimeSformer's DATA.MEAN and DATA.STD (what the official checkpoints were trained on).
@@ -184,7 +184,12 @@ class Block(nn.Module):
             raise NotImplementedError(f"{self.attention_type} attention has no single (N, N) attention map per clip; "
                                       "explainers read the interpreter's scores")
         whole = tokens.weights is None and tokens.uniform_length() == self.num_tokens
-        x = self._whole(tokens.data, record, tokens) if whole else self._segments(tokens, record)
+        if whole:
+            x = self._whole(tokens.data, record, tokens)
+        elif tokens.data.dim() == 3 and (tokens.weights is None or not tokens.weights.requires_grad):
+            x = self._on_grid(tokens, record)
+        else:
+            x = self._segments(tokens, record)
         return tokens.with_data(x + self.mlp(self.norm2(x)))
 
     # -- every token alive, dense: the official code's reshapes ----------------------------------
@@ -222,6 +227,66 @@ class Block(nn.Module):
         B = t.shape[0]
         prefix = t[:, :1, 0] if num_prefix == 1 else t[:, :, 0]
         return torch.cat([prefix, t[:, :, 1:].reshape(B, -1, *t.shape[3:])], dim=1)
+
+    # -- one row per clip (dense or padded): attention on the full grid, alive keys masked ------
+
+    def _on_grid(self, tokens: Tokens, record: BlockRecord | None) -> Tensor:
+        """Divided / space-only attention for a ``(B, W, C)`` batch of alive tokens (a budget stage's
+        dense rows, a threshold stage's padded ones) with static shapes and no host synchronisation,
+        so it compiles as one graph. Norms and projections run on the W rows; only q, k, v go onto
+        the ``(T, H, W)`` grid, where the official reshapes run attention with dropped tokens masked
+        out as keys. The attention products then cost what the unpruned block's do, a few per cent
+        of a block (linear layers: ~17 C^2 per token, attention: ~2 (T + H W) C), which is what
+        :meth:`macs` leaves out. Alive tokens get exactly :meth:`_segments`' results."""
+        x, B, C = tokens.data, tokens.data.shape[0], tokens.data.shape[-1]
+        T, Hg, Wg = self.grid
+        S = Hg * Wg
+        P = self.num_tokens - T * S
+        patch = tokens.patch_mask()  # (B, W): real patch rows
+        cell = (tokens.index - P).clamp(0, T * S - 1)  # each row's grid cell (garbage off patch rows)
+        batch = torch.arange(B, device=x.device)[:, None].expand_as(cell)
+        alive = torch.zeros(B, T * S, dtype=torch.bool, device=x.device).index_put((batch[patch], cell[patch]),
+                                                                                 torch.ones_like(cell[patch], dtype=torch.bool))
+        weights = None
+        if tokens.weights is not None:
+            weights = x.new_zeros(B, T * S).index_put((batch[patch], cell[patch]), tokens.weights[patch].to(x.dtype))
+
+        def on_grid(rows: Tensor) -> Tensor:  # (B, W, ...) patch rows -> (B, T * S, ...), zeros elsewhere
+            grid = rows.new_zeros(B, T * S, *rows.shape[2:])
+            return grid.index_put((batch[patch], cell[patch]), rows[patch])
+
+        def attend(q, k, v, key_mask, key_weights):
+            # a segment with no alive key (every frame of a position dropped) attends to all of its
+            # zeros instead: its queries are nobody's, and this keeps them (and their gradients) finite
+            return masked_attention(q, k, v, key_mask | ~key_mask.any(-1, keepdim=True), key_weights)
+
+        heads = self.attn.num_heads
+        if self.attention_type == "divided_space_time":
+            q, k, v = on_grid(self.temporal_attn.qkv(self.temporal_norm1(x))).unflatten(-1, (3, heads, -1)).unbind(-3)
+            by_position = lambda t: t.reshape(B, T, S, *t.shape[2:]).transpose(1, 2).reshape(B * S, T, *t.shape[2:])  # noqa: E731
+            kw = None if weights is None else by_position(weights)
+            out = attend(*map(by_position, (q, k, v)), by_position(alive), kw)
+            out = out.reshape(B, S, T, -1).transpose(1, 2).reshape(B, T * S, -1)[batch, cell]
+            x = x + torch.where(patch[..., None], self.temporal_fc(self.temporal_attn.proj(out)), 0.0)
+        rows_qkv = self.attn.qkv(self.norm1(x)).unflatten(-1, (3, heads, -1))  # (B, W, 3, heads, D)
+        grid = on_grid(rows_qkv).reshape(B, T, S, 3, heads, -1)
+        # the class token joins every frame (divided); space-only: frame t's own class token (row t)
+        prefix = rows_qkv[:, :1].expand(B, T, *rows_qkv.shape[2:]) if P == 1 else rows_qkv[:, :T]
+        frames = torch.cat([prefix[:, :, None], grid], dim=2).reshape(B * T, 1 + S, 3, heads, -1)
+        key_mask = torch.cat([alive.new_ones(B, T, 1), alive.reshape(B, T, S)], dim=2).reshape(B * T, 1 + S)
+        key_weights = None
+        if weights is not None:
+            prefix_w = tokens.weights[:, :1].expand(B, T) if P == 1 else tokens.weights[:, :T]
+            key_weights = torch.cat([prefix_w[..., None].to(x.dtype), weights.reshape(B, T, S)], 2).reshape(B * T, -1)
+        out = attend(*frames.unbind(2), key_mask, key_weights)
+        out = self.attn.proj(out.flatten(-2)).reshape(B, T, 1 + S, C)
+        cls_out = out[:, :, 0].mean(1, keepdim=True) if P == 1 else out[:, :, 0]
+        patch_out = out[:, :, 1:].reshape(B, T * S, C)[batch, cell]
+        update = torch.where(patch[..., None], patch_out, 0.0)
+        update = torch.cat([update[:, :P] + cls_out, update[:, P:]], dim=1)
+        if record is not None:
+            record.fill(tokens, *rows_qkv.unbind(2))  # the rows' own q, k, v: what the grid holds for them
+        return x + update
 
     # -- any layout: attention within segments of alive tokens ----------------------------------
 
