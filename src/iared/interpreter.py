@@ -75,7 +75,10 @@ class MultiHeadInterpreter(Reducer):
     def describe(self) -> dict:
         return {"method": "iared", "interpreter_heads": self.num_heads}
 
-    def score(self, tokens: Tokens) -> Tensor:
+    def head_logits(self, tokens: Tokens) -> Tensor:
+        """Token-aligned ``(..., H)``: per head, the class query's scaled dot product with each token's
+        key, ``q_cls,h . k_j,h / sqrt(d)``, before the sigmoid. The keep score reads it through a
+        sigmoid; the explainers also read it as single-query attention (a softmax over tokens)."""
         dim = self.qk.in_features
         x = self.norm(tokens.data)
         # (B, C): the class token, or the average patch token when the backbone has no class token
@@ -83,8 +86,10 @@ class MultiHeadInterpreter(Reducer):
         cls = tokens.summary(x)
         q = F.linear(cls, self.qk.weight[:dim], self.qk.bias[:dim]).unflatten(-1, (self.num_heads, -1))
         k = F.linear(x, self.qk.weight[dim:], self.qk.bias[dim:]).unflatten(-1, (self.num_heads, -1))
-        logits = (tokens.per_token(q) * k).sum(-1) * k.shape[-1] ** -0.5
-        scores = torch.sigmoid(logits).mean(-1)
+        return (tokens.per_token(q) * k).sum(-1) * k.shape[-1] ** -0.5
+
+    def score(self, tokens: Tokens) -> Tensor:
+        scores = torch.sigmoid(self.head_logits(tokens)).mean(-1)
         scores = torch.where(tokens.is_prefix(), torch.ones_like(scores), scores)
         valid = tokens.valid()
         return scores if valid is None else scores * valid

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from iared.explain import METHODS, default_methods, explain, make_method
-from iared.explain.methods import InterpreterMap
+from iared.explain.methods import READOUTS, InterpreterMap
 from iared.explain.metrics import pointing_game
 from iared.models.vit import VisionTransformer, ViTConfig
 from iared.pruning import IARed
@@ -16,9 +16,10 @@ def test_every_method_gives_unit_range_maps_of_image_size(model):
     images = torch.rand(3, 1, 64, 64)
     names = default_methods(model)
     assert names[:4] == ["interpreter", "interpreter:0", "interpreter:1", "interpreter:2"]
-    assert {n.partition(":")[0] for n in names} == set(METHODS)
+    readouts = [f"interpreter-{r}" for r in READOUTS]
+    assert {n.partition(":")[0] for n in names} == set(METHODS) - set(readouts)  # readouts: on request
     grads_before = [p.grad for p in model.parameters()]
-    for name in [*names, "raw-attention:0", "gradcam:1"]:
+    for name in [*names, *readouts, "interpreter-attention:1", "raw-attention:0", "gradcam:1"]:
         for target in (None, [1, 2, 3]):
             maps = explain(model, images, name, target=target)
             assert maps.shape == (3, 64, 64), name

@@ -45,6 +45,7 @@ __all__ = [
     "DEFAULT_CHECKPOINTS",
     "default_checkpoint_path",
     "evaluate_methods",
+    "evaluate_readouts",
     "explain_files",
     "explain_inputs",
     "load_explain_model",
@@ -313,13 +314,13 @@ def embedded_task_for(model: IARed, task: str | None = None) -> str:
     return task
 
 
-def _task_batches(task: str, n: int, batch_size: int, seed: int, model: IARed):
+def _task_batches(task: str, n: int, batch_size: int, seed: int, model: IARed, split: str = "test"):
     from iared.data import TASKS
 
     cfg = model.backbone.cfg
     mean = torch.tensor(cfg.mean, dtype=torch.float32).view(-1, 1, 1)
     std = torch.tensor(cfg.std, dtype=torch.float32).view(-1, 1, 1)
-    data = TASKS[task]("test", length=n, seed=seed)
+    data = TASKS[task](split, length=n, seed=seed)
     for start in range(0, n, batch_size):
         items = [data[i] for i in range(start, min(n, start + batch_size))]
         yield (torch.stack([(it[0] - mean) / std for it in items]), torch.stack([it[2] for it in items]))
@@ -339,7 +340,7 @@ def _folder_batches(pairs, model: IARed, batch_size: int):
 def evaluate_methods(model: IARed, *, images=None, masks=None, limit: int | None = None, batch_size: int = 50,
                      seed: int = 0, method_names=None, steps: int = 16, baseline="rise", tolerance: float = 0.0,
                      threshold: float | None = None, device: str = "cpu", progress=None, pairs=None,
-                     task: str | None = None) -> dict:
+                     task: str | None = None, split: str = "test", per_image: bool = False) -> dict:
     """Every method x every metric on an embedded task's test split (``task``, default: the one the
     model's input fits, :func:`embedded_task_for`; first ``limit``, default 500) or on the ``images``
     / ``masks`` folder pair (``pairs``: already paired files).
@@ -354,9 +355,45 @@ def evaluate_methods(model: IARed, *, images=None, masks=None, limit: int | None
         data = f"{images} + {masks}"
     else:
         task = embedded_task_for(model, task)
-        batches = _task_batches(task, limit or DIGITS_DEFAULT_LIMIT, batch_size, seed, model)
-        data = f"{task} test"
+        batches = _task_batches(task, limit or DIGITS_DEFAULT_LIMIT, batch_size, seed, model, split)
+        data = f"{task} {split}"
     results = evaluate_explanations(model, batches, methods, steps=steps, baseline=baseline, tolerance=tolerance,
-                                    threshold=threshold, device=device, progress=progress)
+                                    threshold=threshold, device=device, progress=progress, per_image=per_image)
     return {"data": data, **results, "target": "backbone prediction",
             "environment": machine_info(device)}
+
+
+def check_readouts(candidates) -> None:
+    """One-line ValueError unless every candidate is an interpreter readout (a baseline is not one)."""
+    bad = [c for c in candidates if not str(c).startswith("interpreter")]
+    if bad:
+        raise ValueError(f"--readouts takes interpreter readouts (interpreter-<readout>[:stage]), got {', '.join(bad)}")
+
+
+def evaluate_readouts(model: IARed, candidates, *, val_limit: int, limit: int | None = None, method_names=None,
+                      resamples: int = 2000, progress=None, **kw) -> dict:
+    """The interpreter readout chosen on validation, then reported once on test beside the baselines.
+
+    ``candidates``: interpreter method specs (``interpreter-attention:0``, ...), scored on the embedded
+    task's val split (first ``val_limit``) and ranked by :func:`iared.explain.evaluate.choose_by_rank`;
+    the chosen one and ``method_names`` (default: every non-interpreter method) then run on the test
+    split (``kw``: :func:`evaluate_methods`' options), with paired bootstrap intervals (``resamples``)
+    of chosen minus each baseline. Returns the test report plus ``selection`` and ``differences``."""
+    from iared.explain.evaluate import SELECTION_METRICS, choose_by_rank, paired_differences
+
+    check_readouts(candidates)
+    val = evaluate_methods(model, method_names=list(candidates), limit=val_limit, split="val", progress=progress,
+                           **kw)
+    chosen, ranks = choose_by_rank(val["methods"])
+    baselines = [m for m in (method_names or default_methods(model)) if not m.startswith("interpreter")]
+    test = evaluate_methods(model, method_names=[chosen, *baselines], split="test", limit=limit, per_image=True,
+                            progress=progress, **kw)
+    per_image = test.pop("per_image")
+    test["selection"] = {"split": val["data"], "n": val["n"], "chosen": chosen,
+                         "rule": "best mean rank over " + ", ".join(f"{m} ({'higher' if h else 'lower'} better)"
+                                                                    for m, h in SELECTION_METRICS)
+                                 + "; ties: higher mIoU",
+                         "mean_rank": ranks, "candidates": val["methods"]}
+    test["differences"] = {"method": chosen, "resamples": resamples, "level": 0.95,
+                           "against": paired_differences(per_image, chosen, baselines, resamples)}
+    return test

@@ -43,6 +43,7 @@ lists every method for a model, the interpreter once per stage and combined.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -173,28 +174,114 @@ def _cls_row_patches(matrix: Tensor, backbone: VisionTransformer) -> Tensor:
 # -- methods ----------------------------------------------------------------------------------
 
 
-class InterpreterMap:
-    """IA-RED²'s interpreter scores as the heatmap, from a real inference pass (threshold mode).
+@dataclass
+class InterpreterReadings:
+    """What the interpreters said in one real pruned pass (threshold mode), on the token grid.
 
-    ``stage=g``: the score stage g's interpreter gave each patch (0 for patches dropped before
-    stage g; negative g counts from the end). ``stage=None``, "stages combined": the mean over
-    all G stages of those scores, a dropped token counting 0 at every later stage::
-
-        combined_j = (1 / G) * sum_g scores[g]_j        (scores[g]_j = 0 once j is dropped)
-
-    Why the mean: a token's share in the computation is how many stages it survives. With the
-    threshold t, a token dropped at stage g contributes scores > t for the g stages it passed,
-    its (<= t) score at g, and zeros after; so the mean lies in [g t / G, (g + t) / G] and
-    orders tokens first by how deep they travel and, among tokens dropped at the same stage,
-    by the interpreter's confidence. Unlike the product (the probability of surviving every
-    stage under the sampling policy) it does not collapse all early-dropped tokens into a tie
-    at 0, which matters for rank-based metrics (AP, deletion, insertion). Class-agnostic:
-    ``target`` is ignored (the interpreter asks the class token's query, not a class).
+    ``out``: the pass's :class:`iared.stages.ReducedOutput` (``scores[g]`` ``(B, N0)``, 0 for tokens
+    gone before stage g; ``keep[g]``). ``attention[g]``: ``(B, N0, H)`` stage g's interpreter read
+    as single-query attention (:func:`interpreter_attention`), 0 on prefix tokens and on tokens not
+    alive at stage g; None for a stage that ran no interpreter, or when not asked for.
     """
 
-    def __init__(self, stage: int | None = None, threshold: float | Sequence[float] | None = None):
-        self.stage = stage
+    out: object
+    attention: list[Tensor | None]
+
+
+def interpreter_attention(interpreter, tokens, temperature: float = 1.0) -> Tensor:
+    """Token-aligned ``(..., H)``: per head, ``softmax_j(q_cls . k_j / (sqrt(d) T))`` over each image's
+    alive patch tokens (prefix tokens and padding get 0).
+
+    The keep score squashes the same logits through a sigmoid, which saturates: a trained interpreter
+    scores most tokens near 0 or 1, a map with little order inside either group. The softmax keeps
+    the order (the logits' differences), so the map is graded where the score is flat. Prefix tokens
+    are left out because they are never candidates (always kept) and the map shows patches only.
+    """
+    logits = interpreter.head_logits(tokens) / temperature
+    logits = logits.masked_fill(~tokens.patch_mask()[..., None], float("-inf"))
+    # an image with no alive patch token softmaxes over nothing (NaN): it has no map to give
+    return torch.nan_to_num(tokens.softmax_per_image(logits), nan=0.0)
+
+
+def read_interpreters(model: IARed, images: Tensor, threshold, *, temperature: float | None = None) -> InterpreterReadings:
+    """One threshold-mode pass of ``model`` on ``images``; with ``temperature``, each stage's
+    interpreter also read as attention over the tokens it scored (:func:`interpreter_attention`).
+
+    The tokens an interpreter scores are the previous stage's output, which the stage loop hands to
+    the next stage's reducer only: a block runner (the loop's own hook, :mod:`iared.stages`) keeps
+    the output of each stage's last block, and stage 0 scores the embedding, recomputed here."""
+    starts = model.stage_starts
+    inputs: dict[int, object] = {}
+    runner = None
+    if temperature is not None:
+        inputs[0] = model.backbone.embed(images)
+        next_stage = {s - 1: g for g, s in enumerate(starts) if g > 0}
+
+        def runner(index, block, tokens, record):
+            tokens = block(tokens, record=record)
+            if index in next_stage:
+                inputs[next_stage[index]] = tokens
+            return tokens
+
+    out = model(images, "threshold", threshold=threshold, block_runner=runner)
+    attention: list[Tensor | None] = [None] * model.num_stages
+    for g, tokens in inputs.items():
+        interpreter = model.reducer(g)
+        if interpreter is None or out.scores[g] is None:
+            continue
+        n0 = model.backbone.block_input_shape(starts[g])[0]
+        probs = interpreter_attention(interpreter, tokens, temperature)
+        attention[g] = torch.stack([tokens.scatter(probs[..., h], n0) for h in range(probs.shape[-1])], -1)
+    return InterpreterReadings(out, attention)
+
+
+READOUTS = ("score", "attention", "product", "attention-product")
+"""How :class:`InterpreterMap` reads the interpreters (method ``interpreter-<readout>``)."""
+
+DEFAULT_READOUT = "attention-product"
+"""What the method ``interpreter`` (and ``iared explain``, ``predict --explain``, the demo) draws: the
+readout chosen on digits-natural's validation split by ``iared explain-eval --readouts ...``, best
+mean rank over mIoU, mAP and deletion among the candidates; the record of that choice is the
+``selection`` of docs/explain-digits-natural-readouts.json (a test checks the two agree)."""
+
+SELECTION_CANDIDATES = tuple(f"interpreter-{r}" for r in READOUTS) + ("interpreter-attention:0",)
+"""The readouts ``explain-eval --readouts`` compares on validation by default."""
+
+
+class InterpreterMap:
+    """IA-RED²'s interpreters as the heatmap, from a real inference pass (threshold mode): the same
+    modules and the same pass the model prunes with, no separate explainer, no training for it.
+
+    ``readout`` (``stage=g`` reads stage g alone, 0-based, negative counts from the end; ``None``
+    combines the stages):
+
+    - ``"score"``: the keep score ``s_g`` (0 for patches gone before stage g). Combined: the mean
+      over all G stages, a dropped token counting 0 at every later stage (a token's share in the
+      computation is how many stages it survives).
+    - ``"attention"``: the interpreter read as single-query attention, the mean over heads of
+      :func:`interpreter_attention` (sums to 1 over the stage's alive patches; ``temperature``
+      divides the logits). Combined: the mean over stages, 0 once a token is dropped.
+    - ``"product"``: ``prod_g s_g``, the probability of surviving every stage under the sampling
+      policy; a token dropped at stage g gets exactly 0 (its later scores are 0). No stage.
+    - ``"attention-product"``: ``attention_g^a * product^b`` (``exponents=(a, b)``, stage default 0):
+      the attention's grading among the survivors, the product's zeros for what the model dropped.
+
+    Class-agnostic: ``target`` is ignored (the interpreter asks the class token's query, not a class).
+    """
+
+    def __init__(self, readout: str = "score", stage: int | None = None, threshold: float | Sequence[float] | None = None,
+                 temperature: float = 1.0, exponents: tuple[float, float] = (1.0, 1.0)):
+        if readout not in READOUTS:
+            raise ValueError(f"unknown interpreter readout {readout!r}; known: {', '.join(READOUTS)}")
+        if readout == "product" and stage is not None:
+            raise ValueError("interpreter-product multiplies every stage: it takes no stage")
+        if not temperature > 0:
+            raise ValueError(f"interpreter: temperature must be positive, got {temperature}")
+        self.readout = readout
+        self.stage = 0 if readout == "attention-product" and stage is None else stage
         self.threshold = threshold  # None: the model's own (its checkpoint's inference threshold)
+        self.temperature = float(temperature)
+        self.exponents = tuple(float(e) for e in exponents)
 
     def __call__(self, model: IARed, images: Tensor, target=None) -> Tensor:
         if not isinstance(model, IARed):
@@ -204,22 +291,51 @@ class InterpreterMap:
             raise ValueError(f"interpreter: stage {self.stage} out of range for a model with "
                              f"{model.num_stages} stages (0..{model.num_stages - 1})")
         threshold = model.inference.threshold if self.threshold is None else self.threshold
+        wants_attention = self.readout in ("attention", "attention-product")
         with torch.no_grad():
-            out = model(images, "threshold", threshold=threshold)
-        return token_map_to_image(self.patch_scores(out), model.backbone)
+            readings = read_interpreters(model, images, threshold,
+                                         temperature=self.temperature if wants_attention else None)
+        return token_map_to_image(self.patch_values(readings), model.backbone)
+
+    def patch_values(self, readings: InterpreterReadings) -> Tensor:
+        """``(B, h*w)`` patch values of this readout (before upsampling)."""
+        out = readings.out
+        if self.readout == "score":
+            return self.patch_scores(out)
+        if self.readout == "product":
+            return self._product(out)
+        attention = self._attention(readings)
+        if self.readout == "attention":
+            return attention
+        a, b = self.exponents
+        return attention.pow(a) * self._product(out).pow(b)
 
     def patch_scores(self, out) -> Tensor:
-        """``(B, h*w)`` patch scores from a :class:`PrunedOutput` (before upsampling)."""
+        """``(B, h*w)`` keep scores from a :class:`ReducedOutput` (the ``score`` readout)."""
+        return self._stages(out.scores, "its interpreter")[:, out.num_prefix:]
+
+    def _attention(self, readings: InterpreterReadings) -> Tensor:
+        return self._stages([None if a is None else a.mean(-1) for a in readings.attention],
+                            "its interpreter")[:, readings.out.num_prefix:]
+
+    def _stages(self, per_stage: list[Tensor | None], what: str) -> Tensor:
+        """Stage ``self.stage``'s ``(B, N0)`` values, or (None) their sum over the ran stages / G."""
         if self.stage is not None:
-            chosen = out.scores[self.stage]
+            chosen = per_stage[self.stage]
             if chosen is None:
-                raise ValueError(f"interpreter: stage {self.stage} ran without its interpreter (mode 'all')")
-        else:
-            scores = [s for s in out.scores if s is not None]
-            if not scores:
-                raise ValueError("interpreter: no stage ran its interpreter")
-            chosen = torch.stack(scores).sum(0) / len(out.scores)
-        return chosen[:, out.num_prefix:]
+                raise ValueError(f"interpreter: stage {self.stage} ran without {what} (mode 'all')")
+            return chosen
+        ran = [v for v in per_stage if v is not None]
+        if not ran:
+            raise ValueError("interpreter: no stage ran its interpreter")
+        return torch.stack(ran).sum(0) / len(per_stage)
+
+    @staticmethod
+    def _product(out) -> Tensor:
+        ran = [s for s in out.scores if s is not None]
+        if not ran:
+            raise ValueError("interpreter: no stage ran its interpreter")
+        return torch.stack(ran).prod(0)[:, out.num_prefix:]
 
 
 class RawAttention:
@@ -346,7 +462,9 @@ class RandomMap:
 Method = Callable[..., Tensor]
 
 METHODS: dict[str, Callable[..., Method]] = {
-    "interpreter": lambda stage=None, threshold=0.5: InterpreterMap(stage=stage, threshold=threshold),
+    "interpreter": lambda stage=None, threshold=None: InterpreterMap(DEFAULT_READOUT, stage, threshold),
+    **{f"interpreter-{r}": (lambda r: lambda stage=None, threshold=None, **kw: InterpreterMap(r, stage, threshold, **kw))(r)
+       for r in READOUTS},
     "raw-attention": lambda block=-1: RawAttention(block),
     "rollout": lambda: AttentionRollout(),
     "gradcam": lambda block=-1: GradCAM(block),

@@ -57,6 +57,7 @@ __all__ = [
     "causal_curves",
     "deletion_insertion",
     "pointing_game",
+    "pooled_miou",
     "protocol_ap",
     "segmentation_stats",
 ]
@@ -138,6 +139,8 @@ class SegmentationMeter:
         self.ap: list[Tensor] = []
         self.ap_fg: list[Tensor] = []
         self.hits: list[Tensor] = []
+        self.image_intersection: list[Tensor] = []  # (B, 2) per batch: what a bootstrap over images resamples
+        self.image_union: list[Tensor] = []
         self.foreground = 0  # object pixels over the set
         self.degenerate = 0  # images whose mask is all background or all object
 
@@ -152,12 +155,24 @@ class SegmentationMeter:
         self.pixels += int(stats["pixels"].sum())
         self.intersection += stats["intersection"].sum(0).double()
         self.union += stats["union"].sum(0).double()
+        self.image_intersection.append(stats["intersection"].double())
+        self.image_union.append(stats["union"].double())
         self.ap.append(stats["ap"])
         self.ap_fg.append(stats["ap_foreground"])
         stats["pointing"] = pointing_game(heatmaps, masks, self.tolerance).cpu()
         has_object = masks.flatten(1).any(1).cpu()
         self.hits.append(stats["pointing"][has_object])
         return stats
+
+    def per_image(self) -> dict[str, Tensor]:
+        """Every image's share of the set metrics, for intervals over images: ``intersection`` /
+        ``union`` ``(n, 2)`` (mIoU is the ratio of their sums, :func:`pooled_miou`), ``ap`` and
+        ``ap_foreground`` ``(n,)`` (NaN where the image is left out of the mean)."""
+        def cat(parts, *shape):
+            return torch.cat(parts) if parts else torch.zeros(0, *shape, dtype=torch.float64)
+
+        return {"intersection": cat(self.image_intersection, 2), "union": cat(self.image_union, 2),
+                "ap": cat(self.ap).double(), "ap_foreground": cat(self.ap_fg).double()}
 
     def compute(self) -> dict[str, float]:
         iou = self.intersection / self.union.clamp_min(1)
@@ -187,6 +202,13 @@ class SegmentationMeter:
             warnings.warn(f"{self.degenerate} of {result['n']} masks are all background or all object: left out of "
                           "mAP and the pointing game", UndefinedMetricWarning, stacklevel=2)
         return result
+
+
+def pooled_miou(intersection: Tensor, union: Tensor) -> Tensor:
+    """mIoU as :class:`SegmentationMeter` computes it, from per-image counts ``(..., n, 2)`` (resamples
+    of the set in the leading dimensions): per class, summed intersection / summed union; mean of the
+    two classes. Returns ``(...)``."""
+    return (intersection.sum(-2) / union.sum(-2).clamp_min(1)).mean(-1)
 
 
 def pointing_game(heatmaps: Tensor, masks: Tensor, tolerance: float = 0.0) -> Tensor:
