@@ -16,9 +16,6 @@ def paired_bootstrap(correct_a: Tensor, correct_b: Tensor, resamples: int = 2000
     items; with two dimensions each row is a cluster (a video stream: its frames are not independent)
     and whole rows are resampled. Returns ``{"mean", "lo", "hi"}`` as fractions.
     """
-    if correct_a.shape != correct_b.shape:
-        raise ValueError(f"paired bootstrap needs outcomes on the same items: {tuple(correct_a.shape)} vs "
-                         f"{tuple(correct_b.shape)}")
     flat_a = correct_a.double().reshape(correct_a.shape[0], -1)
     flat_b = correct_b.double().reshape(correct_b.shape[0], -1)
     return paired_bootstrap_statistic(flat_a, flat_b, lambda x: x.mean(dim=(-2, -1)), resamples, seed, level)

@@ -245,15 +245,18 @@ class Block(nn.Module):
         patch = tokens.patch_mask()  # (B, W): real patch rows
         cell = (tokens.index - P).clamp(0, T * S - 1)  # each row's grid cell (garbage off patch rows)
         batch = torch.arange(B, device=x.device)[:, None].expand_as(cell)
-        alive = torch.zeros(B, T * S, dtype=torch.bool, device=x.device).index_put((batch[patch], cell[patch]),
-                                                                                 torch.ones_like(cell[patch], dtype=torch.bool))
-        weights = None
-        if tokens.weights is not None:
-            weights = x.new_zeros(B, T * S).index_put((batch[patch], cell[patch]), tokens.weights[patch].to(x.dtype))
+        # Rows are written to the grid by one index_copy of every row, prefix and padding rows into a
+        # spare cell past the grid that is cut off: a boolean selection of the patch rows would give
+        # a data-dependent shape (a host sync, and no CUDA graph).
+        target = (batch * (T * S + 1) + torch.where(patch, cell, T * S)).reshape(-1)
 
         def on_grid(rows: Tensor) -> Tensor:  # (B, W, ...) patch rows -> (B, T * S, ...), zeros elsewhere
-            grid = rows.new_zeros(B, T * S, *rows.shape[2:])
-            return grid.index_put((batch[patch], cell[patch]), rows[patch])
+            flat = rows.reshape(-1, *rows.shape[2:])
+            grid = flat.new_zeros(B * (T * S + 1), *rows.shape[2:]).index_copy(0, target, flat)
+            return grid.unflatten(0, (B, T * S + 1))[:, : T * S]
+
+        alive = on_grid(patch)
+        weights = None if tokens.weights is None else on_grid(tokens.weights.to(x.dtype))
 
         def attend(q, k, v, key_mask, key_weights):
             # a segment with no alive key (every frame of a position dropped) attends to all of its
