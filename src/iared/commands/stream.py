@@ -184,8 +184,8 @@ def main(args: argparse.Namespace) -> int:
 def _inputs(args, model):
     from iared.stream_eval import read_stream, task_streams
 
+    backbone = getattr(model, "backbone", model)  # a pruned model, or the backbone alone
     if not args.inputs:
-        backbone = model.backbone
         if (backbone.cfg.img_size, backbone.cfg.in_chans) != (64, 3):
             raise ValueError(f"the embedded digit-streams task is 64x64 RGB; this model takes "
                              f"{backbone.cfg.img_size}x{backbone.cfg.img_size} x {backbone.cfg.in_chans}: give videos "
@@ -193,7 +193,7 @@ def _inputs(args, model):
         return task_streams(args.split, args.streams or 8, args.frames)
     if args.streams is not None or args.split != "test":
         raise ValueError("--streams and --split choose digit-streams sequences: with videos or folders give neither")
-    cfg = model.backbone.cfg
+    cfg = backbone.cfg
     for path in args.inputs:  # every input checked before any is decoded
         if not Path(path).exists():
             raise FileNotFoundError(f"no such video or folder: {path}")
