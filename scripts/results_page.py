@@ -267,7 +267,7 @@ def render_compare(name: str, d: dict) -> list[str]:
 
 
 BENCH_CONFIGS = {"unpruned": "unpruned", "budget": "budget (top-k)", "threshold-padded": "threshold, padded",
-                 "threshold-packed": "threshold, packed"}
+                 "threshold-static": "threshold, static shapes", "threshold-packed": "threshold, packed"}
 
 
 def render_bench(name: str, d: dict) -> list[str]:

@@ -7,6 +7,10 @@ For each dtype and batch size it times, in one run and on the same images:
                       one row per packed-attention strategy (``loop`` / ``bucket`` / ``nested``).
 ``threshold-padded``  threshold mode, padded to the longest image + attention mask (the reference
                       that ATS / A-ViT style methods use).
+``threshold-static``  threshold mode with static shapes: each stage padded to a fixed capacity, the
+                      largest per-image count on the timed batch (:func:`iared.calibration.calibrate_capacity`;
+                      no image overflows), so no host synchronisation; compiled with ``fullgraph=True``
+                      and fixed shapes.
 ``budget``            budget mode (top-k, dense) keeping, per stage, the mean count that threshold
                       mode kept, so both do the same FLOPs on average.
 
@@ -179,6 +183,7 @@ class Row:
     latency_p50_ms: float | None = None  # batch 1 only: single calls
     latency_p90_ms: float | None = None
     compile_gain: float | None = None  # compiled rows: eager ms / compiled ms of the same configuration
+    capacity: list[int | None] = field(default_factory=list)  # threshold-static: patch tokens per stage
 
     @property
     def label(self) -> str:
@@ -206,18 +211,25 @@ def bench_model(model: IARed, images: Tensor, *, thresholds: Sequence[float], st
     with torch.inference_mode():
         ref = model(images, "threshold", threshold=list(thresholds))
     ratios = budget_ratios(ref, cfg.num_patches)
+    from iared.calibration import calibrate_capacity
+
+    capacity = calibrate_capacity(model, images, list(thresholds), batch_size=batch)
 
     def runner(kind: str, attention: str, compiled: bool) -> Callable[[], object]:
         if kind == "unpruned":
             return _wrap(model.backbone, compiled, lambda f: f(images), mode=compile_mode)
         if kind == "budget":
             return _wrap(model, compiled, lambda f: f(images, "budget", keep_ratio=ratios), mode=compile_mode)
+        if kind == "threshold-static":  # fixed shapes: one graph, no recompiles
+            return _wrap(model, compiled, lambda f: f(images, "threshold", threshold=list(thresholds), layout="static",
+                                                      capacity=capacity), dynamic=False, fullgraph=True,
+                         mode=compile_mode)
         layout = "padded" if kind == "threshold-padded" else "packed"
         # dynamic: the per-image counts change with every batch; without it each new count recompiles
         return _wrap(model, compiled, lambda f: f(images, "threshold", threshold=list(thresholds), layout=layout,
                                                   attention=attention), dynamic=True, mode=compile_mode)
 
-    plan = [("unpruned", None), ("budget", None), ("threshold-padded", None)]
+    plan = [("unpruned", None), ("budget", None), ("threshold-padded", None), ("threshold-static", None)]
     plan += [("threshold-packed", s) for s in strategies]
     rows: list[Row] = []
     fns: dict[str, Callable[[], object]] = {}
@@ -245,6 +257,8 @@ def bench_model(model: IARed, images: Tensor, *, thresholds: Sequence[float], st
                 kept = torch.stack([k[:, out.num_prefix:].float().sum(1) for k in out.keep], 1)
                 row.mean_kept = [round(float(x), 2) for x in kept.mean(0)]
                 row.kept_std = [round(float(x), 2) for x in kept.std(0, correction=0)]
+            if kind == "threshold-static":
+                row.capacity = capacity
             row.gmacs_per_image = macs / 1e9
             row.ideal_speedup = full / macs
 
@@ -284,10 +298,11 @@ def bench_model(model: IARed, images: Tensor, *, thresholds: Sequence[float], st
     return rows
 
 
-def _wrap(module, compile: bool, call: Callable, dynamic: bool | None = None, mode: str = "default"):
+def _wrap(module, compile: bool, call: Callable, dynamic: bool | None = None, mode: str = "default",
+          fullgraph: bool = False):
     if not compile:
         return lambda: call(module)
-    compiled = torch.compile(module, dynamic=dynamic, mode=mode)
+    compiled = torch.compile(module, dynamic=dynamic, mode=mode, fullgraph=fullgraph)
     return lambda: call(compiled)
 
 
