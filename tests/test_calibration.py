@@ -175,3 +175,24 @@ def test_calibration_refusals_come_before_any_work(pruned_file, tmp_path, capsys
         assert code != 0 and message in err, (argv, err)
         assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_capacity_from_the_sample_fits_it_and_a_lower_quantile_overflows(images):
+    from iared.calibration import calibrate_capacity
+
+    model = spread_model()
+    thresholds = calibrate_thresholds(model, images, 0.3)
+    caps = calibrate_capacity(model, images, thresholds)
+    with torch.no_grad():
+        dynamic = model(images, "threshold", threshold=thresholds)
+        counts = [k[:, 1:].sum(1) for k in dynamic.keep]
+        assert caps == [int(c.max()) for c in counts]
+        static = model(images, "threshold", threshold=thresholds, layout="static", capacity=caps)
+        assert torch.allclose(static.logits, dynamic.logits, atol=1e-5)
+        assert all(int(o.sum()) == 0 for o in static.overflow)
+        narrow = calibrate_capacity(model, images, thresholds, quantile=0.5)
+        assert all(n <= c for n, c in zip(narrow, caps)) and narrow != caps
+        tight = model(images, "threshold", threshold=thresholds, layout="static", capacity=narrow)
+        assert sum(int(o.sum()) for o in tight.overflow) > 0
+    with pytest.raises(ValueError, match="quantile"):
+        calibrate_capacity(model, images, thresholds, quantile=0)
