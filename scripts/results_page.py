@@ -267,7 +267,7 @@ def render_compare(name: str, d: dict) -> list[str]:
 
 
 BENCH_CONFIGS = {"unpruned": "unpruned", "budget": "budget (top-k)", "threshold-padded": "threshold, padded",
-                 "threshold-packed": "threshold, packed"}
+                 "threshold-static": "threshold, static shapes", "threshold-packed": "threshold, packed"}
 
 
 def render_bench(name: str, d: dict) -> list[str]:
@@ -422,6 +422,40 @@ def render_stream_clips(name: str, d: dict) -> list[str]:
                        rows) + [""]
 
 
+UNSEEN_ROWS = {  # row key: what it is
+    "bundled_backbone": "backbone, bundled test photos", "bundled": "pruned, bundled test photos, stored threshold",
+    "unseen_backbone": "backbone, unseen photos", "unseen": "pruned, unseen photos, stored threshold",
+    "unseen_calibrated": "pruned, unseen photos, thresholds calibrated on unlabelled val renders",
+    "unseen_random": "random dropping, unseen photos, the calibrated model's kept shares",
+}
+
+
+def render_unseen(name: str, d: dict) -> list[str]:
+    out = head(name, f"`scripts/unseen_scenes.py`: the shipped models on their test split's digits rendered over "
+                     f"photographs no split holds (`{d.get('photos')}`), beside the bundled test photos; one run.",
+               machine_line(d.get("machine")))
+    for task, t in (d.get("tasks") or {}).items():
+        timing = t.get("timing") or {}
+        out += [f"**{task}** (`{t.get('pruned_file')}`, {t.get('n_test')} test items, calibration on "
+                f"{t.get('n_calibration_unlabelled')} unlabelled validation renders; speed-up: range over "
+                f"{timing.get('runs')} interleaved runs at batch {timing.get('batch')}, {timing.get('threads')} "
+                "threads)", ""]
+        rows = []
+        for key, label in UNSEEN_ROWS.items():
+            r = (t.get("rows") or {}).get(key)
+            if not r:
+                continue
+            d_ = r.get("top1_minus_backbone")
+            rng = r.get("speedup_measured_range")
+            rows.append([label, pct(r.get("top1")),
+                         f"{pt(d_['mean'])} [{pt(d_['lo'])}, {pt(d_['hi'])}]" if d_ else "",
+                         fractions(r.get("kept_fraction")), times(r.get("speedup_ideal")),
+                         f"{times(rng[0])} – {times(rng[1])}" if rng else ""])
+        out += table(["model, data", "top-1", "vs its backbone [95 % CI]", "kept after each stage", "FLOPs-ideal",
+                      "measured speed-up"], rows) + [""]
+    return out
+
+
 KINDS = [  # (test on the file's structure, section, renderer)
     (lambda d: "accuracy_full" in d and "accuracy_pruned" in d, "Shipped models", render_eval),
     (lambda d: "candidates" in d and "unpruned" in d, "Every method on one backbone (`iared compare`)",
@@ -439,6 +473,7 @@ KINDS = [  # (test on the file's structure, section, renderer)
      "Streaming reuse (`iared stream`)", render_stream_compare),
     (lambda d: isinstance(d.get("clips"), list) and "frames_per_clip" in d,
      "Streaming reuse (`iared stream`)", render_stream_clips),
+    (lambda d: isinstance(d.get("tasks"), dict) and "photos" in d, "Scenes the models never saw", render_unseen),
 ]
 
 ORDER = [  # files shown first in their section, in this order; the rest follow by name

@@ -72,15 +72,19 @@ def test_bench_model_rows_are_consistent():
     rows = bench_model(model, x, thresholds=thresholds, strategies=("loop", "bucket"), warmup=0, repeats=1,
                        progress=lambda msg: None)
     names = [(r.config, r.attention) for r in rows]
-    assert names == [("unpruned", None), ("budget", None), ("threshold-padded", None),
+    assert names == [("unpruned", None), ("budget", None), ("threshold-padded", None), ("threshold-static", None),
                      ("threshold-packed", "loop"), ("threshold-packed", "bucket")]
     for r in rows:
         assert r.error is None and r.ms_median > 0 and r.images_per_s > 0
         assert r.efficiency == pytest.approx(r.speedup / r.ideal_speedup)
     assert rows[0].ideal_speedup == 1.0 and rows[0].speedup == 1.0
     assert all(r.ideal_speedup > 1.2 for r in rows[1:])
-    # threshold rows agree on what they computed, whatever the layout / strategy
-    assert rows[2].mean_kept == rows[3].mean_kept == rows[4].mean_kept
+    # threshold rows agree on what they computed, whatever the layout / strategy: the static row's
+    # capacity is the batch's largest count per stage, so no image overflows
+    assert rows[2].mean_kept == rows[3].mean_kept == rows[4].mean_kept == rows[5].mean_kept
+    with torch.inference_mode():
+        per_image = model(x, "threshold", threshold=thresholds).keep
+    assert rows[3].capacity == [int(k[:, 1:].sum(1).max()) for k in per_image]
 
 
 def test_run_writes_json_and_table(tmp_path):
@@ -96,7 +100,8 @@ def test_run_writes_json_and_table(tmp_path):
     assert saved["machine"]["speed_probe_ms_at_start"] > 0 and saved["machine"]["speed_probe_ms_at_end"] > 0
     (run_,) = saved["runs"]
     assert run_["batch"] == 2 and run_["dtype"] == "float32" and len(run_["thresholds"]) == 3
-    assert {r["config"] for r in run_["rows"]} == {"unpruned", "budget", "threshold-padded", "threshold-packed"}
+    assert {r["config"] for r in run_["rows"]} == {"unpruned", "budget", "threshold-padded", "threshold-static",
+                                                 "threshold-packed"}
     assert saved["config"]["device"] == "cpu"  # auto, on a machine without CUDA
     assert saved["default_attention"] in {"loop", "bucket"}
     packed = [r for r in run_["rows"] if r["config"] == "threshold-packed"]

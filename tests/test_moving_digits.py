@@ -137,6 +137,34 @@ def test_make_dataset_writes_a_video_folder(tmp_path, capsys):
     assert cli_main(["make-dataset", "--task", "moving-digits", "--n", "5", "--out", str(out)]) == 2  # not empty
 
 
+def test_make_dataset_renders_over_a_folder_of_the_users_photographs(tmp_path, capsys):
+    photos = tmp_path / "my photos" / "nested"
+    photos.mkdir(parents=True)
+    # two flat photographs in colours no bundled photo is: every background pixel must be one of them
+    for name, rgb in (("red.png", (250, 10, 10)), ("blue.jpg", (10, 10, 250))):
+        Image.fromarray(np.full((300, 400, 3), rgb, np.uint8)).save(photos / name)
+    out = tmp_path / "md"
+    assert cli_main(["make-dataset", "--task", "moving-digits", "--n", "4", "--out", str(out), "--backgrounds",
+                     str(tmp_path / "my photos"), "--no-progress"]) == 0
+    folder = VideoFolder(out / "videos", num_frames=FRAMES, img_size=FRAME, mean=(0, 0, 0), std=(1, 1, 1))
+    ds = MovingDigits("test", length=4, backgrounds=tmp_path / "my photos")
+    bundled = MovingDigits("test", length=4)
+    for path, _ in folder.samples:
+        render = ds.render(int(path.stem))
+        clip = folder[folder.samples.index((path, _))][0]
+        assert torch.equal(clip, torch.as_tensor(render["clip"]))
+        free = (render["digit_alpha"] == 0) & (render["clutter_alpha"] == 0)  # (8, 48, 48) background only
+        pixels = torch.as_tensor(render["clip"]).permute(0, 2, 3, 1)[torch.as_tensor(free)]
+        red = (pixels - torch.tensor([250, 10, 10]) / 255).abs().amax(1) < 0.1
+        blue = (pixels - torch.tensor([10, 10, 250]) / 255).abs().amax(1) < 0.1
+        assert (red | blue).float().mean() > 0.99, path
+        assert not torch.equal(torch.as_tensor(render["clip"]), bundled[int(path.stem)][0])
+    assert "backgrounds=" in repr(ds)
+    for bad, message in ((tmp_path / "absent", "does not exist"), (tmp_path / "md", "no image files")):
+        with pytest.raises(ValueError, match=message):
+            MovingDigits("test", length=2, backgrounds=bad / "videos" if message == "no image files" else bad)
+
+
 @pytest.mark.parametrize("task", ["digits-natural", "moving-digits"])
 def test_prerender_makes_exactly_the_samples_rendering_on_demand_makes(task):
     """``--prerender``: forked workers fill the cache; every sample equals the one rendered in this

@@ -7,6 +7,10 @@ For each dtype and batch size it times, in one run and on the same images:
                       one row per packed-attention strategy (``loop`` / ``bucket`` / ``nested``).
 ``threshold-padded``  threshold mode, padded to the longest image + attention mask (the reference
                       that ATS / A-ViT style methods use).
+``threshold-static``  threshold mode with static shapes: each stage padded to a fixed capacity, the
+                      largest per-image count on the timed batch (:func:`iared.calibration.calibrate_capacity`;
+                      no image overflows), so no host synchronisation; compiled with ``fullgraph=True``
+                      and fixed shapes.
 ``budget``            budget mode (top-k, dense) keeping, per stage, the mean count that threshold
                       mode kept, so both do the same FLOPs on average.
 
@@ -37,6 +41,7 @@ import torch
 from torch import Tensor
 
 from iared import flops
+from iared.calibration import DEFAULT_SAMPLES, check_calibration
 from iared.files import check_output_file, json_safe, write_json
 from iared.models.families import input_shape
 from iared.pruning import IARed, PrunedOutput
@@ -73,6 +78,11 @@ class BenchConfig:
     model_given: bool = False  # --model was on the command line (with --checkpoint: how to build its weights)
     checkpoint: str | None = None
     threshold: float | None = None  # with --checkpoint: its threshold (default 0.5)
+    # with a pruned --checkpoint: thresholds calibrated instead on the first calibration_samples images timed
+    # (--task's, else the Gaussian noise), to keep this fraction of patch tokens (iared.calibration)
+    target_kept: float | list[float] | None = None
+    calibration_samples: int = DEFAULT_SAMPLES
+    save_calibrated: str | None = None  # a copy of the checkpoint with the calibrated thresholds
     keep: float = 0.7
     frames: int | None = None  # video models with random weights: num_frames (default: the model's)
     task: str | None = None  # images from this task's test split (e.g. digits-clutter); None: Gaussian noise
@@ -115,23 +125,14 @@ def spread_interpreters(model: IARed, std: float | None = None, seed: int = 0) -
             w.copy_(torch.randn(w.shape, generator=gen) * std)
 
 
-@torch.inference_mode()
 def calibrate_thresholds(model: IARed, images: Tensor, keep: float) -> list[float]:
-    """Per-stage thresholds such that each stage keeps ``keep`` of its alive patch tokens on average.
+    """Per-stage thresholds such that each stage keeps ``keep`` of its alive patch tokens on ``images``
+    (pooled over the batch, so counts still differ per image): :func:`iared.calibration.calibrate_thresholds`
+    with the uniform per-stage rule, ``keep ** stages`` kept in the end."""
+    from iared.calibration import calibrate_thresholds as calibrate
 
-    Stage by stage: earlier stages use their calibrated threshold, this one and later ones keep
-    everything; the threshold is the ``1 - keep`` quantile of this stage's scores over the alive
-    patch tokens of the whole batch, so counts still differ per image.
-    """
-    stages = model.num_stages
-    thresholds: list[float] = []
-    for stage in range(stages):
-        out = model(images, "threshold", threshold=thresholds + [-1.0] * (stages - stage))
-        p = out.num_prefix
-        alive = out.keep[stage - 1] if stage else torch.ones_like(out.keep[0])
-        scores = out.scores[stage][:, p:][alive[:, p:]].float()
-        thresholds.append(float(torch.quantile(scores.cpu(), 1.0 - keep)))
-    return thresholds
+    staged = sum(model.reducer(g) is not None for g in range(model.num_stages))
+    return calibrate(model, images, keep ** staged, batch_size=len(images), warn=False)
 
 
 def budget_ratios(out: PrunedOutput, n_patches: int) -> list[float]:
@@ -182,6 +183,7 @@ class Row:
     latency_p50_ms: float | None = None  # batch 1 only: single calls
     latency_p90_ms: float | None = None
     compile_gain: float | None = None  # compiled rows: eager ms / compiled ms of the same configuration
+    capacity: list[int | None] = field(default_factory=list)  # threshold-static: patch tokens per stage
 
     @property
     def label(self) -> str:
@@ -209,18 +211,25 @@ def bench_model(model: IARed, images: Tensor, *, thresholds: Sequence[float], st
     with torch.inference_mode():
         ref = model(images, "threshold", threshold=list(thresholds))
     ratios = budget_ratios(ref, cfg.num_patches)
+    from iared.calibration import calibrate_capacity
+
+    capacity = calibrate_capacity(model, images, list(thresholds), batch_size=batch)
 
     def runner(kind: str, attention: str, compiled: bool) -> Callable[[], object]:
         if kind == "unpruned":
             return _wrap(model.backbone, compiled, lambda f: f(images), mode=compile_mode)
         if kind == "budget":
             return _wrap(model, compiled, lambda f: f(images, "budget", keep_ratio=ratios), mode=compile_mode)
+        if kind == "threshold-static":  # fixed shapes: one graph, no recompiles
+            return _wrap(model, compiled, lambda f: f(images, "threshold", threshold=list(thresholds), layout="static",
+                                                      capacity=capacity), dynamic=False, fullgraph=True,
+                         mode=compile_mode)
         layout = "padded" if kind == "threshold-padded" else "packed"
         # dynamic: the per-image counts change with every batch; without it each new count recompiles
         return _wrap(model, compiled, lambda f: f(images, "threshold", threshold=list(thresholds), layout=layout,
                                                   attention=attention), dynamic=True, mode=compile_mode)
 
-    plan = [("unpruned", None), ("budget", None), ("threshold-padded", None)]
+    plan = [("unpruned", None), ("budget", None), ("threshold-padded", None), ("threshold-static", None)]
     plan += [("threshold-packed", s) for s in strategies]
     rows: list[Row] = []
     fns: dict[str, Callable[[], object]] = {}
@@ -248,6 +257,8 @@ def bench_model(model: IARed, images: Tensor, *, thresholds: Sequence[float], st
                 kept = torch.stack([k[:, out.num_prefix:].float().sum(1) for k in out.keep], 1)
                 row.mean_kept = [round(float(x), 2) for x in kept.mean(0)]
                 row.kept_std = [round(float(x), 2) for x in kept.std(0, correction=0)]
+            if kind == "threshold-static":
+                row.capacity = capacity
             row.gmacs_per_image = macs / 1e9
             row.ideal_speedup = full / macs
 
@@ -287,10 +298,11 @@ def bench_model(model: IARed, images: Tensor, *, thresholds: Sequence[float], st
     return rows
 
 
-def _wrap(module, compile: bool, call: Callable, dynamic: bool | None = None, mode: str = "default"):
+def _wrap(module, compile: bool, call: Callable, dynamic: bool | None = None, mode: str = "default",
+          fullgraph: bool = False):
     if not compile:
         return lambda: call(module)
-    compiled = torch.compile(module, dynamic=dynamic, mode=mode)
+    compiled = torch.compile(module, dynamic=dynamic, mode=mode, fullgraph=fullgraph)
     return lambda: call(compiled)
 
 
@@ -310,6 +322,13 @@ def load_task_images(task: str, n: int, mcfg) -> Tensor:
     return images
 
 
+def _is_pruned_file(path) -> bool:
+    from iared.checkpoint import read_checkpoint
+    from iared.loading import is_pruned
+
+    return is_pruned(read_checkpoint(path))
+
+
 def build_model(cfg: BenchConfig, device: torch.device) -> tuple[IARed, list[float] | None]:
     """The model to time, and a fixed threshold when it comes with trained interpreters (else None).
 
@@ -321,6 +340,10 @@ def build_model(cfg: BenchConfig, device: torch.device) -> tuple[IARed, list[flo
     from iared.reducers.base import check_threshold
 
     check_threshold(cfg.threshold)
+    if cfg.target_kept is not None and not (cfg.checkpoint and _is_pruned_file(cfg.checkpoint)):
+        raise ValueError(f"--target-kept calibrates a pruned model's interpreter thresholds; "
+                         f"{cfg.checkpoint or 'a random-weight model'} has no trained interpreters (give a pruned "
+                         "--checkpoint; --keep sets a random-weight model's kept fraction)")
     if cfg.checkpoint and cfg.frames is not None:
         raise ValueError("--frames applies to random-weight video models (--model NAME); a --checkpoint carries "
                          "its own frame count")
@@ -358,6 +381,9 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = _log) -> dict:
     """Measure the grid in ``cfg``; returns the JSON-able report (also written to ``cfg.json``)."""
     if not 0 < cfg.keep <= 1:
         raise ValueError(f"--keep must be in (0, 1], got {cfg.keep}")
+    check_calibration(cfg.target_kept, cfg.threshold, cfg.calibration_samples)  # the CLI checked the rest
+    if cfg.target_kept is not None and cfg.save_calibrated:
+        check_output_file(cfg.save_calibrated, "--save-calibrated file")
     if cfg.json and cfg.json != "-":
         check_output_file(cfg.json, "--json file")
     for d in cfg.dtypes:
@@ -394,6 +420,7 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = _log) -> dict:
         # every configuration (and batch size) is a new specialisation of the same forward code
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     model, fixed = build_model(cfg, device)
+    stored = fixed
     mcfg = model.backbone.cfg
     # the output path is where the report lies, not how it was measured (and names the machine's folders)
     config = {k: v for k, v in asdict(cfg).items() if k != "json"}
@@ -401,6 +428,20 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = _log) -> dict:
               "default_attention": default_packed_attention(device), "runs": []}
     gen = torch.Generator().manual_seed(cfg.seed)
     pool = load_task_images(cfg.task, max(cfg.batch_sizes), mcfg) if cfg.task else None
+    if cfg.target_kept is not None:
+        n = cfg.calibration_samples
+        sample = (load_task_images(cfg.task, n, mcfg) if cfg.task else
+                  torch.randn(n, *input_shape(mcfg), generator=torch.Generator().manual_seed(cfg.seed + 1)))
+        fixed = model.calibrate(sample.to(device), cfg.target_kept).threshold
+        report["calibration"] = {"target_kept": cfg.target_kept, "samples": n, "thresholds": fixed,
+                                 "threshold_stored": stored}
+        progress(f"thresholds {','.join(f'{t:.4g}' for t in fixed)} calibrated on {n} "
+                 f"{'--task' if cfg.task else 'Gaussian-noise'} inputs for --target-kept {cfg.target_kept}")
+        if cfg.save_calibrated:
+            from iared.pruning import save_calibrated
+
+            save_calibrated(model, cfg.checkpoint, cfg.save_calibrated)
+            progress(f"wrote {cfg.save_calibrated}")
     for dtype_name in cfg.dtypes:
         dtype = DTYPES[dtype_name]
         model = model.to(dtype)

@@ -134,14 +134,20 @@ def _reference_model(spec: str, model):
 def evaluate_pruned(pruned: str, *, threshold: float | Sequence[float] | None = None, reference: str | None = None,
                     task: str = "digits-clutter", split: str = "test", batch_size: int = 256, workers: int = 0,
                     limit: int | None = None, device: str = "auto", throughput_batch: int = 64,
-                    repeats: int = REPEATS, clock: str = "wall") -> dict[str, Any]:
+                    repeats: int = REPEATS, clock: str = "wall", target_kept: float | Sequence[float] | None = None,
+                    calibration_samples: int | None = None, on_calibrated=None) -> dict[str, Any]:
     """An IA-RED² checkpoint vs its own backbone (or ``reference``), one run, the same data.
 
     Accuracy and compute come from :func:`iared.measure.accuracy_and_compute`, called per loader
     batch (so large folders are never held in memory at once) and combined weighted by batch size;
     throughput from :func:`iared.measure.compare_throughput` on the first ``throughput_batch`` images.
     ``threshold``: one value or one per stage; None: the one the checkpoint was trained with, else 0.5.
+    ``target_kept``: instead, thresholds calibrated on the first ``calibration_samples`` (default
+    :data:`iared.calibration.DEFAULT_SAMPLES`) inputs of the
+    evaluated data, labels unread (:meth:`iared.pruning.IARed.calibrate`), so the kept fraction meets
+    it; ``on_calibrated(model)`` is called then. The result then also holds the file's threshold.
     """
+    from iared.calibration import DEFAULT_SAMPLES, check_calibration, check_target_kept, sample_inputs
     from iared.loading import load_pruned_checked
     from iared.measure import accuracy_and_compute, compare_throughput
     from iared.reducers.base import check_threshold
@@ -149,15 +155,27 @@ def evaluate_pruned(pruned: str, *, threshold: float | Sequence[float] | None = 
     if throughput_batch < 1 or repeats < 1:
         raise ValueError("--throughput-batch and --repeats must be at least 1")
     check_threshold(threshold)  # before the model loads
+    check_calibration(target_kept, threshold, calibration_samples)
     dev = resolve_device(device)
     model = load_pruned_checked(pruned).to(dev)
-    threshold = threshold if threshold is not None else model.inference.threshold
+    stored = model.inference.threshold
+    if target_kept is not None:
+        check_target_kept(target_kept, model.num_stages)
+    threshold = threshold if threshold is not None else stored
     if isinstance(threshold, (list, tuple)):
         threshold = list(threshold)
         if len(threshold) != model.num_stages:
             raise ValueError(f"--threshold: one value or {model.num_stages} (one per stage), got {len(threshold)}")
     loader = build_loader(task, split, model.backbone.cfg, batch_size, workers, limit)
     ref_model = _reference_model(reference, model).to(dev) if reference else None
+    calibration = {}
+    if target_kept is not None:
+        sample = sample_inputs(loader, calibration_samples or DEFAULT_SAMPLES)
+        threshold = model.calibrate(sample, target_kept, batch_size=batch_size).threshold
+        calibration = {"target_kept": model.inference.target_kept, "calibration_samples": len(sample),
+                       "threshold_stored": stored}
+        if on_calibrated is not None:
+            on_calibrated(model)
 
     start = time.perf_counter()
     n, sums, kept_sum, first = 0, {"accuracy_full": 0.0, "accuracy_pruned": 0.0, "gflops_pruned": 0.0}, None, []
@@ -177,7 +195,7 @@ def evaluate_pruned(pruned: str, *, threshold: float | Sequence[float] | None = 
     if n == 0:
         raise ValueError("evaluation loader yielded no samples")
     result: dict[str, Any] = {
-        "checkpoint": str(pruned), "task": task, "split": split, "n": n, "threshold": threshold,
+        "checkpoint": str(pruned), "task": task, "split": split, "n": n, "threshold": threshold, **calibration,
         "accuracy_full": sums["accuracy_full"] / n, "accuracy_pruned": sums["accuracy_pruned"] / n,
         "kept_fraction": [round(float(v), 4) for v in kept_sum / n],
         "gflops_full": gflops_full, "gflops_pruned": sums["gflops_pruned"] / n,
@@ -200,7 +218,10 @@ def evaluate_pruned(pruned: str, *, threshold: float | Sequence[float] | None = 
 def format_pruned(result: dict[str, Any]) -> str:
     r = result
     kept = ", ".join(f"{100 * v:.1f}%" for v in r["kept_fraction"])
-    return (f"{r['task']} {r['split']} (n={r['n']}, threshold {r['threshold']}, checkpoint {r['checkpoint']})\n"
+    threshold = (f"thresholds {', '.join(f'{t:.4g}' for t in r['threshold'])} calibrated on "
+                 f"{r['calibration_samples']} unlabelled inputs for kept {r['target_kept']} (file's: "
+                 f"{r['threshold_stored']})" if "target_kept" in r else f"threshold {r['threshold']}")
+    return (f"{r['task']} {r['split']} (n={r['n']}, {threshold}, checkpoint {r['checkpoint']})\n"
           f"{'':30}{'unpruned':>12}{'IA-RED²':>12}\n"
           f"{'top-1 accuracy':30}{r['accuracy_full']:>12.2%}{r['accuracy_pruned']:>12.2%}\n"
           f"{'GFLOPs / image':30}{r['gflops_full']:>12.4f}{r['gflops_pruned']:>12.4f}\n"

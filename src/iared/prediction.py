@@ -49,16 +49,22 @@ def iter_predictions(model_or_checkpoint: nn.Module | str | os.PathLike | None, 
                      top_k: int = 5, *, model: str | None = None, pretrained: bool = False, batch_size: int = 32,
                      device: str = "auto",
                      threshold: float | Sequence[float] | None = None,
-                     explain_dir: str | os.PathLike | None = None) -> Iterator[dict[str, Any]]:
+                     explain_dir: str | os.PathLike | None = None,
+                     target_kept: float | Sequence[float] | None = None, calibration_samples: int | None = None,
+                     on_calibrated=None) -> Iterator[dict[str, Any]]:
     """One dict per input (module docstring), batch by batch.
 
     ``model``, ``pretrained``: a registered name saying how to build a weights file, or with
     ``pretrained`` and no file, its released weights (:func:`iared.loading.load_backbone`).
     ``threshold``: a pruned model's keep threshold (one value or one per stage; default: the one it records).
     ``explain_dir``: also write each input's interpreter heatmap panel there (pruned models only).
+    ``target_kept``: instead of a threshold, thresholds calibrated on the first ``calibration_samples``
+    inputs (default :data:`iared.calibration.DEFAULT_SAMPLES`) so that the kept fraction meets it
+    (:meth:`iared.pruning.IARed.calibrate`); ``on_calibrated(model)`` is called then.
     Every problem that can be known before the model runs (missing inputs, images for a video model,
     a bad threshold, ``explain_dir`` with a backbone) is a one-line error before any work.
     """
+    from iared.calibration import DEFAULT_SAMPLES, check_calibration, check_target_kept
     from iared.data.folders import fit_notes
     from iared.evaluate import resolve_device
     from iared.models.families import is_video_config
@@ -68,6 +74,7 @@ def iter_predictions(model_or_checkpoint: nn.Module | str | os.PathLike | None, 
     if top_k < 1 or batch_size < 1:
         raise ValueError(f"--top-k and --batch-size must be at least 1, got {top_k} and {batch_size}")
     check_threshold(threshold)
+    check_calibration(target_kept, threshold, calibration_samples)
     files = collect_inputs(inputs)
     net, names = load_predictor(model_or_checkpoint, model, pretrained)
     pruned = isinstance(net, IARed)
@@ -77,12 +84,24 @@ def iter_predictions(model_or_checkpoint: nn.Module | str | os.PathLike | None, 
     if explain_dir is not None and not pruned:
         raise ValueError(f"--explain {explain_dir}: the heatmaps are a pruned model's interpreter scores; the "
                          "model given is a backbone (give a pruned checkpoint)")
-    if pruned:
-        threshold = threshold if threshold is not None else net.inference.threshold
+    if target_kept is not None and not pruned:
+        raise ValueError(f"--target-kept calibrates a pruned model's interpreter thresholds; "
+                         f"{model_or_checkpoint or model} has no interpreters (give a pruned checkpoint)")
+    if target_kept is not None:
+        check_target_kept(target_kept, net.num_stages)
     dev = resolve_device(device)
     net = net.to(dev).eval()
-    panels = _explain(net, files, explain_dir, threshold, dev) if explain_dir is not None else {}
     seen: dict = {}
+    if target_kept is not None:
+        sample = files[: calibration_samples or DEFAULT_SAMPLES]
+        load = (lambda p: _load_clip(p, cfg, seen)[0]) if video else (lambda p: _load_image(p, cfg, seen))
+        chunks = (torch.stack([load(p) for p in sample[i: i + batch_size]]) for i in range(0, len(sample), batch_size))
+        net.calibrate(chunks, target_kept, batch_size=batch_size)
+        if on_calibrated is not None:
+            on_calibrated(net)
+    if pruned:
+        threshold = threshold if threshold is not None else net.inference.threshold
+    panels = _explain(net, files, explain_dir, threshold, dev) if explain_dir is not None else {}
     for start in range(0, len(files), batch_size):
         chunk = files[start: start + batch_size]
         loaded = [_load_clip(p, cfg, seen) if video else (_load_image(p, cfg, seen), None) for p in chunk]

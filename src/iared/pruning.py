@@ -20,7 +20,7 @@ trained one in ``sample`` and later ones in ``all``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from torch import nn
 
@@ -85,16 +85,33 @@ class IARed(ReducedModel):
     def inference(self, value: InferenceSettings) -> None:
         self.__dict__["_inference"] = value
 
+    def calibrate(self, inputs, target_kept: float | list[float], *, batch_size: int = 64) -> InferenceSettings:
+        """Thresholds that keep ``target_kept`` of the patch tokens on ``inputs`` (unlabelled;
+        :func:`iared.calibration.calibrate_thresholds`), stored in :attr:`inference` (so
+        :func:`save_pruned` writes them) and returned with it."""
+        from iared.calibration import calibrate_thresholds, sample_inputs
+
+        sample = sample_inputs(inputs)
+        thresholds = calibrate_thresholds(self, sample, target_kept, batch_size=batch_size)
+        target = [float(v) for v in target_kept] if isinstance(target_kept, (list, tuple)) else float(target_kept)
+        self.inference = replace(self.inference, threshold=thresholds, target_kept=target,
+                                 calibration_samples=len(sample))
+        return self.inference
+
 @dataclass
 class InferenceSettings:
     """How a pruned checkpoint is meant to run; ``eval``, ``bench``, ``explain`` and ``export`` read it.
 
     ``threshold``: threshold mode's rule (one value or one per stage). ``keep_ratio``: the per-stage
-    ratio of budget mode (ONNX export), None when never chosen.
+    ratio of budget mode (ONNX export), None when never chosen. ``target_kept`` and
+    ``calibration_samples``: where ``threshold`` was calibrated (:meth:`IARed.calibrate`), the kept
+    fraction it was chosen for and the number of unlabelled inputs it was chosen on; None otherwise.
     """
 
     threshold: float | list[float] = DEFAULT_THRESHOLD
     keep_ratio: float | list[float] | None = None
+    target_kept: float | list[float] | None = None
+    calibration_samples: int | None = None
 
 
 PRUNED_FORMAT = "iared-pruned/2"
@@ -114,6 +131,27 @@ def save_pruned(model: IARed, path, extra: dict | None = None,
     config = {"architecture": family, "model": model.backbone.cfg.to_dict(), "iared": model.config_dict(),
               "reducer": model.reducers[0].describe(), "inference": asdict(inference), **(extra or {})}
     save_atomic({"format": PRUNED_FORMAT, "model": model.state_dict(), "config": config}, path)
+
+
+def save_inference(source, path, inference: InferenceSettings) -> None:
+    """A copy of the pruned checkpoint ``source`` with ``inference`` as its settings, written atomically
+    to ``path``: everything else in the file (weights, training record, task) is kept as it was."""
+    from iared.checkpoint import read_checkpoint, save_atomic
+
+    obj = read_checkpoint(source)
+    config = obj.get("config") if isinstance(obj.get("config"), dict) else {}
+    if obj.get("format") != PRUNED_FORMAT or "iared" not in config:
+        raise ValueError(f"{source}: not an {PRUNED_FORMAT} checkpoint; load it and save it with save_pruned")
+    save_atomic({**obj, "config": {**config, "inference": asdict(inference)}}, path)
+
+
+def save_calibrated(model: IARed, source, path) -> None:
+    """``model`` with its (calibrated) :attr:`IARed.inference` to ``path``: a copy of its checkpoint file
+    ``source`` with the new settings (:func:`save_inference`), or :func:`save_pruned` with no file."""
+    if source is not None:
+        save_inference(source, path, model.inference)
+    else:
+        save_pruned(model, path)
 
 
 def load_pruned(path) -> IARed:

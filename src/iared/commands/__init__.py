@@ -16,6 +16,8 @@ parsed and explained the same way everywhere:
                        else ``iared.data.DEFAULT_TASK`` (:func:`add_task_argument`, :func:`resolve_task`)
 ``--out DIR``          an output folder (:func:`add_out_argument`)
 ``--json PATH``        the report as JSON, ``-`` for stdout (:func:`add_json_argument`, :func:`write_report`)
+``--target-kept F``    calibrate a pruned model's thresholds on the command's own inputs (unlabelled) so that
+                       F of the patch tokens are kept (:func:`add_calibration_arguments`)
 ``--config FILE``      option defaults from YAML / JSON, flags override them; a run's saved
                        ``config.json`` / ``config.yaml`` reproduces it (:func:`add_config_file_argument`)
 lists                  comma-separated, ``--methods a,b`` (:func:`add_list_argument`)
@@ -37,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "add_calibration_arguments",
     "add_checkpoint_argument",
     "add_config_arguments",
     "add_config_file_argument",
@@ -47,10 +50,13 @@ __all__ = [
     "add_option",
     "add_out_argument",
     "add_task_argument",
+    "check_calibration_options",
     "check_json_path",
+    "finish_calibration",
     "model_options",
     "package_version",
     "parse_args",
+    "parse_floats",
     "parse_overrides",
     "resolve_task",
     "write_report",
@@ -302,6 +308,70 @@ def write_report(result: Any, text: str | None, json_path: str | None) -> None:
         write_json(json_path, result)
     if text is not None:
         print(text, file=sys.stderr if json_path == "-" else sys.stdout)
+
+
+def parse_floats(text: str) -> float | list[float]:
+    """``"0.5"`` -> 0.5; ``"0.3,0.5,0.5"`` (comma-separated) -> one value per stage (``--threshold``,
+    ``--target-kept``)."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
+def add_calibration_arguments(p, sample: str) -> None:
+    """``--target-kept F[,F...]``, ``--calibration-samples N``, ``--save-calibrated FILE``: a pruned
+    model's thresholds calibrated on ``sample`` (the command's own inputs, labels never read;
+    :func:`iared.calibration.calibrate_thresholds`) instead of the checkpoint's."""
+    from iared.calibration import DEFAULT_SAMPLES, SMALL_SAMPLE
+
+    g = p.add_argument_group("calibration to a kept-token budget (pruned checkpoint)")
+    g.add_argument("--target-kept", type=parse_floats, metavar="F[,F...]",
+                   help="choose the thresholds on unlabelled inputs so that F (in (0, 1]) of the patch tokens are "
+                        "kept after the last stage, each stage keeping the same share of the tokens alive when it "
+                        "starts; or one F per stage: the share kept after each stage; instead of --threshold")
+    g.add_argument("--calibration-samples", type=int, default=DEFAULT_SAMPLES, metavar="N",
+                   help=f"with --target-kept: calibrate on {sample}, the first N (default: {DEFAULT_SAMPLES}; "
+                        f"fewer than {SMALL_SAMPLE} is warned about)")
+    g.add_argument("--save-calibrated", metavar="FILE",
+                   help="with --target-kept: also write a copy of the checkpoint whose stored thresholds are the "
+                        "calibrated ones")
+
+
+def check_calibration_options(args: argparse.Namespace, pruned: bool | None = None, source: str | None = None) -> None:
+    """The calibration options' refusals, before any work (:func:`iared.calibration.check_calibration`),
+    the other two options without ``--target-kept``, and (``pruned`` False) a model without
+    interpreters, named by ``source``."""
+    from iared.calibration import DEFAULT_SAMPLES, check_calibration
+    from iared.files import check_output_file
+
+    if args.target_kept is None:
+        given = [flag for flag, value in (("--save-calibrated", args.save_calibrated),
+                                          ("--calibration-samples", args.calibration_samples != DEFAULT_SAMPLES))
+                 if value]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply with --target-kept (the kept fraction to calibrate for)")
+        return
+    check_calibration(args.target_kept, getattr(args, "threshold", None), args.calibration_samples)
+    if pruned is False:
+        raise ValueError(f"--target-kept calibrates a pruned model's interpreter thresholds; "
+                         f"{source or 'the model given'} has no interpreters (give a pruned checkpoint)")
+    if args.save_calibrated:
+        check_output_file(args.save_calibrated, "--save-calibrated file")
+
+
+def finish_calibration(model, source, args: argparse.Namespace, prog: str) -> None:
+    """After ``model.calibrate``: one line on stderr with the thresholds, and the calibrated copy of
+    ``source`` (the checkpoint file; None: the model alone) when ``--save-calibrated`` asks for it."""
+    from iared.pruning import save_calibrated
+
+    s = model.inference
+    print(f"{prog}: thresholds {','.join(f'{t:.4g}' for t in s.threshold)} calibrated on {s.calibration_samples} "
+          f"unlabelled input(s) for --target-kept {args.target_kept}", file=sys.stderr)
+    if args.save_calibrated:
+        save_calibrated(model, source, args.save_calibrated)
+        print(f"{prog}: wrote {args.save_calibrated}", file=sys.stderr)
 
 
 class _CommaList(argparse.Action):

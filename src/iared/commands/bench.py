@@ -7,7 +7,14 @@ import argparse
 import sys
 
 from iared.bench import CLOCKS, BenchConfig, format_table, run
-from iared.commands import add_checkpoint_argument, add_config_file_argument, add_json_argument, add_list_argument
+from iared.commands import (
+    add_calibration_arguments,
+    add_checkpoint_argument,
+    add_config_file_argument,
+    add_json_argument,
+    add_list_argument,
+    check_calibration_options,
+)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -57,12 +64,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=BenchConfig.seed)
     p.add_argument("--quick", action="store_true",
                    help="smoke run: tiny geometry (unless --checkpoint), at most 1 warm-up and 2 timed calls")
+    add_calibration_arguments(p, "the images timed (--task's test images, else Gaussian noise)")
     add_json_argument(p, "write the full report as JSON to PATH")  # written by iared.bench.run (BenchConfig.json)
     p.set_defaults(func=main)
     return p
 
 
 def main(args: argparse.Namespace) -> int:
+    check_calibration_options(args)
     names = {f for f in BenchConfig.__dataclass_fields__}
     fields = {k: v for k, v in vars(args).items() if k in names}
     fields["model_given"] = args.model is not None

@@ -10,26 +10,21 @@ import argparse
 import sys
 
 from iared.commands import (
+    add_calibration_arguments,
     add_config_file_argument,
     add_json_argument,
     add_model_arguments,
     add_task_argument,
+    check_calibration_options,
     check_json_path,
+    finish_calibration,
     model_options,
+    parse_floats,
     resolve_task,
     write_report,
 )
 from iared.evaluate import evaluate_backbone, evaluate_pruned, format_backbone, format_pruned
 from iared.timing import REPEATS, use_threads
-
-
-def _thresholds(text: str) -> float | list[float]:
-    """``"0.5"`` -> 0.5; ``"0.3,0.5,0.5"`` (comma-separated) -> one threshold per stage."""
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {text!r}") from None
-    return values[0] if len(values) == 1 else values
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,7 +50,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description=__doc__.split("\n\n")[0])
     add_common_arguments(p)
     g = p.add_argument_group("pruned checkpoint")
-    g.add_argument("--threshold", type=_thresholds, metavar="T[,T...]",
+    g.add_argument("--threshold", type=parse_floats, metavar="T[,T...]",
                    help="keep tokens whose interpreter score > T (one value, or comma-separated, one per "
                         "stage; default: the threshold the checkpoint was trained with, else 0.5)")
     g.add_argument("--reference", metavar="FILE_OR_NAME",
@@ -71,6 +66,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="wall: elapsed time; cpu: process CPU time (robust to other jobs with --threads 1), as in "
                         "iared bench")
     g.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    add_calibration_arguments(p, "the evaluated split's inputs (labels unread)")
     p.set_defaults(func=main)
     return p
 
@@ -86,6 +82,7 @@ def main(args: argparse.Namespace) -> int:
     if pruned and (args.model is not None or args.pretrained or args.model_override):
         raise ValueError(f"--checkpoint {args.checkpoint} is a pruned checkpoint: it carries its backbone, so "
                          "--model / --pretrained / --model-override do not apply")
+    check_calibration_options(args, pruned, args.checkpoint or "the backbone evaluated")
     if not pruned and (args.threshold is not None or args.reference is not None):
         raise ValueError(f"--threshold and --reference apply to a pruned checkpoint; "
                          f"{args.checkpoint or 'the backbone evaluated'} has no interpreters")
@@ -95,6 +92,8 @@ def main(args: argparse.Namespace) -> int:
     if pruned:
         result = evaluate_pruned(args.checkpoint, threshold=args.threshold, reference=args.reference,
                                  throughput_batch=args.throughput_batch, repeats=args.repeats, clock=args.clock,
+                                 target_kept=args.target_kept, calibration_samples=args.calibration_samples,
+                                 on_calibrated=lambda m: finish_calibration(m, args.checkpoint, args, "iared eval"),
                                  **data)
         text = format_pruned(result)
     else:

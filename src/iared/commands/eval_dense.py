@@ -11,10 +11,10 @@ from iared.commands import (
     add_json_argument,
     add_task_argument,
     check_json_path,
+    parse_floats,
     resolve_task,
     write_report,
 )
-from iared.commands.eval import _thresholds
 from iared.evaluate_dense import evaluate_dense
 from iared.files import check_output_dir
 from iared.timing import use_threads
@@ -28,7 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_task_argument(p, "embedded task or folder with masks")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--limit", type=int, metavar="N", help="evaluate the first N images only")
-    p.add_argument("--threshold", type=_thresholds, metavar="T[,T...]",
+    p.add_argument("--threshold", type=parse_floats, metavar="T[,T...]",
                    help="interpreter threshold, one or comma-separated per stage (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--throughput-batch", type=int, default=64, metavar="B")

@@ -28,7 +28,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1000, help="number of images or clips (default: 1000)")
     p.add_argument("--seed", type=int, default=0, help="sample seed (default: 0, the canonical samples)")
     p.add_argument("--backgrounds", metavar="DIR",
-                   help="digits-natural: photographs to draw on instead of the split's bundled ones")
+                   help="digits-natural, moving-digits: photographs (searched recursively) to draw on instead of "
+                        "the split's bundled ones")
     add_out_argument(p, help="output folder (must be absent or empty)", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty OUT")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -44,10 +45,8 @@ def main(args: argparse.Namespace) -> int:
     if args.task == "moving-digits":
         from iared.data.moving import write_videos
 
-        if args.backgrounds is not None:
-            raise ValueError("--backgrounds applies to digits-natural only, not moving-digits")
         out = write_videos(args.split, args.n, args.out, seed=args.seed, overwrite=args.overwrite,
-                           progress=args.progress)
+                           progress=args.progress, backgrounds=args.backgrounds)
         print(f"wrote {args.n} clips to {out / 'videos'} and their per-frame masks to {out / 'masks'}",
               file=sys.stderr)
         return 0

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from iared.commands import add_json_argument, add_model_arguments, check_json_path
+from iared.commands import (
+    add_calibration_arguments,
+    add_json_argument,
+    add_model_arguments,
+    check_calibration_options,
+    check_json_path,
+    finish_calibration,
+)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -23,20 +30,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="keep threshold of a pruned model (default: the checkpoint's)")
     p.add_argument("--explain", metavar="DIR", help="also write each input's interpreter heatmap panel (PNG) to DIR")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    add_calibration_arguments(p, "the inputs given (in their listed order)")
     p.set_defaults(func=main)
     return p
 
 
 def main(args: argparse.Namespace) -> int:
+    from iared.explain.cli import default_checkpoint_path
     from iared.files import check_output_dir, json_safe, write_text
     from iared.prediction import iter_predictions
 
     check_json_path(args.json)
+    check_calibration_options(args)
     if args.explain:
         check_output_dir(args.explain, "--explain folder")
     results = iter_predictions(args.checkpoint, args.inputs, args.top_k, model=args.model, pretrained=args.pretrained,
                                batch_size=args.batch_size, device=args.device, threshold=args.threshold,
-                               explain_dir=args.explain)
+                               explain_dir=args.explain, target_kept=args.target_kept,
+                               calibration_samples=args.calibration_samples,
+                               on_calibrated=lambda m: finish_calibration(m, args.checkpoint or default_checkpoint_path(),
+                                                                          args, "iared predict"))
     lines = (json.dumps(json_safe(r), allow_nan=False) for r in results)
     if args.json == "-":
         for line in lines:

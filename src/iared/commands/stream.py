@@ -17,9 +17,12 @@ import sys
 from pathlib import Path
 
 from iared.commands import (
+    add_calibration_arguments,
     add_json_argument,
     add_model_arguments,
+    check_calibration_options,
     check_json_path,
+    finish_calibration,
     model_options,
     write_report,
 )
@@ -63,6 +66,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--backbone-only", action="store_true", help="with a pruned checkpoint: drop no tokens, reuse only")
     p.add_argument("--threshold", type=float, metavar="T",
                    help="the interpreters' keep threshold (default: the checkpoint's)")
+    add_calibration_arguments(p, "frames of the streams given, evenly spaced over all of them")
     g = p.add_argument_group("the embedded task (no inputs)")
     g.add_argument("--split", default="test", choices=("val", "test"))
     g.add_argument("--streams", type=int, metavar="N",
@@ -115,7 +119,8 @@ def main(args: argparse.Namespace) -> int:
         given = [flag for flag, value in (("--policy", args.policy), ("--keyframe-every", args.keyframe_every),
                                           ("--drift", args.drift), ("--threshold", args.threshold),
                                           ("--model", args.model), ("--backbone-only", args.backbone_only),
-                                          ("--explain", args.explain)) if value]
+                                          ("--explain", args.explain),
+                                          ("--target-kept", args.target_kept is not None)) if value]
         if given:
             raise ValueError(f"--compare chooses every method's settings on validation itself: {', '.join(given)} "
                              "do not apply")
@@ -128,6 +133,7 @@ def main(args: argparse.Namespace) -> int:
     rule, value = args.policy or ("threshold", None)
     policy = GatePolicy(rule, DEFAULT_VALUES[rule] if value is None else value, keyframe_every=args.keyframe_every,
                         drift=args.drift)
+    check_calibration_options(args)
     model, pruned = _load(args)
     kwargs = {}
     if pruned is not None and not args.backbone_only:
@@ -135,11 +141,21 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--threshold must lie in [0, 1], got {args.threshold}")
         kwargs = {"mode": "threshold",
                   "threshold": args.threshold if args.threshold is not None else pruned.inference.threshold}
-    elif args.threshold is not None:
-        raise ValueError("--threshold is the interpreters' keep threshold: it needs a pruned checkpoint "
+    elif args.threshold is not None or args.target_kept is not None:
+        flag = "--threshold" if args.threshold is not None else "--target-kept"
+        raise ValueError(f"{flag} sets the interpreters' keep thresholds: it needs a pruned checkpoint "
                          "(and no --backbone-only)")
+    streams = _inputs(args, model)
+    if args.target_kept is not None:
+        import torch
+
+        from iared.stream_eval import default_checkpoint
+
+        frames = torch.cat([s.frames for s in streams])
+        picked = torch.linspace(0, len(frames) - 1, min(args.calibration_samples, len(frames))).round().long()
+        kwargs["threshold"] = pruned.calibrate(frames[picked], args.target_kept).threshold
+        finish_calibration(pruned, args.checkpoint or default_checkpoint(), args, "iared stream")
     stream = Stream(model, policy, record_tokens=bool(args.explain), **kwargs)
-    streams = _inputs(args, stream)
     strips = _Strips(streams, stream) if args.explain else None
     out = sys.stdout if args.json == "-" else None
     from iared.prediction import class_names
@@ -165,11 +181,11 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inputs(args, stream: Stream):
+def _inputs(args, model):
     from iared.stream_eval import read_stream, task_streams
 
+    backbone = getattr(model, "backbone", model)  # a pruned model, or the backbone alone
     if not args.inputs:
-        backbone = stream.model.backbone
         if (backbone.cfg.img_size, backbone.cfg.in_chans) != (64, 3):
             raise ValueError(f"the embedded digit-streams task is 64x64 RGB; this model takes "
                              f"{backbone.cfg.img_size}x{backbone.cfg.img_size} x {backbone.cfg.in_chans}: give videos "
@@ -177,7 +193,7 @@ def _inputs(args, stream: Stream):
         return task_streams(args.split, args.streams or 8, args.frames)
     if args.streams is not None or args.split != "test":
         raise ValueError("--streams and --split choose digit-streams sequences: with videos or folders give neither")
-    cfg = stream.model.backbone.cfg
+    cfg = backbone.cfg
     for path in args.inputs:  # every input checked before any is decoded
         if not Path(path).exists():
             raise FileNotFoundError(f"no such video or folder: {path}")

@@ -79,6 +79,7 @@ from .natural import (
     _blend,
     _bundled_photos,
     _digit_mattes,
+    _folder_photos,
     _pick_colour,
     fragment_crop,
 )
@@ -132,6 +133,10 @@ class MovingDigits(RenderedTask):
         length: number of (virtual) clips; defaults to 20 000 / 1 000 / 1 000.
         seed: changes which clips are drawn, never which sources belong to a split.
         cache: keep generated clips in memory (58 KB per distinct index, per process).
+        backgrounds: a folder of photographs (searched recursively) panned over instead of the
+            split's bundled ones (``iared make-dataset moving-digits --backgrounds DIR``: the task over
+            a user's own scenes). Checked and decoded here: an empty or unreadable folder raises a
+            one-line ``ValueError`` naming it.
 
     Items are ``(clip, label, masks)``: float32 ``(8, 3, 48, 48)`` in [0, 1] (8-bit levels); ``int`` in
     0..9; bool ``(8, 48, 48)``, True on the digit's pixels of each frame.
@@ -146,7 +151,8 @@ class MovingDigits(RenderedTask):
     num_frames = FRAMES
     classes = tuple(str(c) for c in range(10))
 
-    def __init__(self, split: str = "train", length: int | None = None, seed: int = 0, cache: bool = True):
+    def __init__(self, split: str = "train", length: int | None = None, seed: int = 0, cache: bool = True,
+                 backgrounds: str | os.PathLike | None = None):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
         length = DEFAULT_LENGTHS[split] if length is None else length
@@ -157,10 +163,15 @@ class MovingDigits(RenderedTask):
         self.split, self.length, self.seed, self.cache = split, int(length), int(seed), bool(cache)
         self._split_index = SPLITS.index(split)
         self._memo = RenderCache(self.length, (FRAMES, 3, FRAME, FRAME), (FRAMES, FRAME, FRAME))
-        _bundled_photos(split)  # fail now, not in the middle of training
+        self.backgrounds = None if backgrounds is None else str(Path(backgrounds).expanduser().resolve())
+        self._photos()  # fail now, not in the middle of training
+
+    def _photos(self) -> tuple[np.ndarray, ...]:
+        return _bundled_photos(self.split) if self.backgrounds is None else _folder_photos(self.backgrounds)
 
     def __repr__(self) -> str:
-        return f"MovingDigits(split={self.split!r}, length={self.length}, seed={self.seed})"
+        bg = "" if self.backgrounds is None else f", backgrounds={self.backgrounds!r}"
+        return f"MovingDigits(split={self.split!r}, length={self.length}, seed={self.seed}{bg})"
 
     @property
     def source_indices(self) -> np.ndarray:
@@ -182,7 +193,7 @@ class MovingDigits(RenderedTask):
         pool = by_class[label]
         source = int(pool[rng.integers(len(pool))])
 
-        photos = _bundled_photos(self.split)
+        photos = self._photos()
         photo = int(rng.integers(len(photos)))
         panorama = _background(photos[photo], rng, permute=self.split == "train", size=PANORAMA,
                                crop_sides=CROP_SIDES)
@@ -304,14 +315,15 @@ def token_recall(clips: torch.Tensor, masks: torch.Tensor, rule: str = "framedif
 
 
 def write_videos(split: str, n: int, out: str | os.PathLike, *, seed: int = 0, overwrite: bool = False,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, backgrounds: str | os.PathLike | None = None) -> Path:
     """Render ``n`` clips of ``moving-digits`` to ``out/videos/<label>/NNNNN.mp4`` (H.264 RGB, crf 0:
     lossless, 8 fps) and the digit masks (0 / 255) to ``out/masks/<label>/NNNNN/<frame>.png``.
 
     A video holds the clip's 8 frames and the last one again: TimeSformer's segment sampler
     (:func:`iared.data.video.sample_indices`, segments of ``(n - 1) / 8`` frames) reads frames 0 .. 7 of
     9 frames, so ``VideoFolder`` (mean 0, std 1, 48 px) returns exactly the generated clip; of 8 frames
-    it would read 0, 1, 2, 3, 4, 4, 5, 6.
+    it would read 0, 1, 2, 3, 4, 4, 5, 6. ``backgrounds``: a folder of photographs instead of the
+    split's bundled ones (:class:`MovingDigits`).
 
     ``out`` is checked before any work (an existing non-empty ``out`` is refused unless ``overwrite``);
     files go to a temporary folder beside ``out`` renamed into place at the end
@@ -329,7 +341,7 @@ def write_videos(split: str, n: int, out: str | os.PathLike, *, seed: int = 0, o
         raise ValueError(f"output {out} exists and is not empty; pass --overwrite to replace it")
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
-    dataset = MovingDigits(split, length=int(n), seed=seed, cache=False)
+    dataset = MovingDigits(split, length=int(n), seed=seed, cache=False, backgrounds=backgrounds)
 
     def fill(tmp: Path) -> None:
         from tqdm.auto import tqdm
