@@ -77,7 +77,7 @@ def state_sha256(state: nn.Module | dict[str, torch.Tensor]) -> str:
         t = sd[name].detach().cpu()
         t = t.float() if t.is_floating_point() else t
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
