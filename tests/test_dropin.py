@@ -299,3 +299,12 @@ def test_saving_the_dropin_records_its_knob(tmp_path):
     assert torch.equal(q(x), p(x))
     with pytest.raises(ValueError, match="backbone='bad'"):
         save_pruned(p, tmp_path / "x.pt", backbone="bad")
+
+
+def test_iared_takes_a_timm_model():
+    m = tiny_timm()
+    model = IARed(m).eval()
+    x = images()
+    assert (model(x, mode="all").logits - m(x)).abs().max().item() <= 1e-5
+    with pytest.raises(TypeError, match="IARed: cannot take a Linear"):
+        IARed(torch.nn.Linear(2, 2))

@@ -266,15 +266,16 @@ def _method_of(reduced: ReducedModel) -> str:
     return str(described[0])
 
 
-def _as_backbone(model: nn.Module):
-    """Our backbone as given, a timm ViT through :func:`iared.from_timm`."""
+def as_backbone(model: nn.Module, what: str = "prune"):
+    """Our backbone as given, a timm ViT through :func:`iared.from_timm` (same weights); anything else
+    a one-line TypeError."""
     if all(hasattr(model, a) for a in ("embed", "blocks", "forward_head")):
         return model
     if type(model).__module__.startswith("timm."):
         from iared.models import from_timm
 
         return from_timm(model)
-    raise TypeError(f"prune: cannot take a {type(model).__name__}: give an iared backbone, a timm "
+    raise TypeError(f"{what}: cannot take a {type(model).__name__}: give an iared backbone, a timm "
                     "VisionTransformer, a ReducedModel / IARed, or a pruned checkpoint file")
 
 
@@ -311,7 +312,7 @@ def prune(model, method: str | None = None, **knob) -> PrunedModel:
         method = method or "iared"
         if method not in METHODS:
             raise ValueError(f"prune: unknown method {method!r}; known: {', '.join(METHODS)}")
-        backbone = _as_backbone(model)
+        backbone = as_backbone(model)
         check_applies(method, backbone)
         _check_knob_names(method, knob)
         name = REDUCER_KNOBS.get(method)

@@ -56,10 +56,14 @@ class IARed(ReducedModel):
     backbone is any :class:`iared.models.protocol.Backbone`: a :class:`iared.models.VisionTransformer`
     (DeiT from timm included), an MViTv2 (:mod:`iared.models.mvit`), whose stages start where its
     ``default_stage_starts`` says and whose interpreters take each stage's width, or a TimeSformer
-    (:mod:`iared.models.timesformer`), whose interpreters score every space-time token.
+    (:mod:`iared.models.timesformer`), whose interpreters score every space-time token. A timm
+    ``VisionTransformer`` is converted first (:func:`iared.from_timm`).
     """
 
     def __init__(self, backbone: Backbone, config: IARedConfig | None = None, **kw):
+        from iared.dropin import as_backbone
+
+        backbone = as_backbone(backbone, "IARed")  # a timm ViT: converted, same weights
         config = config or IARedConfig(**kw)
         default = getattr(backbone, "default_stage_starts", None)
         starts = config.resolve(len(backbone.blocks), default(config.num_stages) if default else None)
@@ -178,10 +182,10 @@ def _referenced_backbone(ref: dict, given, path):
         from iared.loading import load_backbone
 
         given = load_backbone(given, pruned_note=False)
-    elif not hasattr(given, "embed") and type(given).__module__.startswith("timm."):
-        from iared.models import from_timm
+    else:
+        from iared.dropin import as_backbone
 
-        given = from_timm(given)
+        given = as_backbone(given, "load_pruned")
     digest = state_sha256(given)
     if digest != ref.get("sha256"):
         raise CheckpointError(f"bad backbone for {path}: its weights' sha256 {digest[:12]}... differs from the "
