@@ -1,6 +1,7 @@
 """iared.prune: the drop-in module (logits out, knob attributes), grad-cam and timm's loop on it,
 and pruned files as safetensors / reducers-only files with a backbone reference."""
 
+import itertools
 import json
 import warnings
 
@@ -15,7 +16,7 @@ from iared.models import TASK_PRUNED, create_model
 from iared.pruning import IARed, InferenceSettings, load_pruned, save_pruned
 from tests.helpers import perturbed, spread_interpreters
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=10)
+TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 3, "num_heads": 3, "num_classes": 10}
 
 
 def tiny_timm():
@@ -84,7 +85,7 @@ def test_threshold_attribute_takes_effect_fewer_tokens_at_higher_threshold():
         macs.append(out.macs.mean().item())
         logits.append(p(x))
     assert kept[0] == 1.0 and kept[-1] == 0.0
-    assert all(a >= b for a, b in zip(kept, kept[1:])) and kept[1] > kept[3]
+    assert all(a >= b for a, b in itertools.pairwise(kept)) and kept[1] > kept[3]
     assert macs[0] > macs[2] > macs[-1]
     assert not torch.allclose(logits[0], logits[2])
 
@@ -183,6 +184,12 @@ def test_prune_takes_reduced_and_pruned_models():
     assert iared.prune(p.reduced).method == "iared"
     with pytest.raises(ValueError, match="holds iared reducers, not tome"):
         iared.prune(p.reduced, "tome")
+    from iared.reducers.registry import build_reduced
+
+    e = iared.prune(build_reduced("evit", tiny_ours(), 0.5))
+    assert e.method == "evit" and e.keep_rate == 0.5
+    e.keep_rate = 0.75
+    assert [r.keep_rate for r in e.reduced.reducers[1:]] == [0.75] * 2
 
 
 # -- where a model goes: timm's loop, grad-cam ---------------------------------------------------------

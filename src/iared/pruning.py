@@ -156,7 +156,7 @@ def _shipped_backbones() -> tuple[str, ...]:
     return tuple(EMBEDDED_CHECKPOINTS)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _shipped_sha256(name: str) -> str | None:
     from iared.checkpoint import state_sha256
     from iared.models import create_model
