@@ -132,9 +132,12 @@ class PrunedModel(nn.Module):
 
     def inference_settings(self):
         """The current knob as :class:`iared.pruning.InferenceSettings` (what :func:`save_pruned` records)."""
+        from dataclasses import replace
+
         from iared.pruning import InferenceSettings
 
-        return InferenceSettings(threshold=self._threshold, keep_ratio=self._keep_ratio)
+        recorded = getattr(self.reduced, "inference", None) or InferenceSettings()  # its other fields kept
+        return replace(recorded, threshold=self._threshold, keep_ratio=self._keep_ratio)
 
     def forward_kwargs(self) -> dict:
         """The stage-loop keyword arguments the current knob means."""
