@@ -277,7 +277,9 @@ def as_backbone(model: nn.Module, what: str = "prune"):
     if type(model).__module__.startswith("timm."):
         from iared.models import from_timm
 
-        return from_timm(model)
+        param = next(model.parameters(), None)
+        converted = from_timm(model)
+        return converted if param is None else converted.to(param.device)
     raise TypeError(f"{what}: cannot take a {type(model).__name__}: give an iared backbone, a timm "
                     "VisionTransformer, a ReducedModel / IARed, or a pruned checkpoint file")
 
