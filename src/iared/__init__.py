@@ -4,6 +4,7 @@ An implementation of IA-RED² (Pan et al., "Interpretability-Aware Redundancy Re
 Vision Transformers", NeurIPS 2021).
 """
 
+from iared.dropin import PrunedModel, prune
 from iared.interpreter import MultiHeadInterpreter
 from iared.models import VisionTransformer, create_model, from_timm
 from iared.prediction import predict
@@ -16,6 +17,7 @@ __all__ = [
            "IARed",
            "IARedConfig",
            "MultiHeadInterpreter",
+           "PrunedModel",
            "PrunedOutput",
            "Stream",
            "VisionTransformer",
@@ -23,4 +25,5 @@ __all__ = [
            "create_model",
            "from_timm",
            "predict",
+           "prune",
 ]

@@ -8,6 +8,8 @@ PyTorch files are always opened with ``weights_only=True``: a checkpoint cannot 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -24,18 +26,64 @@ class CheckpointError(ValueError):
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` (safetensors for ``.safetensors`` paths) through :func:`iared.files.write_atomic`:
+    """``torch.save`` (safetensors for ``.safetensors`` paths; iared's ``{"format", "model", ...}`` dicts
+    keep ``model`` as the tensors and the rest as JSON metadata) through :func:`iared.files.write_atomic`:
     readers never see half a file, and the file gets the usual 0644-style permissions."""
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import save
 
-        return write_bytes(path, save({k: v.contiguous() for k, v in obj.items()}))
+        tensors, metadata = _split_for_safetensors(obj, path)
+        return write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
     return write_atomic(path, lambda f: torch.save(obj, f))
 
 
+# A safetensors file holds tensors plus str -> str metadata. iared's own files (``{"format": ..., "model":
+# state_dict, "config": ...}``) keep ``model`` as the tensors and every other entry as JSON in the
+# metadata; read_checkpoint gives the same dict back, so readers see one structure whatever the suffix.
+_NESTED = "model"
+
+
+def _split_for_safetensors(obj: dict, path) -> tuple[dict, dict[str, str] | None]:
+    if not isinstance(obj.get("format"), str) or not isinstance(obj.get(_NESTED), dict):
+        return obj, None  # a plain state dict
+    try:
+        metadata = {k: json.dumps(v) for k, v in obj.items() if k != _NESTED}
+    except TypeError as e:
+        raise ValueError(f"cannot write {path}: its settings are not JSON ({e}); use a .pt file") from None
+    return obj[_NESTED], metadata
+
+
+def _join_from_safetensors(tensors: dict, metadata: dict[str, str] | None) -> dict:
+    if not metadata or "format" not in metadata:
+        return tensors
+    try:
+        obj = {k: json.loads(v) for k, v in metadata.items()}
+    except ValueError:  # foreign metadata that is not ours
+        return tensors
+    if not str(obj.get("format", "")).startswith("iared-"):
+        return tensors
+    return {**obj, _NESTED: tensors}
+
+
+def state_sha256(state: nn.Module | dict[str, torch.Tensor]) -> str:
+    """A fingerprint of a model's weights: sha256 over every (name, shape, float32 values) in name order.
+
+    Independent of the file it came from (safetensors, .pt, float16 storage loaded into float32) and of
+    the device; what a reducers-only pruned file records to name the backbone it was trained on."""
+    sd = state.state_dict() if isinstance(state, nn.Module) else state
+    h = hashlib.sha256()
+    for name in sorted(sd):
+        t = sd[name].detach().cpu()
+        t = t.float() if t.is_floating_point() else t
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def read_checkpoint(path: str | os.PathLike, check_finite: bool = True) -> dict[str, Any]:
-    """The raw contents of a checkpoint file as a dict (safetensors: the tensors).
+    """The raw contents of a checkpoint file as a dict (safetensors: the tensors; an iared file written as
+    safetensors: the same ``{"format", "model", "config", ...}`` dict as its .pt form).
 
     Every problem is a one-line :class:`CheckpointError` naming the file: missing, a directory,
     empty, unreadable, a pickle that needs code to load, not a dict, or (``check_finite``)
@@ -51,9 +99,12 @@ def read_checkpoint(path: str | os.PathLike, check_finite: bool = True) -> dict[
         raise CheckpointError(f"bad checkpoint {path}: file is empty (0 bytes)")
     try:
         if path.suffix == ".safetensors":
+            from safetensors import safe_open
             from safetensors.torch import load_file
 
-            obj = dict(load_file(str(path)))
+            with safe_open(str(path), "pt") as f:
+                metadata = f.metadata()
+            obj = _join_from_safetensors(dict(load_file(str(path))), metadata)
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch and safetensors raise many types for foreign files
