@@ -6,8 +6,8 @@ One rule for all commands (``train``, ``train-interpreters``, ``eval``, ``bench`
 - ``--checkpoint FILE`` alone: the file says what it is. iared files carry their model config
   (training checkpoints, exported weights, pruned models). Files without one (the official DeiT
   ``{"model": state_dict}`` layout, plain state dicts, safetensors) have their geometry read off
-  the weights (:func:`infer_vit_config`): width, depth, patch and image size, channels, classes,
-  distillation / class / register tokens, DeiT-III's position table, average pooling (fc_norm),
+  the weights (:func:`infer_vit_config`): width, depth, patch and image size, channels, classes
+  (0 without ``head.*``: headless), distillation / class / register tokens, DeiT-III's position table, average pooling (fc_norm),
   pre-norm, layer scale, augmented shortcuts; the head count, which weights do not show, comes from the registered
   model of that width (DeiT-Ti 3, -S 6, -B 12), else width / 64.
 - ``--model NAME --checkpoint FILE``: built as ``NAME`` (plus overrides), then the file's weights,
@@ -92,12 +92,12 @@ def infer_vit_config(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
     depth = len({int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})
     if depth == 0:
         raise CheckpointError(f"bad checkpoint {path}: no transformer blocks (blocks.0.*) found")
-    head = need("head.weight")
+    head = state_dict.get("head.weight")  # none: a headless model (timm's num_classes=0)
     same_width = [c["num_heads"] for c in MODEL_CONFIGS.values() if c.get("embed_dim") == embed_dim and "num_heads" in c]
     num_heads = same_width[0] if same_width else max(1, embed_dim // 64)
     pool = "avg" if "fc_norm.weight" in state_dict or not class_token else "token"
     values: dict[str, Any] = dict(
-        img_size=grid * patch, patch_size=patch, in_chans=in_chans, num_classes=int(head.shape[0]),
+        img_size=grid * patch, patch_size=patch, in_chans=in_chans, num_classes=int(head.shape[0]) if head is not None else 0,
         embed_dim=embed_dim, depth=depth, num_heads=num_heads,
         mlp_ratio=int(need("blocks.0.mlp.fc1.weight").shape[0]) / embed_dim,
         qkv_bias="blocks.0.attn.qkv.bias" in state_dict, distilled=distilled,

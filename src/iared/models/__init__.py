@@ -189,6 +189,7 @@ def _config_from_timm(ref: nn.Module) -> ViTConfig:
     if hasattr(ls, "gamma"):  # any value: the weights overwrite it (timm keeps the one it started from)
         init_values = float(getattr(ls, "init_values", None) or ls.gamma.detach().flatten()[0])
     distilled = getattr(ref, "dist_token", None) is not None
+    eps = next((n.eps for n in _timm_norms(ref) if not isinstance(n, nn.Identity)), 1e-6)
     has_norm, has_fc_norm = not isinstance(ref.norm, nn.Identity), not isinstance(ref.fc_norm, nn.Identity)
     # fc_norm stays None (timm's default: with average pooling) unless the model departs from that rule.
     fc_norm = None if not (has_norm or has_fc_norm) or has_fc_norm == (ref.global_pool == "avg") else has_fc_norm
@@ -202,7 +203,7 @@ def _config_from_timm(ref: nn.Module) -> ViTConfig:
         reg_tokens=0 if distilled else int(getattr(ref, "num_reg_tokens", 0)),
         no_embed_class=bool(getattr(ref, "no_embed_class", False)),
         global_pool=ref.global_pool, fc_norm=fc_norm, pre_norm=not isinstance(ref.norm_pre, nn.Identity),
-        final_norm=has_norm or has_fc_norm,
+        final_norm=has_norm or has_fc_norm, norm_eps=float(eps),
         mean=tuple(pcfg.get("mean", (0.485, 0.456, 0.406))), std=tuple(pcfg.get("std", (0.229, 0.224, 0.225))),
     )
 
@@ -242,11 +243,17 @@ def _unsupported_timm_features(ref: nn.Module, timm_block: type) -> list[str]:
     if not (hasattr(mlp, "fc1") and isinstance(getattr(mlp, "act", None), nn.GELU)
             and mlp.act.approximate == "none"):
         found.append(f"MLP {type(mlp).__name__} with {type(getattr(mlp, 'act', None)).__name__}")
-    norms = [blk.norm1, blk.norm2, ref.norm, ref.fc_norm, ref.norm_pre]
-    if not all(isinstance(n, nn.Identity) or (type(n) in (nn.LayerNorm, _timm_layer_norm()) and n.eps == 1e-6)
-               for n in norms):
-        found.append("norm layers other than LayerNorm(eps=1e-6)")
+    norms = [n for n in _timm_norms(ref) if not isinstance(n, nn.Identity)]
+    if not all(type(n) in (nn.LayerNorm, _timm_layer_norm()) and n.elementwise_affine for n in norms):
+        found.append(f"norm layers other than LayerNorm ({', '.join(sorted({type(n).__name__ for n in norms}))})")
+    elif len({n.eps for n in norms}) > 1:
+        found.append(f"LayerNorms with different eps {sorted({n.eps for n in norms})}")
     return found
+
+
+def _timm_norms(ref: nn.Module) -> list[nn.Module]:
+    """Every norm of a timm ViT that our config's one ``norm_eps`` stands for."""
+    return [m for blk in ref.blocks for m in (blk.norm1, blk.norm2)] + [ref.norm, ref.fc_norm, ref.norm_pre]
 
 
 def _timm_layer_norm() -> type:

@@ -1,0 +1,128 @@
+"""Models users already have, loaded through their state-dict layout and checked against the real library.
+
+timm: headless models (``num_classes=0``), CLIP-style towers (LayerNorm eps 1e-5, pre-norm), MViTv2
+instances. Hugging Face ``transformers``: ViT / DeiT classifiers and the headless ``ViTModel``, from
+the live object or from the directory ``save_pretrained`` wrote. Every model is random and perturbed
+(tests.helpers.perturbed), so a wrong mapping shows in the outputs, compared within 1e-5 in eval mode.
+"""
+
+from functools import partial
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer as TimmViT
+from torch import nn
+
+from iared.loading import infer_vit_config, load_backbone
+from iared.models import from_timm, load_model
+from iared.models.vit import VisionTransformer, ViTConfig
+from tests.helpers import perturbed
+
+TOL = 1e-5
+SMALL = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
+
+
+def images(n: int = 3, size: int = 32, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float((a - b).abs().max())
+
+
+# -- timm: headless models -----------------------------------------------------------------------
+
+HEADLESS = {"token": {}, "avg": dict(global_pool="avg"), "registers": dict(reg_tokens=2),
+            "no_class_token": dict(class_token=False, global_pool="avg")}
+
+
+@pytest.mark.parametrize("variant", sorted(HEADLESS))
+def test_headless_timm_model_returns_its_pooled_features(variant, tmp_path):
+    torch.manual_seed(0)
+    ref = perturbed(TimmViT(**SMALL, num_classes=0, **HEADLESS[variant]))
+    assert isinstance(ref.head, nn.Identity)
+    x = images()
+    with torch.no_grad():
+        expected = ref(x)
+    assert expected.shape == (3, 48)
+    ours = from_timm(ref).eval()
+    assert ours.cfg.num_classes == 0 and isinstance(ours.head, nn.Identity)
+    assert max_diff(ours(x), expected) <= TOL
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    # Its files: the geometry read off weights without head.* is headless; iared files round-trip.
+    save_file(ref.state_dict(), tmp_path / "w.safetensors")
+    assert infer_vit_config(ref.state_dict()).num_classes == 0
+    unseen = {"num_heads": 3}
+    assert max_diff(load_backbone(checkpoint=tmp_path / "w.safetensors", overrides=unseen).eval()(x), expected) <= TOL
+    torch.save({"model": ref.state_dict(), "config": {"model": ours.cfg.to_dict()}}, tmp_path / "iared.pt")
+    assert max_diff(load_model(tmp_path / "iared.pt").eval()(x), expected) <= TOL
+
+
+def test_headless_distilled_timm_model_averages_the_two_tokens():
+    torch.manual_seed(0)
+    ref = perturbed(timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, num_classes=0, **SMALL))
+    x = images()
+    with torch.no_grad():
+        expected = ref(x)
+    ours = from_timm(ref).eval()
+    assert ours.cfg.distilled and ours.cfg.num_classes == 0
+    assert max_diff(ours(x), expected) <= TOL
+
+
+# -- timm: LayerNorm eps, CLIP-style pre-norm ------------------------------------------------------
+
+@pytest.mark.parametrize("eps", [1e-5, 0.1])
+def test_layer_norm_eps_and_pre_norm_match_timm(eps):
+    torch.manual_seed(0)
+    ref = perturbed(TimmViT(**SMALL, num_classes=5, norm_layer=partial(nn.LayerNorm, eps=eps), pre_norm=True))
+    x = images()
+    with torch.no_grad():
+        expected = ref(x)
+    ours = from_timm(ref).eval()
+    assert ours.cfg.norm_eps == eps and ours.cfg.pre_norm
+    assert all(m.eps == eps for m in ours.modules() if isinstance(m, nn.LayerNorm))
+    assert max_diff(ours(x), expected) <= TOL
+    if eps == 0.1:  # the eps matters: the same weights at timm's ViT default are off
+        wrong = VisionTransformer(ViTConfig(**{**ours.cfg.to_dict(), "norm_eps": 1e-6})).eval()
+        wrong.load_state_dict(ref.state_dict())
+        assert max_diff(wrong(x), expected) > 100 * TOL
+
+
+def test_timm_clip_tower_matches_timm():
+    """timm's own CLIP image tower (nn.LayerNorm: eps 1e-5, pre_norm=True, no patch bias), shrunk."""
+    torch.manual_seed(0)
+    ref = perturbed(timm.create_model("vit_base_patch16_clip_224", pretrained=False, num_classes=5, **SMALL))
+    assert ref.norm_pre.eps == 1e-5 and ref.patch_embed.proj.bias is None
+    x = images()
+    with torch.no_grad():
+        expected = ref(x)
+    ours = from_timm(ref).eval()
+    assert (ours.cfg.norm_eps, ours.cfg.pre_norm) == (1e-5, True)
+    assert max_diff(ours(x), expected) <= TOL
+
+
+def test_timm_refuses_quick_gelu_and_mixed_eps():
+    with pytest.raises(ValueError, match="QuickGELU"):
+        from_timm(timm.create_model("vit_base_patch16_clip_quickgelu_224", pretrained=False, **SMALL))
+    ref = TimmViT(**SMALL, num_classes=5)
+    ref.norm = nn.LayerNorm(48, eps=1e-5)
+    with pytest.raises(ValueError, match="different eps"):
+        from_timm(ref)
+
+
+def test_checkpoint_without_new_config_fields_still_loads(tmp_path):
+    """Files written before norm_eps / dist_head existed: the defaults (timm's 1e-6, both heads)."""
+    torch.manual_seed(0)
+    ref = perturbed(TimmViT(**SMALL, num_classes=5))
+    cfg = from_timm(ref).cfg.to_dict()
+    del cfg["norm_eps"], cfg["dist_head"]
+    torch.save({"model": ref.state_dict(), "config": {"model": cfg}}, tmp_path / "old.pt")
+    model = load_model(tmp_path / "old.pt").eval()
+    assert model.cfg.norm_eps == 1e-6
+    x = images()
+    with torch.no_grad():
+        assert max_diff(model(x), ref(x)) <= TOL
