@@ -126,3 +126,38 @@ def test_checkpoint_without_new_config_fields_still_loads(tmp_path):
     x = images()
     with torch.no_grad():
         assert max_diff(model(x), ref(x)) <= TOL
+
+
+# -- timm: MViTv2 instances -----------------------------------------------------------------------
+
+MVIT = {"two_stages": dict(depths=(1, 2), embed_dim=(16, 24), num_heads=(2, 3), stride_q=((1, 1), (2, 2))),
+        "plain": dict(depths=(1, 1, 1), embed_dim=8, num_heads=1, stride_q=((1, 1), (2, 2), (2, 2)),
+                      residual_pooling=False, mlp_ratio=2.0, qkv_bias=False)}
+
+
+@pytest.mark.parametrize("variant", sorted(MVIT))
+@pytest.mark.parametrize("num_classes", [5, 0])
+def test_from_timm_takes_mvitv2_instances(variant, num_classes):
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+
+    from iared.models.mvit import MultiScaleViT
+
+    torch.manual_seed(0)
+    ref = perturbed(MultiScaleVit(MultiScaleVitCfg(**MVIT[variant]), img_size=64, num_classes=num_classes))
+    x = images(2, 64)
+    with torch.no_grad():
+        expected = ref(x)
+    assert float(expected.std()) > 0.05
+    ours = from_timm(ref).eval()
+    assert isinstance(ours, MultiScaleViT) and ours.cfg.img_size == 64
+    assert max_diff(ours(x), expected) <= TOL
+
+
+def test_from_timm_refuses_mvit_variants_it_does_not_implement():
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+
+    small = dict(depths=(1, 1), embed_dim=8, num_heads=1, stride_q=((1, 1), (2, 2)))
+    for message, kw in {"class token": dict(use_cls_token=True), "absolute position": dict(use_abs_pos=True),
+                        "pool_first": dict(pool_first=True), "expand_attn=False": dict(expand_attn=False)}.items():
+        with pytest.raises(ValueError, match=f"MViTv2 variant not supported: .*{message}"):
+            from_timm(MultiScaleVit(MultiScaleVitCfg(**small, **kw), img_size=64, num_classes=3))

@@ -24,7 +24,7 @@ from iared.models.timesformer import (
     from_hf_timesformer,
     load_timesformer,
 )
-from iared.models.vit import Block, VisionTransformer, ViTConfig, adapt_state_dict
+from iared.models.vit import IMAGENET_MEAN, IMAGENET_STD, Block, VisionTransformer, ViTConfig, adapt_state_dict
 
 __all__ = [
     "EMBEDDED_CHECKPOINT",
@@ -160,16 +160,68 @@ def embedded_checkpoint_path(name: str = "digits_vit") -> Path:
     return path
 
 
-def from_timm(model_or_name: nn.Module | str, pretrained: bool = False) -> VisionTransformer:
-    """Our model with the same weights as a timm ViT / DeiT (an instance, or a name for timm)."""
+def from_timm(model_or_name: nn.Module | str, pretrained: bool = False) -> VisionTransformer | MultiScaleViT:
+    """Our model with the same weights as a timm ViT / DeiT / DeiT-III / CLIP tower, or an MViTv2 (an
+    instance, or a name for timm), headless ones (``num_classes=0``) included: the geometry is read off
+    the instance, the weights load through timm's state-dict layout, which is ours."""
     import timm
+    from timm.models.mvitv2 import MultiScaleVit as TimmMViT
 
     reference = timm.create_model(model_or_name, pretrained=pretrained) if isinstance(model_or_name, str) \
         else model_or_name
-    cfg = _config_from_timm(reference)
-    model = VisionTransformer(cfg)
+    model = MultiScaleViT(_mvit_config_from_timm(reference)) if isinstance(reference, TimmMViT) \
+        else VisionTransformer(_config_from_timm(reference))
     load_weights(model, reference.state_dict(), f"timm:{type(reference).__name__}")
     return model.train(reference.training)
+
+
+def _mvit_config_from_timm(ref: nn.Module) -> MViTConfig:
+    """Read the geometry off a timm ``MultiScaleVit`` (it keeps no config); refuse what ours does not implement."""
+    from timm.models.mvitv2 import MultiScaleAttention as TimmAttention
+
+    blocks = [b for s in ref.stages for b in s.blocks]
+    found = []
+    if ref.cls_token is not None:
+        found.append("class token (use_cls_token)")
+    if ref.pos_embed is not None:
+        found.append("absolute position embedding (use_abs_pos)")
+    if ref.global_pool != "avg":
+        found.append(f"global_pool={ref.global_pool!r}")
+    if any(type(b.attn) is not TimmAttention for b in blocks):
+        found.append("pool_first attention")
+    attn = [b.attn for b in blocks if type(b.attn) is TimmAttention]
+    if any(a.mode != "conv" for a in attn):
+        found.append(f"pooling mode {sorted({a.mode for a in attn})}")
+    if any(a.rel_pos_type != "spatial" for a in attn):
+        found.append(f"rel_pos_type {sorted({a.rel_pos_type for a in attn})}")
+    if any(a.pool_q is None or a.pool_k is None for a in attn):
+        found.append("blocks without query or key pooling (1x1 kernels)")
+    if not getattr(ref, "expand_attn", True):
+        found.append("expand_attn=False")
+    norms = [m for m in ref.modules() if isinstance(m, nn.LayerNorm)]
+    if len({n.eps for n in norms}) > 1:
+        found.append(f"LayerNorms with different eps {sorted({n.eps for n in norms})}")
+    if found:
+        raise ValueError(f"timm MViTv2 variant not supported: {', '.join(found)}")
+    first = [s.blocks[0] for s in ref.stages]
+    stride_q = tuple(tuple(b.attn.pool_q.stride) for b in first)
+    proj = ref.patch_embed.proj
+    return MViTConfig(
+        img_size=ref.stages[0].feat_size[0] * stride_q[0][0] * proj.stride[0], in_chans=proj.in_channels,
+        num_classes=ref.num_classes, depths=tuple(len(s.blocks) for s in ref.stages),
+        embed_dim=tuple(b.dim_out for b in first), num_heads=tuple(b.attn.num_heads for b in first),
+        mlp_ratio=first[0].mlp.fc1.out_features / first[0].dim_out, qkv_bias=first[0].attn.qkv.bias is not None,
+        kernel_qkv=tuple(first[0].attn.pool_q.kernel_size), stride_q=stride_q,
+        stride_kv=tuple(tuple(b.attn.pool_k.stride) for b in first), patch_kernel=tuple(proj.kernel_size),
+        patch_stride=tuple(proj.stride), patch_padding=tuple(proj.padding),
+        residual_pooling=bool(first[0].attn.residual_pooling), norm_eps=float(ref.norm.eps),
+        **_timm_mean_std(ref),
+    )
+
+
+def _timm_mean_std(ref: nn.Module) -> dict:
+    pcfg = getattr(ref, "pretrained_cfg", {}) or {}
+    return dict(mean=tuple(pcfg.get("mean", IMAGENET_MEAN)), std=tuple(pcfg.get("std", IMAGENET_STD)))
 
 
 def _config_from_timm(ref: nn.Module) -> ViTConfig:
@@ -183,7 +235,6 @@ def _config_from_timm(ref: nn.Module) -> ViTConfig:
     if unsupported:
         raise ValueError(f"timm model variant not supported: {', '.join(unsupported)}")
     blk = ref.blocks[0]
-    pcfg = getattr(ref, "pretrained_cfg", {}) or {}
     ls = blk.ls1
     init_values = None
     if hasattr(ls, "gamma"):  # any value: the weights overwrite it (timm keeps the one it started from)
@@ -204,7 +255,7 @@ def _config_from_timm(ref: nn.Module) -> ViTConfig:
         no_embed_class=bool(getattr(ref, "no_embed_class", False)),
         global_pool=ref.global_pool, fc_norm=fc_norm, pre_norm=not isinstance(ref.norm_pre, nn.Identity),
         final_norm=has_norm or has_fc_norm, norm_eps=float(eps),
-        mean=tuple(pcfg.get("mean", (0.485, 0.456, 0.406))), std=tuple(pcfg.get("std", (0.229, 0.224, 0.225))),
+        **_timm_mean_std(ref),
     )
 
 
