@@ -6,6 +6,8 @@ the live object or from the directory ``save_pretrained`` wrote. Every model is 
 (tests.helpers.perturbed), so a wrong mapping shows in the outputs, compared within 1e-5 in eval mode.
 """
 
+import warnings
+from contextlib import nullcontext
 from functools import partial
 
 import pytest
@@ -161,3 +163,78 @@ def test_from_timm_refuses_mvit_variants_it_does_not_implement():
                         "pool_first": dict(pool_first=True), "expand_attn=False": dict(expand_attn=False)}.items():
         with pytest.raises(ValueError, match=f"MViTv2 variant not supported: .*{message}"):
             from_timm(MultiScaleVit(MultiScaleVitCfg(**small, **kw), img_size=64, num_classes=3))
+
+
+# -- Hugging Face transformers: ViT / DeiT ------------------------------------------------------------
+
+HF_SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
+                patch_size=8)
+
+
+def hf_model(architecture: str, **extra):
+    import transformers
+
+    config_cls = transformers.DeiTConfig if architecture.startswith("DeiT") else transformers.ViTConfig
+    torch.manual_seed(0)
+    kw = {} if architecture.endswith("Model") else dict(num_labels=5)
+    model = getattr(transformers, architecture)(config_cls(**{**HF_SMALL, **kw, **extra}))
+    return perturbed(model)
+
+
+def hf_output(model, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(pixel_values=x)
+    return out.last_hidden_state[:, 0] if hasattr(out, "last_hidden_state") else out.logits
+
+
+HF_ARCHS = ["ViTForImageClassification", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher",
+            "ViTModel", "DeiTModel"]
+
+
+@pytest.mark.parametrize("architecture", HF_ARCHS)
+def test_huggingface_models_match_transformers(architecture, tmp_path):
+    pytest.importorskip("transformers")
+    from iared.models import create_model, from_huggingface
+
+    ref = hf_model(architecture).eval()
+    x = images()
+    expected = hf_output(ref, x)
+    assert float(expected.std()) > 0.05
+    with pytest.warns(UserWarning, match="pooler") if architecture.endswith("Model") else nullcontext():
+        ours = from_huggingface(ref).eval()
+    assert ours.cfg.norm_eps == 1e-12 and ours.cfg.distilled == architecture.startswith("DeiT")
+    assert max_diff(ours(x), expected) <= TOL
+    # save_pretrained's directory (the Hub's key names, not the live modules'), its weights file, and
+    # load_backbone / create_model recognising either by its keys.
+    ref.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for source in (tmp_path, tmp_path / "model.safetensors"):
+            assert max_diff(from_huggingface(source)(x), expected) <= TOL, source
+            assert max_diff(load_backbone(checkpoint=source).eval()(x), expected) <= TOL, source
+        # The weights file alone (no config.json): the geometry read off the mapped keys, heads given.
+        alone = tmp_path / "alone"
+        alone.mkdir()
+        (tmp_path / "model.safetensors").rename(alone / "model.safetensors")
+        by_keys = load_backbone(checkpoint=alone / "model.safetensors", overrides={"num_heads": 4}).eval()
+        assert (by_keys.cfg.norm_eps, by_keys.cfg.distilled, by_keys.cfg.num_classifier_heads) == \
+            (1e-12, ours.cfg.distilled, ours.cfg.num_classifier_heads)
+        assert max_diff(by_keys(x), expected) <= TOL
+        (alone / "model.safetensors").rename(tmp_path / "model.safetensors")
+        geometry = {k: v for k, v in ours.cfg.to_dict().items() if k not in ("mean", "std")}
+        by_name = create_model("vit_small_patch16_224", checkpoint=tmp_path / "model.safetensors", **geometry)
+        assert max_diff(by_name.eval()(x), expected) <= TOL
+
+
+def test_huggingface_eps_gelu_and_refusals():
+    pytest.importorskip("transformers")
+    from iared.models import from_huggingface
+
+    ref = hf_model("ViTForImageClassification", layer_norm_eps=0.1).eval()
+    x = images()
+    ours = from_huggingface(ref).eval()
+    assert ours.cfg.norm_eps == 0.1 and max_diff(ours(x), hf_output(ref, x)) <= TOL
+    for message, extra in {"hidden_act='gelu_new'": dict(hidden_act="gelu_new"),
+                           "non-square": dict(image_size=(32, 40))}.items():
+        with pytest.raises(ValueError, match=f"not supported: .*{message}"):
+            from_huggingface(hf_model("ViTForImageClassification", **extra))

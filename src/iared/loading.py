@@ -101,6 +101,9 @@ def infer_vit_config(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
         embed_dim=embed_dim, depth=depth, num_heads=num_heads,
         mlp_ratio=int(need("blocks.0.mlp.fc1.weight").shape[0]) / embed_dim,
         qkv_bias="blocks.0.attn.qkv.bias" in state_dict, distilled=distilled,
+        # a distilled classifier without head_dist (transformers' DeiTForImageClassification) reads the class
+        # token alone; a headless one averages both tokens, as timm's does
+        dist_head="head_dist.weight" in state_dict or head is None,
         init_values=1e-5 if "blocks.0.ls1.gamma" in state_dict else None,  # any value: the weights overwrite it
         class_token=class_token, reg_tokens=reg_tokens, no_embed_class=no_embed_class,
         global_pool=pool,
@@ -204,6 +207,7 @@ def load_backbone(checkpoint: str | os.PathLike | None = None, model: str | None
         create_model,
         split_model_name_tag,
     )
+    from iared.models.hf import hf_weights_path, is_hf_vit_state_dict
     from iared.models.timesformer import TIMESFORMER_CONFIGS
 
     overrides = dict(overrides or {})
@@ -222,7 +226,9 @@ def load_backbone(checkpoint: str | os.PathLike | None = None, model: str | None
         return create_model(model, pretrained=True, **overrides)
     if pretrained:
         raise ValueError("--pretrained and --checkpoint exclude each other: which weights should be used?")
-    obj = read_checkpoint(checkpoint)
+    obj = read_checkpoint(hf_weights_path(checkpoint))  # a transformers directory: its weights file
+    if is_hf_vit_state_dict(obj):
+        return _load_hf(obj, checkpoint, name, overrides)
     if (name in TIMESFORMER_CONFIGS) or (model is None and _holds_timesformer(obj)):
         return _load_timesformer(obj, checkpoint, name, overrides, pruned_note)
     sd = _backbone_weights(obj, checkpoint, pruned_note)
@@ -242,6 +248,27 @@ def load_backbone(checkpoint: str | os.PathLike | None = None, model: str | None
             cfg = config_from_dict(ViTConfig, {**cfg.to_dict(), **overrides}, checkpoint, "model + overrides")
     net = VisionTransformer(cfg)
     load_weights(net, adapt_state_dict(sd, cfg), checkpoint)
+    return net
+
+
+def _load_hf(obj: dict, path, model: str | None, overrides: dict):
+    """A transformers ViT / DeiT: built as ``model`` (plus overrides), else as the ``config.json`` beside the
+    weights, else with the geometry read off the mapped weights."""
+    from iared.models import MODEL_CONFIGS, VisionTransformer, ViTConfig, adapt_state_dict
+    from iared.models.hf import HF_ARCHITECTURES, architecture_of_keys, read_hf_checkpoint
+
+    cfg, sd = read_hf_checkpoint(path, obj)
+    if model is not None:
+        cfg = config_from_dict(ViTConfig, {**MODEL_CONFIGS[model], **overrides}, path, f"--model {model}")
+    else:
+        if cfg is None:  # no config.json: the geometry off the weights, transformers' LayerNorm eps and heads
+            inferred = infer_vit_config(sd, path).to_dict()
+            inferred.update(norm_eps=1e-12, dist_head=HF_ARCHITECTURES[architecture_of_keys(obj)][2])
+            cfg = config_from_dict(ViTConfig, inferred, path, "inferred model")
+        if overrides:
+            cfg = config_from_dict(ViTConfig, {**cfg.to_dict(), **overrides}, path, "model + overrides")
+    net = VisionTransformer(cfg)
+    load_weights(net, adapt_state_dict(sd, cfg), path)
     return net
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from iared.checkpoint import CheckpointError, extract_state_dict, load_weights, read_checkpoint
 from iared.models.convnet import CONVNET_CONFIGS, ConvNet, ConvNetConfig, build_convnet
+from iared.models.hf import from_huggingface, hf_weights_path, is_hf_vit_state_dict, read_hf_checkpoint
 from iared.models.mvit import MVIT_CONFIGS, MultiScaleViT, MViTConfig, build_mvit
 from iared.models.timesformer import (
     TIMESFORMER_CONFIGS,
@@ -45,6 +46,7 @@ __all__ = [
     "adapt_state_dict",
     "create_model",
     "from_hf_timesformer",
+    "from_huggingface",
     "from_timm",
     "list_models",
     "split_model_name_tag",
@@ -138,7 +140,9 @@ def create_model(name: str, *, pretrained: bool = False, checkpoint: str | os.Pa
         raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
     model = VisionTransformer(ViTConfig(**{**MODEL_CONFIGS[base], **overrides}))
     if checkpoint is not None:
-        state_dict = extract_state_dict(read_checkpoint(checkpoint), checkpoint)
+        state_dict = extract_state_dict(read_checkpoint(hf_weights_path(checkpoint)), checkpoint)
+        if is_hf_vit_state_dict(state_dict):  # transformers' ViT / DeiT: its keys mapped onto ours
+            state_dict = read_hf_checkpoint(checkpoint, state_dict)[1]
         load_weights(model, adapt_state_dict(state_dict, model.cfg), checkpoint)
     elif pretrained and base in EMBEDDED_CHECKPOINTS:
         path = embedded_checkpoint_path(base)
