@@ -238,3 +238,34 @@ def test_huggingface_eps_gelu_and_refusals():
                            "non-square": dict(image_size=(32, 40))}.items():
         with pytest.raises(ValueError, match=f"not supported: .*{message}"):
             from_huggingface(hf_model("ViTForImageClassification", **extra))
+
+
+# -- one table: what a model or a file is --------------------------------------------------------------
+
+def test_families_recognise_and_convert_every_source(tmp_path):
+    pytest.importorskip("transformers")
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+
+    from iared.checkpoint import read_checkpoint
+    from iared.models.families import as_backbone, checkpoint_kind, source_of
+    from iared.models.mvit import MultiScaleViT
+
+    x = images()
+    timm_vit = perturbed(TimmViT(**SMALL, num_classes=5))
+    timm_mvit = perturbed(MultiScaleVit(MultiScaleVitCfg(**MVIT["plain"]), img_size=32, num_classes=5))
+    hf = hf_model("DeiTForImageClassificationWithTeacher").eval()
+    ours = VisionTransformer(ViTConfig(**SMALL, num_classes=5))
+    assert [source_of(m) for m in (ours, timm_vit, timm_mvit, hf, nn.Linear(2, 2))] == \
+        ["iared:vit", "timm", "timm", "transformers", None]
+    assert as_backbone(ours) is ours
+    assert isinstance(as_backbone(timm_mvit), MultiScaleViT)
+    for ref, expected in ((timm_vit, timm_vit(x)), (timm_mvit, timm_mvit(x)), (hf, hf_output(hf, x))):
+        assert max_diff(as_backbone(ref).eval()(x), expected) <= TOL
+    with pytest.raises(TypeError, match="not a backbone this version reads"):
+        as_backbone(nn.Linear(2, 2))
+    hf.save_pretrained(tmp_path / "hf")
+    save_file(timm_vit.state_dict(), tmp_path / "timm.safetensors")
+    torch.save({"model": ours.state_dict(), "config": {"model": ours.cfg.to_dict()}}, tmp_path / "iared.pt")
+    kinds = {name: checkpoint_kind(read_checkpoint(tmp_path / name))
+             for name in ("hf/model.safetensors", "timm.safetensors", "iared.pt")}
+    assert kinds == {"hf/model.safetensors": "transformers", "timm.safetensors": "timm", "iared.pt": "iared"}

@@ -207,7 +207,8 @@ def load_backbone(checkpoint: str | os.PathLike | None = None, model: str | None
         create_model,
         split_model_name_tag,
     )
-    from iared.models.hf import hf_weights_path, is_hf_vit_state_dict
+    from iared.models.families import checkpoint_kind
+    from iared.models.hf import hf_weights_path
     from iared.models.timesformer import TIMESFORMER_CONFIGS
 
     overrides = dict(overrides or {})
@@ -227,7 +228,8 @@ def load_backbone(checkpoint: str | os.PathLike | None = None, model: str | None
     if pretrained:
         raise ValueError("--pretrained and --checkpoint exclude each other: which weights should be used?")
     obj = read_checkpoint(hf_weights_path(checkpoint))  # a transformers directory: its weights file
-    if is_hf_vit_state_dict(obj):
+    kind = checkpoint_kind(obj)
+    if kind == "transformers":
         return _load_hf(obj, checkpoint, name, overrides)
     if (name in TIMESFORMER_CONFIGS) or (model is None and _holds_timesformer(obj)):
         return _load_timesformer(obj, checkpoint, name, overrides, pruned_note)
@@ -293,15 +295,14 @@ def _holds_timesformer(obj: dict) -> bool:
     (the official ``.pyth`` ``model_state``, ``time_embed``, ``temporal_attn``)."""
     from iared.models.families import family_of_config
 
+    from iared.models.families import checkpoint_kind
+
     if isinstance(obj.get("config"), dict):
         try:
             return family_of_config(obj["config"]) == "timesformer"
         except CheckpointError:
             return False
-    if isinstance(obj.get("model_state"), dict):
-        return True
-    keys = obj.get("model") if isinstance(obj.get("model"), dict) else obj
-    return any(isinstance(k, str) and (".temporal_attn." in k or k.endswith("time_embed")) for k in keys)
+    return checkpoint_kind(obj) == "timesformer"
 
 
 def _load_timesformer(obj: dict, path, model: str | None, overrides: dict, pruned_note: bool = True):

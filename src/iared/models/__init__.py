@@ -234,7 +234,7 @@ def _config_from_timm(ref: nn.Module) -> ViTConfig:
     from timm.models.vision_transformer import VisionTransformer as TimmViT
 
     if not isinstance(ref, TimmViT):
-        raise TypeError(f"from_timm expects a timm VisionTransformer, got {type(ref).__name__}")
+        raise TypeError(f"from_timm expects a timm VisionTransformer or MultiScaleVit (MViTv2), got {type(ref).__name__}")
     unsupported = _unsupported_timm_features(ref, TimmBlock)
     if unsupported:
         raise ValueError(f"timm model variant not supported: {', '.join(unsupported)}")

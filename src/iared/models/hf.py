@@ -67,7 +67,7 @@ _QKV = {"attention.q_proj": 0, "attention.k_proj": 1, "attention.v_proj": 2,
 
 def is_hf_vit_state_dict(state_dict: Mapping[str, Tensor]) -> bool:
     """Whether a state dict has the keys of a transformers ViT / DeiT (any of the architectures)."""
-    return any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in state_dict)
+    return any(f"{prefix}embeddings.patch_embeddings.projection.weight" in state_dict for prefix in ("", "vit.", "deit."))
 
 
 def architecture_of_keys(state_dict: Mapping[str, Tensor]) -> str:
