@@ -6,6 +6,7 @@ the live object or from the directory ``save_pretrained`` wrote. Every model is 
 (tests.helpers.perturbed), so a wrong mapping shows in the outputs, compared within 1e-5 in eval mode.
 """
 
+import importlib.util
 import warnings
 from contextlib import nullcontext
 from functools import partial
@@ -269,3 +270,54 @@ def test_families_recognise_and_convert_every_source(tmp_path):
     kinds = {name: checkpoint_kind(read_checkpoint(tmp_path / name))
              for name in ("hf/model.safetensors", "timm.safetensors", "iared.pt")}
     assert kinds == {"hf/model.safetensors": "transformers", "timm.safetensors": "timm", "iared.pt": "iared"}
+
+
+# -- the converted models under the stage loop, and refusals --------------------------------------------
+
+def converted_models() -> dict:
+    torch.manual_seed(0)
+    deep = {**SMALL, "depth": 3}  # one block per stage of IA-RED²'s three
+    models = {"timm_headless": from_timm(perturbed(TimmViT(**deep, num_classes=0))),
+              "timm_clip_eps": from_timm(perturbed(TimmViT(**deep, num_classes=5, pre_norm=True,
+                                                           norm_layer=partial(nn.LayerNorm, eps=1e-5))))}
+    if importlib.util.find_spec("transformers") is not None:
+        from iared.models import from_huggingface
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for arch in ("DeiTForImageClassification", "ViTModel"):
+                models[f"hf_{arch}"] = from_huggingface(hf_model(arch, num_hidden_layers=3))
+    return models
+
+
+def test_converted_models_run_under_the_stage_loop():
+    from iared.pruning import IARed
+    from tests.helpers import spread_interpreters
+
+    x = images(4)
+    for name, backbone in converted_models().items():
+        backbone.eval()
+        with torch.no_grad():
+            assert max_diff(IARed(backbone).eval()(x, threshold=0.0).logits, backbone(x)) <= TOL, name
+        model = spread_interpreters(IARed(backbone), std=2.0).eval()
+        with torch.no_grad():
+            packed = model(x, threshold=0.5, layout="packed")
+            padded = model(x, threshold=0.5, layout="padded")
+        assert max_diff(packed.logits, padded.logits) <= TOL, name
+        assert (packed.keep[-1].sum(1) < backbone.num_tokens).all(), name  # tokens really left
+
+
+def test_huggingface_refuses_what_it_does_not_map(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from iared.checkpoint import CheckpointError
+    from iared.models import from_huggingface
+
+    masked = transformers.ViTForMaskedImageModeling(transformers.ViTConfig(**HF_SMALL))
+    with pytest.raises(ValueError, match="architecture 'ViTForMaskedImageModeling' not supported"):
+        from_huggingface(masked)
+    with_mask = transformers.ViTModel(transformers.ViTConfig(**HF_SMALL), add_pooling_layer=False, use_mask_token=True)
+    with pytest.raises(ValueError, match="embeddings.mask_token' has no counterpart"):
+        from_huggingface(with_mask)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_backbone(checkpoint=tmp_path)
