@@ -225,6 +225,10 @@ def test_huggingface_models_match_transformers(architecture, tmp_path):
         geometry = {k: v for k, v in ours.cfg.to_dict().items() if k not in ("mean", "std")}
         by_name = create_model("vit_small_patch16_224", checkpoint=tmp_path / "model.safetensors", **geometry)
         assert max_diff(by_name.eval()(x), expected) <= TOL
+    # Our own file of it carries norm_eps (1e-12) and dist_head in its config.
+    torch.save({"model": ours.state_dict(), "config": {"model": ours.cfg.to_dict()}}, tmp_path / "iared.pt")
+    again = load_model(tmp_path / "iared.pt").eval()
+    assert again.cfg == ours.cfg and max_diff(again(x), expected) <= TOL
 
 
 def test_huggingface_eps_gelu_and_refusals():
