@@ -6,8 +6,8 @@ One rule for all commands (``train``, ``train-interpreters``, ``eval``, ``bench`
 - ``--checkpoint FILE`` alone: the file says what it is. iared files carry their model config
   (training checkpoints, exported weights, pruned models). Files without one (the official DeiT
   ``{"model": state_dict}`` layout, plain state dicts, safetensors) have their geometry read off
-  the weights (:func:`infer_vit_config`): width, depth, patch and image size, channels, classes,
-  distillation / class / register tokens, DeiT-III's position table, average pooling (fc_norm),
+  the weights (:func:`infer_vit_config`): width, depth, patch and image size, channels, classes
+  (0 without ``head.*``: headless), distillation / class / register tokens, DeiT-III's position table, average pooling (fc_norm),
   pre-norm, layer scale, augmented shortcuts; the head count, which weights do not show, comes from the registered
   model of that width (DeiT-Ti 3, -S 6, -B 12), else width / 64.
 - ``--model NAME --checkpoint FILE``: built as ``NAME`` (plus overrides), then the file's weights,
@@ -92,15 +92,18 @@ def infer_vit_config(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
     depth = len({int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})
     if depth == 0:
         raise CheckpointError(f"bad checkpoint {path}: no transformer blocks (blocks.0.*) found")
-    head = need("head.weight")
+    head = state_dict.get("head.weight")  # none: a headless model (timm's num_classes=0)
     same_width = [c["num_heads"] for c in MODEL_CONFIGS.values() if c.get("embed_dim") == embed_dim and "num_heads" in c]
     num_heads = same_width[0] if same_width else max(1, embed_dim // 64)
     pool = "avg" if "fc_norm.weight" in state_dict or not class_token else "token"
     values: dict[str, Any] = dict(
-        img_size=grid * patch, patch_size=patch, in_chans=in_chans, num_classes=int(head.shape[0]),
+        img_size=grid * patch, patch_size=patch, in_chans=in_chans, num_classes=int(head.shape[0]) if head is not None else 0,
         embed_dim=embed_dim, depth=depth, num_heads=num_heads,
         mlp_ratio=int(need("blocks.0.mlp.fc1.weight").shape[0]) / embed_dim,
         qkv_bias="blocks.0.attn.qkv.bias" in state_dict, distilled=distilled,
+        # a distilled classifier without head_dist (transformers' DeiTForImageClassification) reads the class
+        # token alone; a headless one averages both tokens, as timm's does
+        dist_head="head_dist.weight" in state_dict or head is None,
         init_values=1e-5 if "blocks.0.ls1.gamma" in state_dict else None,  # any value: the weights overwrite it
         class_token=class_token, reg_tokens=reg_tokens, no_embed_class=no_embed_class,
         global_pool=pool,
@@ -204,6 +207,8 @@ def load_backbone(checkpoint: str | os.PathLike | None = None, model: str | None
         create_model,
         split_model_name_tag,
     )
+    from iared.models.families import checkpoint_kind
+    from iared.models.hf import hf_weights_path
     from iared.models.timesformer import TIMESFORMER_CONFIGS
 
     overrides = dict(overrides or {})
@@ -222,7 +227,10 @@ def load_backbone(checkpoint: str | os.PathLike | None = None, model: str | None
         return create_model(model, pretrained=True, **overrides)
     if pretrained:
         raise ValueError("--pretrained and --checkpoint exclude each other: which weights should be used?")
-    obj = read_checkpoint(checkpoint)
+    obj = read_checkpoint(hf_weights_path(checkpoint))  # a transformers directory: its weights file
+    kind = checkpoint_kind(obj)
+    if kind == "transformers":
+        return _load_hf(obj, checkpoint, name, overrides)
     if (name in TIMESFORMER_CONFIGS) or (model is None and _holds_timesformer(obj)):
         return _load_timesformer(obj, checkpoint, name, overrides, pruned_note)
     sd = _backbone_weights(obj, checkpoint, pruned_note)
@@ -242,6 +250,27 @@ def load_backbone(checkpoint: str | os.PathLike | None = None, model: str | None
             cfg = config_from_dict(ViTConfig, {**cfg.to_dict(), **overrides}, checkpoint, "model + overrides")
     net = VisionTransformer(cfg)
     load_weights(net, adapt_state_dict(sd, cfg), checkpoint)
+    return net
+
+
+def _load_hf(obj: dict, path, model: str | None, overrides: dict):
+    """A transformers ViT / DeiT: built as ``model`` (plus overrides), else as the ``config.json`` beside the
+    weights, else with the geometry read off the mapped weights."""
+    from iared.models import MODEL_CONFIGS, VisionTransformer, ViTConfig, adapt_state_dict
+    from iared.models.hf import HF_ARCHITECTURES, architecture_of_keys, read_hf_checkpoint
+
+    cfg, sd = read_hf_checkpoint(path, obj)
+    if model is not None:
+        cfg = config_from_dict(ViTConfig, {**MODEL_CONFIGS[model], **overrides}, path, f"--model {model}")
+    else:
+        if cfg is None:  # no config.json: the geometry off the weights, transformers' LayerNorm eps and heads
+            inferred = infer_vit_config(sd, path).to_dict()
+            inferred.update(norm_eps=1e-12, dist_head=HF_ARCHITECTURES[architecture_of_keys(obj)][2])
+            cfg = config_from_dict(ViTConfig, inferred, path, "inferred model")
+        if overrides:
+            cfg = config_from_dict(ViTConfig, {**cfg.to_dict(), **overrides}, path, "model + overrides")
+    net = VisionTransformer(cfg)
+    load_weights(net, adapt_state_dict(sd, cfg), path)
     return net
 
 
@@ -266,15 +295,14 @@ def _holds_timesformer(obj: dict) -> bool:
     (the official ``.pyth`` ``model_state``, ``time_embed``, ``temporal_attn``)."""
     from iared.models.families import family_of_config
 
+    from iared.models.families import checkpoint_kind
+
     if isinstance(obj.get("config"), dict):
         try:
             return family_of_config(obj["config"]) == "timesformer"
         except CheckpointError:
             return False
-    if isinstance(obj.get("model_state"), dict):
-        return True
-    keys = obj.get("model") if isinstance(obj.get("model"), dict) else obj
-    return any(isinstance(k, str) and (".temporal_attn." in k or k.endswith("time_embed")) for k in keys)
+    return checkpoint_kind(obj) == "timesformer"
 
 
 def _load_timesformer(obj: dict, path, model: str | None, overrides: dict, pruned_note: bool = True):

@@ -15,6 +15,7 @@ from torch import nn
 
 from iared.checkpoint import CheckpointError, extract_state_dict, load_weights, read_checkpoint
 from iared.models.convnet import CONVNET_CONFIGS, ConvNet, ConvNetConfig, build_convnet
+from iared.models.hf import from_huggingface, hf_weights_path, is_hf_vit_state_dict, read_hf_checkpoint
 from iared.models.mvit import MVIT_CONFIGS, MultiScaleViT, MViTConfig, build_mvit
 from iared.models.timesformer import (
     TIMESFORMER_CONFIGS,
@@ -24,7 +25,7 @@ from iared.models.timesformer import (
     from_hf_timesformer,
     load_timesformer,
 )
-from iared.models.vit import Block, VisionTransformer, ViTConfig, adapt_state_dict
+from iared.models.vit import IMAGENET_MEAN, IMAGENET_STD, Block, VisionTransformer, ViTConfig, adapt_state_dict
 
 __all__ = [
     "EMBEDDED_CHECKPOINT",
@@ -45,6 +46,7 @@ __all__ = [
     "adapt_state_dict",
     "create_model",
     "from_hf_timesformer",
+    "from_huggingface",
     "from_timm",
     "list_models",
     "split_model_name_tag",
@@ -138,7 +140,9 @@ def create_model(name: str, *, pretrained: bool = False, checkpoint: str | os.Pa
         raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
     model = VisionTransformer(ViTConfig(**{**MODEL_CONFIGS[base], **overrides}))
     if checkpoint is not None:
-        state_dict = extract_state_dict(read_checkpoint(checkpoint), checkpoint)
+        state_dict = extract_state_dict(read_checkpoint(hf_weights_path(checkpoint)), checkpoint)
+        if is_hf_vit_state_dict(state_dict):  # transformers' ViT / DeiT: its keys mapped onto ours
+            state_dict = read_hf_checkpoint(checkpoint, state_dict)[1]
         load_weights(model, adapt_state_dict(state_dict, model.cfg), checkpoint)
     elif pretrained and base in EMBEDDED_CHECKPOINTS:
         path = embedded_checkpoint_path(base)
@@ -160,16 +164,68 @@ def embedded_checkpoint_path(name: str = "digits_vit") -> Path:
     return path
 
 
-def from_timm(model_or_name: nn.Module | str, pretrained: bool = False) -> VisionTransformer:
-    """Our model with the same weights as a timm ViT / DeiT (an instance, or a name for timm)."""
+def from_timm(model_or_name: nn.Module | str, pretrained: bool = False) -> VisionTransformer | MultiScaleViT:
+    """Our model with the same weights as a timm ViT / DeiT / DeiT-III / CLIP tower, or an MViTv2 (an
+    instance, or a name for timm), headless ones (``num_classes=0``) included: the geometry is read off
+    the instance, the weights load through timm's state-dict layout, which is ours."""
     import timm
+    from timm.models.mvitv2 import MultiScaleVit as TimmMViT
 
     reference = timm.create_model(model_or_name, pretrained=pretrained) if isinstance(model_or_name, str) \
         else model_or_name
-    cfg = _config_from_timm(reference)
-    model = VisionTransformer(cfg)
+    model = MultiScaleViT(_mvit_config_from_timm(reference)) if isinstance(reference, TimmMViT) \
+        else VisionTransformer(_config_from_timm(reference))
     load_weights(model, reference.state_dict(), f"timm:{type(reference).__name__}")
     return model.train(reference.training)
+
+
+def _mvit_config_from_timm(ref: nn.Module) -> MViTConfig:
+    """Read the geometry off a timm ``MultiScaleVit`` (it keeps no config); refuse what ours does not implement."""
+    from timm.models.mvitv2 import MultiScaleAttention as TimmAttention
+
+    blocks = [b for s in ref.stages for b in s.blocks]
+    found = []
+    if ref.cls_token is not None:
+        found.append("class token (use_cls_token)")
+    if ref.pos_embed is not None:
+        found.append("absolute position embedding (use_abs_pos)")
+    if ref.global_pool != "avg":
+        found.append(f"global_pool={ref.global_pool!r}")
+    if any(type(b.attn) is not TimmAttention for b in blocks):
+        found.append("pool_first attention")
+    attn = [b.attn for b in blocks if type(b.attn) is TimmAttention]
+    if any(a.mode != "conv" for a in attn):
+        found.append(f"pooling mode {sorted({a.mode for a in attn})}")
+    if any(a.rel_pos_type != "spatial" for a in attn):
+        found.append(f"rel_pos_type {sorted({a.rel_pos_type for a in attn})}")
+    if any(a.pool_q is None or a.pool_k is None for a in attn):
+        found.append("blocks without query or key pooling (1x1 kernels)")
+    if not getattr(ref, "expand_attn", True):
+        found.append("expand_attn=False")
+    norms = [m for m in ref.modules() if isinstance(m, nn.LayerNorm)]
+    if len({n.eps for n in norms}) > 1:
+        found.append(f"LayerNorms with different eps {sorted({n.eps for n in norms})}")
+    if found:
+        raise ValueError(f"timm MViTv2 variant not supported: {', '.join(found)}")
+    first = [s.blocks[0] for s in ref.stages]
+    stride_q = tuple(tuple(b.attn.pool_q.stride) for b in first)
+    proj = ref.patch_embed.proj
+    return MViTConfig(
+        img_size=ref.stages[0].feat_size[0] * stride_q[0][0] * proj.stride[0], in_chans=proj.in_channels,
+        num_classes=ref.num_classes, depths=tuple(len(s.blocks) for s in ref.stages),
+        embed_dim=tuple(b.dim_out for b in first), num_heads=tuple(b.attn.num_heads for b in first),
+        mlp_ratio=first[0].mlp.fc1.out_features / first[0].dim_out, qkv_bias=first[0].attn.qkv.bias is not None,
+        kernel_qkv=tuple(first[0].attn.pool_q.kernel_size), stride_q=stride_q,
+        stride_kv=tuple(tuple(b.attn.pool_k.stride) for b in first), patch_kernel=tuple(proj.kernel_size),
+        patch_stride=tuple(proj.stride), patch_padding=tuple(proj.padding),
+        residual_pooling=bool(first[0].attn.residual_pooling), norm_eps=float(ref.norm.eps),
+        **_timm_mean_std(ref),
+    )
+
+
+def _timm_mean_std(ref: nn.Module) -> dict:
+    pcfg = getattr(ref, "pretrained_cfg", {}) or {}
+    return dict(mean=tuple(pcfg.get("mean", IMAGENET_MEAN)), std=tuple(pcfg.get("std", IMAGENET_STD)))
 
 
 def _config_from_timm(ref: nn.Module) -> ViTConfig:
@@ -178,17 +234,17 @@ def _config_from_timm(ref: nn.Module) -> ViTConfig:
     from timm.models.vision_transformer import VisionTransformer as TimmViT
 
     if not isinstance(ref, TimmViT):
-        raise TypeError(f"from_timm expects a timm VisionTransformer, got {type(ref).__name__}")
+        raise TypeError(f"from_timm expects a timm VisionTransformer or MultiScaleVit (MViTv2), got {type(ref).__name__}")
     unsupported = _unsupported_timm_features(ref, TimmBlock)
     if unsupported:
         raise ValueError(f"timm model variant not supported: {', '.join(unsupported)}")
     blk = ref.blocks[0]
-    pcfg = getattr(ref, "pretrained_cfg", {}) or {}
     ls = blk.ls1
     init_values = None
     if hasattr(ls, "gamma"):  # any value: the weights overwrite it (timm keeps the one it started from)
         init_values = float(getattr(ls, "init_values", None) or ls.gamma.detach().flatten()[0])
     distilled = getattr(ref, "dist_token", None) is not None
+    eps = next((n.eps for n in _timm_norms(ref) if not isinstance(n, nn.Identity)), 1e-6)
     has_norm, has_fc_norm = not isinstance(ref.norm, nn.Identity), not isinstance(ref.fc_norm, nn.Identity)
     # fc_norm stays None (timm's default: with average pooling) unless the model departs from that rule.
     fc_norm = None if not (has_norm or has_fc_norm) or has_fc_norm == (ref.global_pool == "avg") else has_fc_norm
@@ -202,8 +258,8 @@ def _config_from_timm(ref: nn.Module) -> ViTConfig:
         reg_tokens=0 if distilled else int(getattr(ref, "num_reg_tokens", 0)),
         no_embed_class=bool(getattr(ref, "no_embed_class", False)),
         global_pool=ref.global_pool, fc_norm=fc_norm, pre_norm=not isinstance(ref.norm_pre, nn.Identity),
-        final_norm=has_norm or has_fc_norm,
-        mean=tuple(pcfg.get("mean", (0.485, 0.456, 0.406))), std=tuple(pcfg.get("std", (0.229, 0.224, 0.225))),
+        final_norm=has_norm or has_fc_norm, norm_eps=float(eps),
+        **_timm_mean_std(ref),
     )
 
 
@@ -242,11 +298,17 @@ def _unsupported_timm_features(ref: nn.Module, timm_block: type) -> list[str]:
     if not (hasattr(mlp, "fc1") and isinstance(getattr(mlp, "act", None), nn.GELU)
             and mlp.act.approximate == "none"):
         found.append(f"MLP {type(mlp).__name__} with {type(getattr(mlp, 'act', None)).__name__}")
-    norms = [blk.norm1, blk.norm2, ref.norm, ref.fc_norm, ref.norm_pre]
-    if not all(isinstance(n, nn.Identity) or (type(n) in (nn.LayerNorm, _timm_layer_norm()) and n.eps == 1e-6)
-               for n in norms):
-        found.append("norm layers other than LayerNorm(eps=1e-6)")
+    norms = [n for n in _timm_norms(ref) if not isinstance(n, nn.Identity)]
+    if not all(type(n) in (nn.LayerNorm, _timm_layer_norm()) and n.elementwise_affine for n in norms):
+        found.append(f"norm layers other than LayerNorm ({', '.join(sorted({type(n).__name__ for n in norms}))})")
+    elif len({n.eps for n in norms}) > 1:
+        found.append(f"LayerNorms with different eps {sorted({n.eps for n in norms})}")
     return found
+
+
+def _timm_norms(ref: nn.Module) -> list[nn.Module]:
+    """Every norm of a timm ViT that our config's one ``norm_eps`` stands for."""
+    return [m for blk in ref.blocks for m in (blk.norm1, blk.norm2)] + [ref.norm, ref.fc_norm, ref.norm_pre]
 
 
 def _timm_layer_norm() -> type:

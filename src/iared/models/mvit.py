@@ -386,7 +386,8 @@ class MultiScaleViT(nn.Module):
         self._blocks = tuple(b for s in self.stages for b in s.blocks)  # a view, not registered twice
         self.norm = nn.LayerNorm(dim_in, eps=cfg.norm_eps)
         self.head = nn.Sequential()
-        self.head.add_module("fc", nn.Linear(dim_in, cfg.num_classes))  # timm key: head.fc
+        # timm key: head.fc; num_classes=0: none (timm's headless model), forward returns the pooled features
+        self.head.add_module("fc", nn.Linear(dim_in, cfg.num_classes) if cfg.num_classes else nn.Identity())
         self._init_weights()
 
     def _init_weights(self):

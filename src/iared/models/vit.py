@@ -68,10 +68,19 @@ class ViTConfig:
     # the widths of its stages, each 3x3 conv -> BatchNorm -> ReLU -> 2x2 max-pool, so 2 ** len(conv_stem)
     # must be patch_size. Tokens are still one per patch (the stem costs the same whatever is dropped).
     conv_stem: tuple[int, ...] = ()
+    # Every LayerNorm's eps: timm's ViT / DeiT 1e-6, its CLIP towers 1e-5, transformers' ViT 1e-12.
+    norm_eps: float = 1e-6
+    # Distilled models: average the class and distillation heads (DeiT's rule); False: the class head
+    # alone (transformers' DeiTForImageClassification), the distillation token still in the blocks.
+    dist_head: bool = True
     mean: tuple[float, ...] = field(default=IMAGENET_MEAN)
     std: tuple[float, ...] = field(default=IMAGENET_STD)
 
     def __post_init__(self):
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: no classifier, the pooled features), got {self.num_classes}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         if self.embed_dim % self.num_heads:
@@ -111,8 +120,8 @@ class ViTConfig:
 
     @property
     def num_classifier_heads(self) -> int:
-        """Classifier heads: the distilled model averages two."""
-        return 2 if self.distilled else 1
+        """Classifier heads: the distilled model averages two (unless ``dist_head=False``)."""
+        return 2 if self.distilled and self.dist_head else 1
 
     @property
     def use_fc_norm(self) -> bool:
@@ -402,10 +411,10 @@ class Block(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         dim = cfg.embed_dim
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=cfg.norm_eps)
         self.attn = Attention(dim, cfg.num_heads, cfg.qkv_bias)
         self.ls1 = LayerScale(dim, cfg.init_values) if cfg.init_values else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio))
         self.ls2 = LayerScale(dim, cfg.init_values) if cfg.init_values else nn.Identity()
         # Empty lists without shortcuts: no keys, timm's state dict exactly.
@@ -430,7 +439,8 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module):
     """ViT / DeiT / DeiT-III, timm's state-dict layout.
 
-    ``forward(images) -> logits (B, num_classes)``. The pieces, for models that prune between
+    ``forward(images) -> logits (B, num_classes)``; with ``num_classes=0`` (no classifier, as timm's
+    headless models) the pooled features ``(B, embed_dim)``. The pieces, for models that prune between
     blocks: :meth:`embed` (pixels -> dense tokens), ``blocks`` (each maps Tokens -> Tokens),
     :meth:`forward_head` (pooling, final norm -> logits). It implements the
     :class:`iared.models.protocol.Backbone` protocol that the stage loop runs on.
@@ -450,13 +460,18 @@ class VisionTransformer(nn.Module):
         self.dist_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.distilled else None
         self.reg_token = nn.Parameter(torch.zeros(1, cfg.reg_tokens, dim)) if cfg.reg_tokens else None
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.pos_embed_tokens, dim))
-        self.norm_pre = nn.LayerNorm(dim, eps=1e-6) if cfg.pre_norm else nn.Identity()
+        eps = cfg.norm_eps
+        self.norm_pre = nn.LayerNorm(dim, eps=eps) if cfg.pre_norm else nn.Identity()
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         # timm's rule: one final LayerNorm, per token before pooling (norm) or on the pooled vector (fc_norm).
-        self.norm = nn.LayerNorm(dim, eps=1e-6) if cfg.final_norm and not cfg.use_fc_norm else nn.Identity()
-        self.fc_norm = nn.LayerNorm(dim, eps=1e-6) if cfg.final_norm and cfg.use_fc_norm else nn.Identity()
-        self.head = nn.Linear(dim, cfg.num_classes)
-        self.head_dist = nn.Linear(dim, cfg.num_classes) if cfg.distilled else None
+        self.norm = nn.LayerNorm(dim, eps=eps) if cfg.final_norm and not cfg.use_fc_norm else nn.Identity()
+        self.fc_norm = nn.LayerNorm(dim, eps=eps) if cfg.final_norm and cfg.use_fc_norm else nn.Identity()
+        # num_classes=0: no classifier (timm's headless models, nn.Identity): forward returns the pooled features.
+        def classifier():
+            return nn.Linear(dim, cfg.num_classes) if cfg.num_classes else nn.Identity()
+
+        self.head = classifier()
+        self.head_dist = classifier() if cfg.distilled and cfg.dist_head else None
         self._init_weights()
 
     def _init_weights(self):
