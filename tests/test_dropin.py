@@ -141,7 +141,7 @@ def test_bad_knobs_at_prune_refused():
     with pytest.raises(ValueError, match="budget' needs a keep_ratio"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         iared.prune(m, mode="budget")
-    with pytest.raises(TypeError, match="cannot take a Linear"):
+    with pytest.raises(TypeError, match="prune: torch.nn.modules.linear.Linear is not a backbone"):
         iared.prune(torch.nn.Linear(2, 2))
 
 
@@ -255,7 +255,7 @@ def test_safetensors_round_trip_with_settings_in_metadata(tmp_path):
         meta = f.metadata()
     config = json.loads(meta["config"])
     assert json.loads(meta["format"]) == "iared-pruned/2"
-    assert config["inference"] == {"threshold": 0.65, "keep_ratio": 0.5} and config["iared"]["num_stages"] == 3
+    assert config["inference"] == {"threshold": 0.65, "keep_ratio": 0.5, "target_kept": None, "calibration_samples": None} and config["iared"]["num_stages"] == 3
     back = load_pruned(path)
     assert back.inference == InferenceSettings(threshold=0.65, keep_ratio=0.5)
     x = images()
@@ -313,5 +313,20 @@ def test_iared_takes_a_timm_model():
     model = IARed(m).eval()
     x = images()
     assert (model(x, mode="all").logits - m(x)).abs().max().item() <= 1e-5
-    with pytest.raises(TypeError, match="IARed: cannot take a Linear"):
+    with pytest.raises(TypeError, match="IARed: torch.nn.modules.linear.Linear is not a backbone"):
         IARed(torch.nn.Linear(2, 2))
+
+
+def test_a_hugging_face_vit_drops_in_like_a_timm_one():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
+                                    image_size=32, patch_size=8, num_labels=10)
+    torch.manual_seed(0)
+    hf = transformers.ViTForImageClassification(config).eval()
+    x = torch.randn(2, 3, 32, 32)
+    p = iared.prune(hf, "random", keep_ratio=1.0)
+    with torch.no_grad():
+        want = hf(pixel_values=x).logits
+        assert torch.allclose(p(x), want, atol=1e-5)
+        p.keep_ratio = 0.5
+        assert p.details(x).kept_fraction()[0, -1] < 0.2  # three stages at 0.5: 1/8 of the patches left

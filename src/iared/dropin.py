@@ -270,18 +270,19 @@ def _method_of(reduced: ReducedModel) -> str:
 
 
 def as_backbone(model: nn.Module, what: str = "prune"):
-    """Our backbone as given, a timm ViT through :func:`iared.from_timm` (same weights); anything else
-    a one-line TypeError."""
+    """Our backbone as given; a timm or Hugging Face model converted through the family registry
+    (:func:`iared.models.families.as_backbone`: same weights), on the original's device; anything
+    else a one-line TypeError."""
+    from iared.models.families import as_backbone as convert
+
     if all(hasattr(model, a) for a in ("embed", "blocks", "forward_head")):
         return model
-    if type(model).__module__.startswith("timm."):
-        from iared.models import from_timm
-
-        param = next(model.parameters(), None)
-        converted = from_timm(model)
-        return converted if param is None else converted.to(param.device)
-    raise TypeError(f"{what}: cannot take a {type(model).__name__}: give an iared backbone, a timm "
-                    "VisionTransformer, a ReducedModel / IARed, or a pruned checkpoint file")
+    try:
+        converted = convert(model)
+    except TypeError as e:
+        raise TypeError(f"{what}: {e} (or give a ReducedModel / IARed, or a pruned checkpoint file)") from None
+    param = next(model.parameters(), None)
+    return converted if param is None else converted.to(param.device)
 
 
 def prune(model, method: str | None = None, **knob) -> PrunedModel:
