@@ -439,7 +439,7 @@ def render_unseen(name: str, d: dict) -> list[str]:
         out += [f"**{task}** (`{t.get('pruned_file')}`, {t.get('n_test')} test items, calibration on "
                 f"{t.get('n_calibration_unlabelled')} unlabelled validation renders; speed-up: range over "
                 f"{timing.get('runs')} interleaved runs at batch {timing.get('batch')}, {timing.get('threads')} "
-                "threads)", ""]
+                f"thread(s), {timing.get('clock', 'wall')} clock)", ""]
         rows = []
         for key, label in UNSEEN_ROWS.items():
             r = (t.get("rows") or {}).get(key)
