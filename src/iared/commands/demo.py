@@ -14,7 +14,7 @@ from iared.commands import (
     add_task_argument,
     resolve_task,
 )
-from iared.demo import DEMO_SCHEDULES, format_table, run_demo
+from iared.demo import DEMO_MAX_LOSS, DEMO_SCHEDULES, DEMO_VAL_SAMPLES, format_table, run_demo
 from iared.models import TASK_BACKBONES
 from iared.timing import use_threads
 from iared.train.interpreters import InterpreterTrainConfig, default_reward, default_tau
@@ -36,7 +36,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=int, default=d.eval_samples, help="validation images per progress check")
     add_checkpoint_argument(p, "backbone weights the interpreters are trained on (a pruned checkpoint: its "
                                "backbone; default: the task's shipped backbone)", old=("--backbone",))
-    p.add_argument("--threshold", type=float, default=d.threshold)
+    p.add_argument("--threshold", type=float, default=None,
+                   help=f"the threshold earlier stages run at while later ones train (default {d.threshold}); "
+                        "given without --max-loss, also the one the demo reports at")
+    p.add_argument("--max-loss", type=float, default=None, metavar="PT",
+                   help=f"report at the cheapest threshold within PT points of the unpruned top-1 on the validation "
+                        f"split (default {DEMO_MAX_LOSS}, unless --threshold is given)")
+    p.add_argument("--val-samples", type=int, default=None,
+                   help="validation inputs the operating threshold is chosen on (default: "
+                        + ", ".join(f"{t} {n}" for t, n in DEMO_VAL_SAMPLES.items()) + ", else 1000)")
     p.add_argument("--finetune-steps", type=int, default=None,
                    help="fine-tune the backbone under the learned policy, distilling from the unpruned one (default per "
                         "task: " + ", ".join(f"{t} {f}" for t, (_, f) in DEMO_SCHEDULES.items()) + ")")
@@ -54,13 +62,18 @@ def main(args: argparse.Namespace) -> int:
     steps, finetune = DEMO_SCHEDULES[args.task]
     steps = steps if args.steps_per_stage is None else args.steps_per_stage
     finetune = finetune if args.finetune_steps is None else args.finetune_steps
-    cfg = InterpreterTrainConfig(steps_per_stage=steps, threshold=args.threshold, seed=args.seed,
+    max_loss = args.max_loss if args.max_loss is not None or args.threshold is not None else DEMO_MAX_LOSS
+    if args.val_samples is not None and args.val_samples < 1:
+        raise ValueError(f"--val-samples must be at least 1, got {args.val_samples}")
+    threshold = InterpreterTrainConfig().threshold if args.threshold is None else args.threshold
+    cfg = InterpreterTrainConfig(steps_per_stage=steps, threshold=threshold, seed=args.seed,
                                  tau=default_tau(args.task), reward=default_reward(args.task),
                                  eval_samples=args.eval_samples, backbone=args.checkpoint,
                                  finetune_steps=finetune, task=args.task,
                                  model=None if args.checkpoint else TASK_BACKBONES[args.task],
                                  pretrained=args.checkpoint is None)
-    results = run_demo(Path(args.out), cfg, test_samples=args.test_samples, progress=not args.quiet)
+    results = run_demo(Path(args.out), cfg, test_samples=args.test_samples, progress=not args.quiet,
+                       max_loss=max_loss, val_samples=args.val_samples)
     print(format_table(results))
     print(f"wrote {Path(args.out) / 'results.json'}, {len(results['pictures'])} pictures and "
           f"{Path(args.out) / 'accuracy_vs_throughput.png'} "
