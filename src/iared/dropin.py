@@ -300,10 +300,16 @@ def prune(model, method: str | None = None, **knob) -> PrunedModel:
     from iared.reducers.registry import METHODS, build_reduced, check_applies, default_knobs
 
     backbone_arg = knob.pop("backbone", None)
-    if isinstance(model, (str, os.PathLike)):
-        from iared.pruning import load_pruned
+    if isinstance(model, (str, os.PathLike)):  # any method's file (iared.reduced_io)
+        from iared.reduced_io import load_reduced
 
-        model = load_pruned(model, backbone=backbone_arg)
+        model = load_reduced(model, backbone=backbone_arg)
+        if not hasattr(model, "inference"):  # not IA-RED² (whose knob comes from its inference settings)
+            held = _method_of(model)
+            allowed = {"mode"} | ({REDUCER_KNOBS[held]} if held in REDUCER_KNOBS else {"threshold", "keep_ratio"})
+            saved = {k: v for k, v in model.settings.items() if k in allowed and not (k == "mode" and v != "all"
+                                                                                      and held in REDUCER_KNOBS)}
+            knob = {**saved, **knob}
     elif backbone_arg is not None:
         raise TypeError("prune: backbone= goes with a reducers-only pruned file")
     training = bool(getattr(model, "training", False))
