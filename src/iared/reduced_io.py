@@ -79,7 +79,8 @@ def load_reduced(path, backbone=None) -> ReducedModel:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"bad checkpoint {path}: invalid config: {str(e).splitlines()[0]}") from None
-    state = extract_state_dict(obj, path)
+    # a reducers-only file of weightless reducers (ToMe, the floors, ...) holds no tensors at all
+    state = extract_state_dict(obj, path) if ref is None or obj.get("model") else {}
     if ref is not None:
         state = {**{f"backbone.{k}": v for k, v in model.backbone.state_dict().items()}, **state}
     load_weights(model, state, path)

@@ -96,6 +96,14 @@ def _budget(knob) -> dict:
     return {"mode": "budget", "keep_ratio": list(knob) if isinstance(knob, (list, tuple)) else float(knob)}
 
 
+def _iared_settings(knob) -> dict:
+    """Threshold mode at ``knob``; the no-reduction knob 0 runs mode ``all``: ``score > 0`` would drop
+    a token whose sigmoid score underflows to exactly 0.0, and "no reduction" means the unpruned model."""
+    if not isinstance(knob, (list, tuple)) and float(knob) <= 0.0:
+        return {"mode": "all"}
+    return {"mode": "threshold", "threshold": knob}
+
+
 def _tome_refuses(backbone) -> str | None:
     if getattr(backbone, "supports_key_weights", True):
         return None
@@ -158,7 +166,7 @@ METHODS: dict[str, Method] = {
                         lambda backbone, knob, stage: FrameDifference(), _budget, video_only=True),
     "iared": Method("iared", "threshold on the interpreter's keep score (threshold mode)", 0.0,
                     (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8), three_equal_stages, None,
-                    lambda knob: {"mode": "threshold", "threshold": knob}, learns=True,
+                    _iared_settings, learns=True,
                     build=_build_iared, train=_hook("train_iared"), knob_key="threshold",
                     rebuild=_rebuild_iared),
     "tome": Method("tome", "r: tokens merged per image before every block from block 1", 0,
