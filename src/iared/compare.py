@@ -43,12 +43,13 @@ import torch
 from torch import Tensor
 
 from iared.files import save_figure, write_json, write_text
+from iared.reducers import registry as _registry
 from iared.stages import ReducedModel, ReducedOutput
 from iared.timing import REPEATS, machine_info, median_ms, time_interleaved
 
 DEFAULT_METHODS = ("iared", "dynamicvit", "tome", "evit", "ats", "random", "pixel")
 LOSS_LEVELS = (0.5, 1.0)  # points of top-1 lost, for the best_speedup_at_loss summary
-FLOOR_METHODS = ("random", "pixel", "framediff")
+FLOOR_METHODS = tuple(n for n, m in _registry.METHODS.items() if m.floor)  # ("random", "pixel", "framediff")
 FT = "+ft"  # suffix of a method's fine-tuned variant (CompareConfig.finetune_steps)
 DYNAMICVIT_LR = 1e-3  # the predictors' learning rate (Adam-style; the paper's 1e-3 scaled for batch 512)
 

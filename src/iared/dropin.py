@@ -31,12 +31,14 @@ import torch
 from torch import Tensor, nn
 
 from iared.reducers.base import DEFAULT_THRESHOLD, check_threshold
+from iared.reducers.registry import METHODS
 from iared.stages import ReducedModel, ReducedOutput
 
 __all__ = ["PrunedModel", "prune"]
 
 # Methods whose knob lives on their reducers (the others take theirs from the stage settings).
-REDUCER_KNOBS = {"tome": "r", "evit": "keep_rate", "ats": "ratio", "dynamicvit": "keep_ratio"}
+# methods whose knob is set in their reducers, by its attribute name: {"tome": "r", "evit": "keep_rate", ...}
+REDUCER_KNOBS = {n: m.knob_key for n, m in METHODS.items() if m.knob_at_build}
 PRUNED_MODES = ("threshold", "budget", "all")
 
 
@@ -99,14 +101,14 @@ class PrunedModel(nn.Module):
     @property
     def keep_ratio(self) -> float | list[float] | None:
         """Budget mode's fraction of the alive patch tokens each stage keeps (one value or one per stage)."""
-        if self.method == "dynamicvit":
+        if REDUCER_KNOBS.get(self.method) == "keep_ratio":  # a reducer-held keep ratio (DynamicViT)
             return self._reducer_knob()
         self._need_policy("keep_ratio")
         return self._keep_ratio
 
     @keep_ratio.setter
     def keep_ratio(self, value) -> None:
-        if self.method == "dynamicvit":
+        if REDUCER_KNOBS.get(self.method) == "keep_ratio":  # a reducer-held keep ratio (DynamicViT)
             self._set_reducer_knob(value)
             return
         self._need_policy("keep_ratio")
@@ -225,7 +227,7 @@ class PrunedModel(nn.Module):
 
     def _set_reducer_knob(self, value) -> None:
         name = REDUCER_KNOBS[self.method]
-        if self.method == "tome":
+        if name == "r":  # ToMe's: whole tokens
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"r {value!r}: tokens merged per block, an integer >= 0")
             value = int(value)

@@ -88,6 +88,8 @@ class Method:
     seeded: Callable | None = None  # (seed, stage) -> a reproducible reducer (the random floor)
     train: Callable | None = None  # (job, backbone, train_set, knob, progress) -> (model, info); see iared.train.hooks
     knob_in_weights: bool = False  # train once per knob (DynamicViT) rather than once for the whole sweep
+    knob_at_build: bool = False  # the knob is set in the reducers (ToMe's r); else read from the forward settings
+    floor: bool = False  # a no-learning floor (compare reports every learned method next to them)
     knob_key: str = "keep_ratio"  # the knob's key in the reducers' describe() (and the drop-in attribute)
     rebuild: Callable | None = None  # (backbone, description) -> reducer, for iared.reduced_io.load_reduced
 
@@ -155,15 +157,16 @@ def _tome_sweep(backbone) -> tuple:
 METHODS: dict[str, Method] = {
     "random": Method("random", "keep ratio per stage (budget top-k of uniform random scores)", 1.0,
                      (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3), three_equal_stages,
-                     lambda backbone, knob, stage: RandomReducer(), _budget,
+                     lambda backbone, knob, stage: RandomReducer(), _budget, floor=True,
                      seeded=lambda seed, stage: RandomReducer(seed + stage),
                      rebuild=lambda backbone, d: RandomReducer(d.get("seed"))),
     "pixel": Method("pixel", "keep ratio per stage (budget top-k by pixel standard deviation)", 1.0,
                     (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3), three_equal_stages,
-                    lambda backbone, knob, stage: PixelSaliency(), _budget),
+                    lambda backbone, knob, stage: PixelSaliency(), _budget, floor=True),
     "framediff": Method("framediff", "keep ratio per stage (budget top-k by change since the previous frame; video)",
                         1.0, (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3), three_equal_stages,
-                        lambda backbone, knob, stage: FrameDifference(), _budget, video_only=True),
+                        lambda backbone, knob, stage: FrameDifference(), _budget, video_only=True,
+                        floor=True),
     "iared": Method("iared", "threshold on the interpreter's keep score (threshold mode)", 0.0,
                     (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8), three_equal_stages, None,
                     _iared_settings, learns=True,
@@ -172,19 +175,21 @@ METHODS: dict[str, Method] = {
     "tome": Method("tome", "r: tokens merged per image before every block from block 1", 0,
                    (1, 2, 4, 6, 8, 12, 16), every_block_from_one,
                    lambda backbone, knob, stage: ToMe(int(knob), backbone.token_dim),
-                   sweep_for=_tome_sweep, refuses=_tome_refuses, knob_key="r"),
+                   sweep_for=_tome_sweep, refuses=_tome_refuses, knob_key="r",
+                   knob_at_build=True),
     "evit": Method("evit", "keep rate: ceil(rate * alive patches) kept, the rest fused into one token", 1.0,
                    (0.9, 0.8, 0.7, 0.6, 0.5, 0.4), quarter_locations,
-                   lambda backbone, knob, stage: EViT(float(knob), backbone.token_dim), knob_key="keep_rate"),
+                   lambda backbone, knob, stage: EViT(float(knob), backbone.token_dim), knob_key="keep_rate",
+                   knob_at_build=True),
     "ats": Method("ats", "ratio: K = round(ratio * alive patches) CDF quantiles sampled per image (1 = off)",
                   1.0, (0.9, 0.8, 0.7, 0.6, 0.5, 0.4), quarter_locations,
-                  lambda backbone, knob, stage: ATS(ratio=float(knob)), knob_key="ratio",
+                  lambda backbone, knob, stage: ATS(ratio=float(knob)), knob_key="ratio", knob_at_build=True,
                   rebuild=lambda backbone, d: ATS(d.get("ratio"), d.get("max_tokens"))),
     # DynamicViT's predictors learn: the builder lives beside them (iared.reducers.dynamicvit).
     "dynamicvit": Method("dynamicvit", "keep ratio per predictor (fraction of the alive patch tokens)", 1.0,
                          (0.9, 0.8, 0.7, 0.6, 0.5), quarter_locations, None, learns=True,
                          build=_build_dynamicvit, train=_hook("train_dynamicvit"), knob_in_weights=True,
-                         rebuild=_rebuild_dynamicvit),
+                         knob_at_build=True, rebuild=_rebuild_dynamicvit),
 }
 
 
