@@ -156,3 +156,27 @@ def test_every_method_declares_the_contract():
         assert m.reducer is not None or m.build is not None, name
         assert (m.train is not None) == m.learns, name
         assert replace(m) == m
+
+
+def test_load_reduced_reads_the_shipped_pruned_files():
+    from iared.pruning import IARed
+
+    for path in sorted((SRC / "assets").glob("*_pruned.pt")):
+        model = load_reduced(path)
+        assert isinstance(model, IARed) and model.settings["threshold"] == model.inference.threshold
+
+
+@pytest.mark.parametrize("method,knob", [("tome", {"r": 2}), ("evit", {"keep_rate": 0.5}), ("random", {})])
+def test_prune_loads_any_methods_file(tmp_path, method, knob):
+    import iared
+
+    pruned = iared.prune(tiny_vit(), method=method, **knob)
+    save_reduced(pruned, tmp_path / "m.safetensors")
+    again = iared.prune(str(tmp_path / "m.safetensors"))
+    assert again.method == method
+    x = inputs((2, 3, 32, 32))
+    with torch.no_grad():
+        if method == "random":  # its generator: compare kept counts (the knob), not draws
+            assert torch.equal(pruned.details(x).kept_fraction(), again.details(x).kept_fraction())
+        else:
+            assert torch.equal(pruned(x), again(x))

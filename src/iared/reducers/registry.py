@@ -28,7 +28,9 @@ backbone that says where reducers help (MViTv2's ``default_stage_starts``: the f
 of each resolution stage) every method takes those places instead (:func:`default_locations`);
 ToMe refuses a backbone whose keys are pooled over the grid (``supports_key_weights = False``).
 
-A new method is one :class:`Method` entry in :data:`METHODS` (see ``dynamicvit``).
+A new method is one :class:`Method` entry in :data:`METHODS` (see ``dynamicvit``) plus its reducer
+class: the entry is the whole contract (knob, placement, build, train hook, checkpoint rebuild), so no
+code here or in ``compare`` tests a method's name. Files of any method: :mod:`iared.reduced_io`.
 
 Video (TimeSformer): every method runs on space-time tokens (ToMe, EViT and ATS read the spatial
 attention's class-token row and keys, which TimeSformer's blocks record; DynamicViT's gates are key
@@ -70,6 +72,15 @@ class Method:
     the method needs more than the backbone, e.g. trained interpreters); ``settings(knob)``: the
     stage-loop keyword arguments (mode, threshold, keep ratio) that run it; ``learns``: whether
     it has weights to train.
+
+    The hooks (None: the default): ``build(backbone, knob, locs, interpreters=, seed=)`` builds the
+    whole model (methods with weights); ``sweep_for(backbone)`` a sweep scaled to it;
+    ``refuses(backbone)`` why it cannot run there; ``seeded(seed, stage)`` a reproducible reducer;
+    ``train(job, backbone, train_set, knob, progress) -> (model, info)`` trains (or loads) its weights
+    on the frozen backbone (:mod:`iared.train.hooks`), once per knob when ``knob_in_weights``;
+    ``rebuild(backbone, description)`` the reducer a checkpoint describes (default: ``reducer`` at
+    ``description[knob_key]``). ``knob_at_build``: the knob lives in the reducers (else in
+    ``settings``); ``floor``: a no-learning floor.
     """
 
     name: str
