@@ -330,16 +330,14 @@ def prune(model, method: str | None = None, **knob) -> PrunedModel:
         check_applies(method, backbone)
         _check_knob_names(method, knob)
         name = REDUCER_KNOBS.get(method)
-        if method == "iared":
-            from iared.pruning import IARed
-
-            reduced = IARed(backbone)
-            warnings.warn("iared.prune: the IA-RED² interpreters are untrained (random keep scores); prune a "
-                          "pruned checkpoint (iared.prune('pruned.pt')) or train them (iared train-interpreters)",
-                          stacklevel=2)
-        elif method == "dynamicvit":
-            raise ValueError("prune: dynamicvit's predictors must be trained: prune a trained DynamicViT model "
-                             "(iared.reducers.dynamicvit)")
+        entry = METHODS[method]
+        if entry.learns and entry.fresh is None:
+            raise ValueError(f"prune: {method}'s reducers must be trained: prune a trained model or its saved file "
+                             f"(iared.prune('reduced.safetensors')); {entry.how_to_train}")
+        if entry.learns:
+            reduced = entry.fresh(backbone)
+            warnings.warn(f"iared.prune: the {method} reducers are untrained (random keep scores); prune a "
+                          f"pruned checkpoint (iared.prune('pruned.pt')) or {entry.how_to_train}", stacklevel=2)
         else:
             value = knob.pop(name) if name in knob else default_knobs(method, quick=True, backbone=backbone)[0]
             reduced = build_reduced(method, backbone, value)

@@ -103,6 +103,8 @@ class Method:
     floor: bool = False  # a no-learning floor (compare reports every learned method next to them)
     knob_key: str = "keep_ratio"  # the knob's key in the reducers' describe() (and the drop-in attribute)
     rebuild: Callable | None = None  # (backbone, description) -> reducer, for iared.reduced_io.load_reduced
+    fresh: Callable | None = None  # backbone -> the model with untrained weights (iared.prune of a backbone)
+    how_to_train: str = ""  # one line for the untrained warning / refusal
 
 
 def _budget(knob) -> dict:
@@ -146,6 +148,12 @@ def _rebuild_dynamicvit(backbone, d):
     return DynamicViTPredictor(backbone.token_dim, float(d["keep_ratio"]), float(d.get("tau", 1.0)))
 
 
+def _fresh_iared(backbone):
+    from iared.pruning import IARed
+
+    return IARed(backbone)
+
+
 def _hook(name: str) -> Callable:
     """A training hook of :mod:`iared.train.hooks`, imported when called (training pulls in more)."""
     def call(*args, **kwargs):
@@ -182,7 +190,8 @@ METHODS: dict[str, Method] = {
                     (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8), three_equal_stages, None,
                     _iared_settings, learns=True,
                     build=_build_iared, train=_hook("train_iared"), knob_key="threshold",
-                    rebuild=_rebuild_iared),
+                    rebuild=_rebuild_iared, fresh=_fresh_iared,
+                    how_to_train="train them with `iared train-interpreters`"),
     "tome": Method("tome", "r: tokens merged per image before every block from block 1", 0,
                    (1, 2, 4, 6, 8, 12, 16), every_block_from_one,
                    lambda backbone, knob, stage: ToMe(int(knob), backbone.token_dim),
@@ -200,7 +209,8 @@ METHODS: dict[str, Method] = {
     "dynamicvit": Method("dynamicvit", "keep ratio per predictor (fraction of the alive patch tokens)", 1.0,
                          (0.9, 0.8, 0.7, 0.6, 0.5), quarter_locations, None, learns=True,
                          build=_build_dynamicvit, train=_hook("train_dynamicvit"), knob_in_weights=True,
-                         knob_at_build=True, rebuild=_rebuild_dynamicvit),
+                         knob_at_build=True, rebuild=_rebuild_dynamicvit,
+                         how_to_train="train them with iared.train.dynamicvit.train_dynamicvit"),
 }
 
 
