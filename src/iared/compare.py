@@ -43,12 +43,13 @@ import torch
 from torch import Tensor
 
 from iared.files import save_figure, write_json, write_text
+from iared.reducers import registry as _registry
 from iared.stages import ReducedModel, ReducedOutput
 from iared.timing import REPEATS, machine_info, median_ms, time_interleaved
 
 DEFAULT_METHODS = ("iared", "dynamicvit", "tome", "evit", "ats", "random", "pixel")
 LOSS_LEVELS = (0.5, 1.0)  # points of top-1 lost, for the best_speedup_at_loss summary
-FLOOR_METHODS = ("random", "pixel", "framediff")
+FLOOR_METHODS = tuple(n for n, m in _registry.METHODS.items() if m.floor)  # ("random", "pixel", "framediff")
 FT = "+ft"  # suffix of a method's fine-tuned variant (CompareConfig.finetune_steps)
 DYNAMICVIT_LR = 1e-3  # the predictors' learning rate (Adam-style; the paper's 1e-3 scaled for batch 512)
 
@@ -231,19 +232,22 @@ def build_candidates(cfg: CompareConfig, backbone, train_set, progress: Callable
     iared_model = None
     for method in cfg.methods:
         knobs = registry.default_knobs(method, quick=cfg.quick, backbone=backbone)
-        if method == "iared":
-            iared_model, trained[method] = _iared(cfg, backbone, train_set, progress)
-            variants = [(method, iared_model)]
+        m = registry.method(method)
+        if m.train is not None and not m.knob_in_weights:  # trained once, swept at run time (IA-RED²)
+            trained_model, trained[method] = m.train(cfg, backbone, train_set, None, progress)
+            if iared_model is None:
+                iared_model = trained_model
+            variants = [(method, trained_model)]
             if finetunes(cfg, method):
                 ft_knob = registry.default_knobs(method, quick=True)[0]
-                tuned, trained[method + FT] = _finetuned(cfg, method, copy.deepcopy(iared_model), ft_knob,
+                tuned, trained[method + FT] = _finetuned(cfg, method, copy.deepcopy(trained_model), ft_knob,
                                                          train_set, progress)
                 variants.append((method + FT, tuned))
             for name, model in variants:
-                candidates += [Candidate(name, t, _runner(model, mode="threshold", threshold=t)) for t in knobs]
-        elif method == "dynamicvit":
+                candidates += [Candidate(name, t, registry.runner(method, model, t)) for t in knobs]
+        elif m.train is not None:  # trained once per knob (DynamicViT)
             for ratio in (knobs if cfg.quick else cfg.dynamicvit_ratios):
-                model, info = _dynamicvit(cfg, backbone, train_set, ratio, progress)
+                model, info = m.train(cfg, backbone, train_set, ratio, progress)
                 trained.setdefault(method, {"runs": []})["runs"].append(info)
                 candidates.append(Candidate(method, ratio, registry.runner(method, model, ratio)))
                 if finetunes(cfg, method):
@@ -293,66 +297,6 @@ def check_methods(cfg: CompareConfig, backbone) -> None:
 def _runner(model: ReducedModel, **kw) -> Callable[[Tensor], ReducedOutput]:
     model.eval()
     return lambda x: model(x, **kw)
-
-
-def _iared(cfg: CompareConfig, backbone, train_set, progress):
-    """IA-RED²'s interpreters on this backbone: loaded (``iared_checkpoint``) or trained here."""
-    import time
-
-    from iared.pruning import load_pruned
-
-    if cfg.iared_checkpoint:
-        model = load_pruned(cfg.iared_checkpoint)
-        diff = max(float((a - b.to(a.device)).abs().max()) for a, b in  # the backbone may be on --device already
-                   zip(model.backbone.state_dict().values(), backbone.state_dict().values()))
-        if diff > 1e-6:
-            raise ValueError(f"--iared-checkpoint {cfg.iared_checkpoint}: its backbone differs from the compared "
-                             f"one (max weight difference {diff:.2e}); every method must run on the same backbone")
-        return model.to(cfg.device).eval(), {"loaded": Path(cfg.iared_checkpoint).name}
-    from iared.train.interpreters import InterpreterTrainConfig, default_reward, default_tau, train_on_backbone
-
-    tcfg = InterpreterTrainConfig(task=cfg.task, out=str(Path(cfg.out) / "iared"), steps_per_stage=cfg.train_steps,
-                                  tau=default_tau(cfg.task), reward=default_reward(cfg.task),
-                                  batch_size=cfg.train_batch, seed=cfg.seed, eval_samples=min(200, cfg.test_samples),
-                                  eval_every=max(cfg.train_steps, 1), device=cfg.device)
-    progress(f"training IA-RED² interpreters: {cfg.train_steps} steps per stage, batch {cfg.train_batch}")
-    resumed = (Path(tcfg.out) / "train_state.pt").is_file()
-    t0 = time.perf_counter()
-    model = train_on_backbone(backbone, train_set, tcfg, resume=True)
-    # seconds: this run's share only when it resumed an earlier run's state (see resumed)
-    info = {"steps": cfg.train_steps * model.num_stages, "steps_per_stage": cfg.train_steps,
-            "batch": cfg.train_batch, "seconds": round(time.perf_counter() - t0, 1), "resumed": resumed,
-            "backbone": "frozen"}
-    return model.eval(), info
-
-
-def _dynamicvit(cfg: CompareConfig, backbone, train_set, ratio, progress):
-    """DynamicViT's predictors for keep ``ratio`` on the frozen backbone: loaded from
-    ``out/dynamicvit`` when an earlier run with the same settings left them, else trained here."""
-    import time
-
-    from iared.reducers.dynamicvit import build_dynamicvit
-    from iared.train.dynamicvit import train_dynamicvit
-
-    steps = cfg.train_steps * 3  # as many optimiser steps as IA-RED²'s three stages together
-    settings = {"method": "dynamicvit", "keep_ratio": ratio, "steps": steps, "batch": cfg.train_batch,
-                "lr": DYNAMICVIT_LR, "seed": cfg.seed, "task": cfg.task, "backbone_sha1": weights_sha1(backbone)}
-    path = Path(cfg.out) / "dynamicvit" / f"keep{ratio:g}.safetensors"
-    info = {"keep_ratio": ratio, "steps": steps, "batch": cfg.train_batch, "backbone": "frozen"}
-    saved = load_cached(path, settings)
-    if saved is not None:
-        progress(f"DynamicViT (keep {ratio}): loaded from {path}")
-        model = build_dynamicvit(backbone, ratio).to(cfg.device)  # fresh predictors are made on the CPU
-        model.reducers.load_state_dict(saved)
-        return model.eval(), {**info, "loaded": True, "seconds": float(settings_of(path).get("seconds", 0))}
-    progress(f"training DynamicViT (keep {ratio}): {steps} steps, batch {cfg.train_batch}")
-    t0 = time.perf_counter()
-    # the backbone stays frozen (backbone_lr 0), so the shared one serves: only the predictors learn
-    model = train_dynamicvit(backbone, train_set, keep_ratio=ratio, steps=steps, batch_size=cfg.train_batch,
-                             lr=DYNAMICVIT_LR, seed=cfg.seed, device=cfg.device, progress=True)
-    info["seconds"] = round(time.perf_counter() - t0, 1)
-    save_cached(path, model.reducers.state_dict(), {**settings, "seconds": info["seconds"]})
-    return model.eval(), info
 
 
 def _with_backbone(model: ReducedModel, backbone) -> ReducedModel:

@@ -31,12 +31,14 @@ import torch
 from torch import Tensor, nn
 
 from iared.reducers.base import DEFAULT_THRESHOLD, check_threshold
+from iared.reducers.registry import METHODS
 from iared.stages import ReducedModel, ReducedOutput
 
 __all__ = ["PrunedModel", "prune"]
 
 # Methods whose knob lives on their reducers (the others take theirs from the stage settings).
-REDUCER_KNOBS = {"tome": "r", "evit": "keep_rate", "ats": "ratio", "dynamicvit": "keep_ratio"}
+# methods whose knob is set in their reducers, by its attribute name: {"tome": "r", "evit": "keep_rate", ...}
+REDUCER_KNOBS = {n: m.knob_key for n, m in METHODS.items() if m.knob_at_build}
 PRUNED_MODES = ("threshold", "budget", "all")
 
 
@@ -99,14 +101,14 @@ class PrunedModel(nn.Module):
     @property
     def keep_ratio(self) -> float | list[float] | None:
         """Budget mode's fraction of the alive patch tokens each stage keeps (one value or one per stage)."""
-        if self.method == "dynamicvit":
+        if REDUCER_KNOBS.get(self.method) == "keep_ratio":  # a reducer-held keep ratio (DynamicViT)
             return self._reducer_knob()
         self._need_policy("keep_ratio")
         return self._keep_ratio
 
     @keep_ratio.setter
     def keep_ratio(self, value) -> None:
-        if self.method == "dynamicvit":
+        if REDUCER_KNOBS.get(self.method) == "keep_ratio":  # a reducer-held keep ratio (DynamicViT)
             self._set_reducer_knob(value)
             return
         self._need_policy("keep_ratio")
@@ -225,7 +227,7 @@ class PrunedModel(nn.Module):
 
     def _set_reducer_knob(self, value) -> None:
         name = REDUCER_KNOBS[self.method]
-        if self.method == "tome":
+        if name == "r":  # ToMe's: whole tokens
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"r {value!r}: tokens merged per block, an integer >= 0")
             value = int(value)
@@ -300,10 +302,16 @@ def prune(model, method: str | None = None, **knob) -> PrunedModel:
     from iared.reducers.registry import METHODS, build_reduced, check_applies, default_knobs
 
     backbone_arg = knob.pop("backbone", None)
-    if isinstance(model, (str, os.PathLike)):
-        from iared.pruning import load_pruned
+    if isinstance(model, (str, os.PathLike)):  # any method's file (iared.reduced_io)
+        from iared.reduced_io import load_reduced
 
-        model = load_pruned(model, backbone=backbone_arg)
+        model = load_reduced(model, backbone=backbone_arg)
+        if not hasattr(model, "inference"):  # not IA-RED² (whose knob comes from its inference settings)
+            held = _method_of(model)
+            allowed = {"mode"} | ({REDUCER_KNOBS[held]} if held in REDUCER_KNOBS else {"threshold", "keep_ratio"})
+            saved = {k: v for k, v in model.settings.items() if k in allowed and not (k == "mode" and v != "all"
+                                                                                      and held in REDUCER_KNOBS)}
+            knob = {**saved, **knob}
     elif backbone_arg is not None:
         raise TypeError("prune: backbone= goes with a reducers-only pruned file")
     training = bool(getattr(model, "training", False))
@@ -322,16 +330,14 @@ def prune(model, method: str | None = None, **knob) -> PrunedModel:
         check_applies(method, backbone)
         _check_knob_names(method, knob)
         name = REDUCER_KNOBS.get(method)
-        if method == "iared":
-            from iared.pruning import IARed
-
-            reduced = IARed(backbone)
-            warnings.warn("iared.prune: the IA-RED² interpreters are untrained (random keep scores); prune a "
-                          "pruned checkpoint (iared.prune('pruned.pt')) or train them (iared train-interpreters)",
-                          stacklevel=2)
-        elif method == "dynamicvit":
-            raise ValueError("prune: dynamicvit's predictors must be trained: prune a trained DynamicViT model "
-                             "(iared.reducers.dynamicvit)")
+        entry = METHODS[method]
+        if entry.learns and entry.fresh is None:
+            raise ValueError(f"prune: {method}'s reducers must be trained: prune a trained model or its saved file "
+                             f"(iared.prune('reduced.safetensors')); {entry.how_to_train}")
+        if entry.learns:
+            reduced = entry.fresh(backbone)
+            warnings.warn(f"iared.prune: the {method} reducers are untrained (random keep scores); prune a "
+                          f"pruned checkpoint (iared.prune('pruned.pt')) or {entry.how_to_train}", stacklevel=2)
         else:
             value = knob.pop(name) if name in knob else default_knobs(method, quick=True, backbone=backbone)[0]
             reduced = build_reduced(method, backbone, value)

@@ -28,7 +28,9 @@ backbone that says where reducers help (MViTv2's ``default_stage_starts``: the f
 of each resolution stage) every method takes those places instead (:func:`default_locations`);
 ToMe refuses a backbone whose keys are pooled over the grid (``supports_key_weights = False``).
 
-A new method is one :class:`Method` entry in :data:`METHODS` (see ``dynamicvit``).
+A new method is one :class:`Method` entry in :data:`METHODS` (see ``dynamicvit``) plus its reducer
+class: the entry is the whole contract (knob, placement, build, train hook, checkpoint rebuild), so no
+code here or in ``compare`` tests a method's name. Files of any method: :mod:`iared.reduced_io`.
 
 Video (TimeSformer): every method runs on space-time tokens (ToMe, EViT and ATS read the spatial
 attention's class-token row and keys, which TimeSformer's blocks record; DynamicViT's gates are key
@@ -70,6 +72,15 @@ class Method:
     the method needs more than the backbone, e.g. trained interpreters); ``settings(knob)``: the
     stage-loop keyword arguments (mode, threshold, keep ratio) that run it; ``learns``: whether
     it has weights to train.
+
+    The hooks (None: the default): ``build(backbone, knob, locs, interpreters=, seed=)`` builds the
+    whole model (methods with weights); ``sweep_for(backbone)`` a sweep scaled to it;
+    ``refuses(backbone)`` why it cannot run there; ``seeded(seed, stage)`` a reproducible reducer;
+    ``train(job, backbone, train_set, knob, progress) -> (model, info)`` trains (or loads) its weights
+    on the frozen backbone (:mod:`iared.train.hooks`), once per knob when ``knob_in_weights``;
+    ``rebuild(backbone, description)`` the reducer a checkpoint describes (default: ``reducer`` at
+    ``description[knob_key]``). ``knob_at_build``: the knob lives in the reducers (else in
+    ``settings``); ``floor``: a no-learning floor.
     """
 
     name: str
@@ -81,10 +92,76 @@ class Method:
     settings: Callable[[object], dict] = lambda knob: {}
     learns: bool = False
     video_only: bool = False  # needs a time axis (token grid (T, H, W))
+    # the contract's hooks (None: the default behaviour)
+    build: Callable | None = None  # (backbone, knob, locs, **kw) -> ReducedModel, for methods with weights
+    sweep_for: Callable | None = None  # backbone -> knob sweep scaled to it (ToMe's r)
+    refuses: Callable | None = None  # backbone -> why the method cannot run on it, or None
+    seeded: Callable | None = None  # (seed, stage) -> a reproducible reducer (the random floor)
+    train: Callable | None = None  # (job, backbone, train_set, knob, progress) -> (model, info); see iared.train.hooks
+    knob_in_weights: bool = False  # train once per knob (DynamicViT) rather than once for the whole sweep
+    knob_at_build: bool = False  # the knob is set in the reducers (ToMe's r); else read from the forward settings
+    floor: bool = False  # a no-learning floor (compare reports every learned method next to them)
+    knob_key: str = "keep_ratio"  # the knob's key in the reducers' describe() (and the drop-in attribute)
+    rebuild: Callable | None = None  # (backbone, description) -> reducer, for iared.reduced_io.load_reduced
+    fresh: Callable | None = None  # backbone -> the model with untrained weights (iared.prune of a backbone)
+    how_to_train: str = ""  # one line for the untrained warning / refusal
 
 
 def _budget(knob) -> dict:
     return {"mode": "budget", "keep_ratio": list(knob) if isinstance(knob, (list, tuple)) else float(knob)}
+
+
+def _iared_settings(knob) -> dict:
+    """Threshold mode at ``knob``; the no-reduction knob 0 runs mode ``all``: ``score > 0`` would drop
+    a token whose sigmoid score underflows to exactly 0.0, and "no reduction" means the unpruned model."""
+    if not isinstance(knob, (list, tuple)) and float(knob) <= 0.0:
+        return {"mode": "all"}
+    return {"mode": "threshold", "threshold": knob}
+
+
+def _tome_refuses(backbone) -> str | None:
+    if getattr(backbone, "supports_key_weights", True):
+        return None
+    return (f"tome does not run on {type(backbone).__name__}: its blocks pool keys over the "
+            "token grid, so merged tokens' sizes (proportional attention) have no meaning there")
+
+
+def _build_iared(backbone, knob, locs, *, interpreters=None, **_):
+    return _iared(backbone, locs, interpreters)
+
+
+def _build_dynamicvit(backbone, knob, locs, **_):
+    from iared.reducers.dynamicvit import build_dynamicvit
+
+    return build_dynamicvit(backbone, float(knob), locations=locs)
+
+
+def _rebuild_iared(backbone, d):
+    from iared.interpreter import MultiHeadInterpreter
+
+    return MultiHeadInterpreter(backbone.token_dim, int(d["interpreter_heads"]))
+
+
+def _rebuild_dynamicvit(backbone, d):
+    from iared.reducers.dynamicvit import DynamicViTPredictor
+
+    return DynamicViTPredictor(backbone.token_dim, float(d["keep_ratio"]), float(d.get("tau", 1.0)))
+
+
+def _fresh_iared(backbone):
+    from iared.pruning import IARed
+
+    return IARed(backbone)
+
+
+def _hook(name: str) -> Callable:
+    """A training hook of :mod:`iared.train.hooks`, imported when called (training pulls in more)."""
+    def call(*args, **kwargs):
+        from iared.train import hooks
+
+        return getattr(hooks, name)(*args, **kwargs)
+    call.__name__ = name
+    return call
 
 
 def _tome_sweep(backbone) -> tuple:
@@ -99,28 +176,41 @@ def _tome_sweep(backbone) -> tuple:
 METHODS: dict[str, Method] = {
     "random": Method("random", "keep ratio per stage (budget top-k of uniform random scores)", 1.0,
                      (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3), three_equal_stages,
-                     lambda backbone, knob, stage: RandomReducer(), _budget),
+                     lambda backbone, knob, stage: RandomReducer(), _budget, floor=True,
+                     seeded=lambda seed, stage: RandomReducer(seed + stage),
+                     rebuild=lambda backbone, d: RandomReducer(d.get("seed"))),
     "pixel": Method("pixel", "keep ratio per stage (budget top-k by pixel standard deviation)", 1.0,
                     (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3), three_equal_stages,
-                    lambda backbone, knob, stage: PixelSaliency(), _budget),
+                    lambda backbone, knob, stage: PixelSaliency(), _budget, floor=True),
     "framediff": Method("framediff", "keep ratio per stage (budget top-k by change since the previous frame; video)",
                         1.0, (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3), three_equal_stages,
-                        lambda backbone, knob, stage: FrameDifference(), _budget, video_only=True),
+                        lambda backbone, knob, stage: FrameDifference(), _budget, video_only=True,
+                        floor=True),
     "iared": Method("iared", "threshold on the interpreter's keep score (threshold mode)", 0.0,
                     (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8), three_equal_stages, None,
-                    lambda knob: {"mode": "threshold", "threshold": knob}, learns=True),
+                    _iared_settings, learns=True,
+                    build=_build_iared, train=_hook("train_iared"), knob_key="threshold",
+                    rebuild=_rebuild_iared, fresh=_fresh_iared,
+                    how_to_train="train them with `iared train-interpreters`"),
     "tome": Method("tome", "r: tokens merged per image before every block from block 1", 0,
                    (1, 2, 4, 6, 8, 12, 16), every_block_from_one,
-                   lambda backbone, knob, stage: ToMe(int(knob), backbone.token_dim)),
+                   lambda backbone, knob, stage: ToMe(int(knob), backbone.token_dim),
+                   sweep_for=_tome_sweep, refuses=_tome_refuses, knob_key="r",
+                   knob_at_build=True),
     "evit": Method("evit", "keep rate: ceil(rate * alive patches) kept, the rest fused into one token", 1.0,
                    (0.9, 0.8, 0.7, 0.6, 0.5, 0.4), quarter_locations,
-                   lambda backbone, knob, stage: EViT(float(knob), backbone.token_dim)),
+                   lambda backbone, knob, stage: EViT(float(knob), backbone.token_dim), knob_key="keep_rate",
+                   knob_at_build=True),
     "ats": Method("ats", "ratio: K = round(ratio * alive patches) CDF quantiles sampled per image (1 = off)",
                   1.0, (0.9, 0.8, 0.7, 0.6, 0.5, 0.4), quarter_locations,
-                  lambda backbone, knob, stage: ATS(ratio=float(knob))),
+                  lambda backbone, knob, stage: ATS(ratio=float(knob)), knob_key="ratio", knob_at_build=True,
+                  rebuild=lambda backbone, d: ATS(d.get("ratio"), d.get("max_tokens"))),
     # DynamicViT's predictors learn: the builder lives beside them (iared.reducers.dynamicvit).
     "dynamicvit": Method("dynamicvit", "keep ratio per predictor (fraction of the alive patch tokens)", 1.0,
-                         (0.9, 0.8, 0.7, 0.6, 0.5), quarter_locations, None, learns=True),
+                         (0.9, 0.8, 0.7, 0.6, 0.5), quarter_locations, None, learns=True,
+                         build=_build_dynamicvit, train=_hook("train_dynamicvit"), knob_in_weights=True,
+                         knob_at_build=True, rebuild=_rebuild_dynamicvit,
+                         how_to_train="train them with iared.train.dynamicvit.train_dynamicvit"),
 }
 
 
@@ -138,6 +228,8 @@ def check_applies(name: str, backbone) -> None:
     if m.video_only and not video:
         raise ValueError(f"{name} does not apply to {type(backbone).__name__}: it compares each patch with the same "
                          "patch in the previous frame, and images have no frames (use a video backbone)")
+    if m.refuses is not None and (why := m.refuses(backbone)):
+        raise ValueError(why)
 
 
 def default_methods(backbone, methods: Sequence[str]) -> tuple[str, ...]:
@@ -151,7 +243,7 @@ def default_knobs(name: str, quick: bool = False, backbone=None) -> tuple:
     """Knob values from little to strong reduction (``quick``: one middle value). With ``backbone``,
     ToMe's r values are scaled to its token count and depth."""
     m = method(name)
-    sweep = _tome_sweep(backbone) if name == "tome" and backbone is not None else m.sweep
+    sweep = m.sweep_for(backbone) if m.sweep_for is not None and backbone is not None else m.sweep
     return (sweep[len(sweep) // 2],) if quick else tuple(sweep)
 
 
@@ -185,22 +277,18 @@ def build_reduced(name: str, backbone, knob, stage_starts: Sequence[int] | None 
     settings, not from the reducers.
     """
     m = method(name)
-    if name == "tome" and not getattr(backbone, "supports_key_weights", True):
-        raise ValueError(f"tome does not run on {type(backbone).__name__}: its blocks pool keys over the "
-                         "token grid, so merged tokens' sizes (proportional attention) have no meaning there")
+    if m.refuses is not None and (why := m.refuses(backbone)):
+        raise ValueError(why)
     if stage_starts is None:
         reads_record = m.reducer is not None and m.reducer(backbone, m.no_reduction, 0).needs_record
         stage_starts = default_locations(name, backbone, reads_record)
     locs = tuple(int(s) for s in stage_starts)
-    if name == "iared":
-        return _iared(backbone, locs, interpreters)
-    if name == "dynamicvit":
-        from iared.reducers.dynamicvit import build_dynamicvit
-
-        return build_dynamicvit(backbone, float(knob), locations=locs)
-    reducers = [m.reducer(backbone, knob, g) for g in range(len(locs))]
-    if name == "random" and seed is not None:
-        reducers = [RandomReducer(seed + g) for g in range(len(locs))]
+    if m.build is not None:
+        return m.build(backbone, knob, locs, interpreters=interpreters, seed=seed)
+    if m.seeded is not None and seed is not None:
+        reducers = [m.seeded(seed, g) for g in range(len(locs))]
+    else:
+        reducers = [m.reducer(backbone, knob, g) for g in range(len(locs))]
     if any(r.needs_record for r in reducers) and locs and locs[0] < 1:
         raise ValueError(f"{name} reads the block before its stage: stage starts must be >= 1, got {locs}")
     if locs and locs[0] != 0:  # a leading stage with no reducer runs the first blocks
@@ -222,6 +310,15 @@ def _iared(backbone, locs: tuple[int, ...], interpreters) -> ReducedModel:
     for mine, theirs in zip(model.reducers, interpreters):
         mine.load_state_dict(theirs.state_dict())
     return model
+
+
+def reducer_from_description(backbone, description: dict, stage: int = 0) -> Reducer:
+    """The reducer a checkpoint describes (its ``describe()``), through its method's entry: the
+    method's ``rebuild`` hook, or its ``reducer`` built at the described knob."""
+    m = method(str(description.get("method")))
+    if m.rebuild is not None:
+        return m.rebuild(backbone, description)
+    return m.reducer(backbone, description.get(m.knob_key, m.no_reduction), stage)
 
 
 def forward_kwargs(name: str, knob) -> dict:
