@@ -117,3 +117,16 @@ def vit_macs(cfg: ViTConfig, tokens_per_block: Sequence | Tensor | None = None,
 def full_macs(cfg: ViTConfig) -> float:
     """MACs of the unpruned backbone for one image."""
     return float(vit_macs(cfg))
+
+
+def divided_block_macs(frames: int, positions: int, dim: int, hidden: int):
+    """A divided space-time TimeSformer block on a dense clip of ``frames`` frames of ``positions``
+    patch tokens and one class token, its MLP ``hidden`` units wide (VA-RED²'s temporal and channel
+    choices, :mod:`iared.reducers.vared`). Linear layers: temporal qkv + proj + ``temporal_fc`` (5 C^2)
+    on the patch tokens, spatial qkv + proj (4 C^2) on them and the class token's copy in every frame,
+    the MLP (2 C hidden) on every token; attention products 2 C n^2 per segment: ``positions``
+    temporal segments of ``frames`` tokens, ``frames`` spatial ones of ``positions + 1``. With every
+    frame and the whole MLP it is :meth:`iared.models.timesformer.Block.macs` on the whole clip."""
+    n_p = frames * positions
+    linear = n_p * 5 * dim * dim + (n_p + frames) * 4 * dim * dim + (n_p + 1) * 2 * dim * hidden
+    return linear + 2 * dim * positions * frames**2 + 2 * dim * frames * (positions + 1) ** 2

@@ -194,10 +194,19 @@ class Block(nn.Module):
 
     # -- every token alive, dense: the official code's reshapes ----------------------------------
 
+    def forward_frames(self, x: Tensor, mlp: nn.Module | None = None) -> Tensor:
+        """Divided attention on dense clip rows ``(B, 1 + T' H W, C)`` of any number of frames ``T'``
+        (a temporal subsample of the clip, :mod:`iared.reducers.vared`); ``mlp`` replaces the block's
+        own (a narrower one of its hidden units). The same arithmetic as :meth:`forward` on a whole clip."""
+        x = self._whole(x, None, None)
+        return x + (self.mlp if mlp is None else mlp)(self.norm2(x))
+
     def _whole(self, x: Tensor, record: BlockRecord | None, tokens: Tokens) -> Tensor:
         B, N, C = x.shape
         T, H, W = self.grid
         S = H * W
+        if self.attention_type == "divided_space_time":  # the frames the rows hold (all, or a subsample)
+            T = (N - 1) // S
         P = N - T * S
         patches = x[:, P:].reshape(B, T, S, C)
         if self.attention_type == "divided_space_time":
