@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from iared.bench import DTYPES, budget_ratios, calibrate_thresholds, spread_interpreters  # noqa: E402
-from iared.calibration import calibrate_capacity  # noqa: E402
+from iared.calibration import capacity_from_outputs  # noqa: E402
 from iared.files import write_json  # noqa: E402
 from iared.models import create_model  # noqa: E402
 from iared.models.families import input_shape  # noqa: E402
@@ -63,7 +63,7 @@ def candidates(model: IARed, x: torch.Tensor, keep: float, compile_ok: bool, cud
         ref = model(x, "threshold", threshold=thresholds)
     n_patches = model.backbone.num_tokens - model.backbone.num_prefix_tokens
     ratios = budget_ratios(ref, n_patches)
-    capacity = calibrate_capacity(model, x, thresholds, batch_size=len(x))
+    capacity = capacity_from_outputs(model, [ref])  # the batch's largest count per stage
     backbone = model.backbone
     fns = {
         "unpruned": lambda: backbone(x),

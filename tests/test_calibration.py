@@ -196,3 +196,38 @@ def test_capacity_from_the_sample_fits_it_and_a_lower_quantile_overflows(images)
         assert sum(int(o.sum()) for o in tight.overflow) > 0
     with pytest.raises(ValueError, match="quantile"):
         calibrate_capacity(model, images, thresholds, quantile=0)
+
+
+def test_bench_calibrates_on_the_task_and_saves_a_copy(tmp_path, capsys):
+    model = spread_model()
+    save_pruned(model, tmp_path / "p.pt")
+    out_json, copy = tmp_path / "b.json", tmp_path / "c.pt"
+    code, _, err = run(capsys, "bench", "--checkpoint", tmp_path / "p.pt", "--task", "digits-clutter", "--target-kept",
+                       0.3, "--calibration-samples", 32, "--save-calibrated", copy, "--dtype", "float32",
+                       "--batch-sizes", 2, "--warmup", 0, "--repeats", 1, "--strategies", "bucket", "--json", out_json)
+    assert code == 0, err
+    import json
+
+    report = json.loads(out_json.read_text())
+    cal = report["calibration"]
+    assert cal["target_kept"] == 0.3 and cal["samples"] == 32 and cal["threshold_stored"] == [0.5] * 3
+    from iared.bench import load_task_images
+
+    sample = load_task_images("digits-clutter", 32, model.backbone.cfg)
+    assert cal["thresholds"] == pytest.approx(calibrate_thresholds(model, sample, 0.3), abs=1e-6)
+    assert report["runs"][0]["thresholds"] == cal["thresholds"]  # what was timed
+    assert load_pruned(copy).inference.threshold == cal["thresholds"]
+
+
+def test_stream_calibrates_on_frames_spread_over_the_streams(tmp_path, capsys):
+    from iared.stream_eval import default_checkpoint
+
+    copy = tmp_path / "c.pt"
+    code, out, err = run(capsys, "stream", "--streams", 2, "--frames", 4, "--target-kept", 0.1, "--save-calibrated",
+                         copy)
+    assert code == 0, err
+    assert "calibrated on 8 unlabelled input(s)" in err
+    calibrated = load_pruned(copy).inference
+    assert calibrated.target_kept == 0.1 and calibrated.threshold != load_pruned(default_checkpoint()).inference.threshold
+    summary = json_lines(out)[-1]["summary"]
+    assert summary["frames"] == 8

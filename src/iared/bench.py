@@ -8,7 +8,7 @@ For each dtype and batch size it times, in one run and on the same images:
 ``threshold-padded``  threshold mode, padded to the longest image + attention mask (the reference
                       that ATS / A-ViT style methods use).
 ``threshold-static``  threshold mode with static shapes: each stage padded to a fixed capacity, the
-                      largest per-image count on the timed batch (:func:`iared.calibration.calibrate_capacity`;
+                      largest per-image count on the timed batch (:func:`iared.calibration.capacity_from_outputs`;
                       no image overflows), so no host synchronisation; compiled with ``fullgraph=True``
                       and fixed shapes.
 ``budget``            budget mode (top-k, dense) keeping, per stage, the mean count that threshold
@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from iared import flops
-from iared.calibration import DEFAULT_SAMPLES, check_calibration
+from iared.calibration import DEFAULT_SAMPLES, capacity_from_outputs, check_calibration
 from iared.files import check_output_file, json_safe, write_json
 from iared.models.families import input_shape
 from iared.pruning import IARed, PrunedOutput
@@ -211,9 +211,7 @@ def bench_model(model: IARed, images: Tensor, *, thresholds: Sequence[float], st
     with torch.inference_mode():
         ref = model(images, "threshold", threshold=list(thresholds))
     ratios = budget_ratios(ref, cfg.num_patches)
-    from iared.calibration import calibrate_capacity
-
-    capacity = calibrate_capacity(model, images, list(thresholds), batch_size=batch)
+    capacity = capacity_from_outputs(model, [ref])  # the batch's largest count per stage
 
     def runner(kind: str, attention: str, compiled: bool) -> Callable[[], object]:
         if kind == "unpruned":

@@ -36,8 +36,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULT_SAMPLES", "SMALL_SAMPLE", "calibrate_capacity", "calibrate_thresholds", "check_calibration",
-           "check_target_kept", "sample_inputs"]
+__all__ = ["DEFAULT_SAMPLES", "SMALL_SAMPLE", "calibrate_capacity", "calibrate_thresholds", "capacity_from_outputs",
+           "check_calibration", "check_target_kept", "sample_inputs"]
 
 # Fewer inputs than this: the pooled quantile still hits the target on the sample, but the sample says
 # little about the image-to-image spread of the deployment's scores; worth a one-line warning.
@@ -169,22 +169,31 @@ def calibrate_capacity(model, inputs: Tensor | Iterable, threshold: float | Sequ
     seen, so no input of the sample overflows; lower: narrower graphs, and the rare image above the
     capacity loses its lowest-scored tokens (counted in ``output.overflow``). Stages without a
     reducer get None (no cap). Choose it on the validation split, as the thresholds."""
-    if not 0.0 < quantile <= 1.0:
-        raise ValueError(f"capacity quantile must lie in (0, 1], got {quantile}")
+    _check_quantile(quantile)
     x = sample_inputs(inputs)
     if len(x) == 0:
         raise ValueError("calibration sample is empty: give at least one input")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    counts = []
     try:
-        for start in range(0, len(x), batch_size):
-            out = model(x[start: start + batch_size].to(device), "threshold", threshold=threshold)
-            p = out.num_prefix
-            counts.append(torch.stack([k[:, p:].sum(1) for k in out.keep], 1).float().cpu())  # (b, G)
+        outputs = [model(x[start: start + batch_size].to(device), "threshold", threshold=threshold)
+                   for start in range(0, len(x), batch_size)]
     finally:
         model.train(was_training)
-    per_image = torch.cat(counts)  # (N, G)
+    return capacity_from_outputs(model, outputs, quantile)
+
+
+def capacity_from_outputs(model, outputs: Sequence, quantile: float = 1.0) -> list[int | None]:
+    """:func:`calibrate_capacity`'s rule on threshold-mode outputs already computed
+    (:class:`iared.stages.ReducedOutput`, one per batch): no second forward pass."""
+    _check_quantile(quantile)
+    per_image = torch.cat([torch.stack([k[:, out.num_prefix:].sum(1) for k in out.keep], 1).float().cpu()
+                           for out in outputs])  # (N, G)
     caps = torch.quantile(per_image, quantile, dim=0).ceil().long().clamp(min=1)
     return [int(c) if model.reducer(g) is not None else None for g, c in enumerate(caps)]
+
+
+def _check_quantile(quantile: float) -> None:
+    if not 0.0 < quantile <= 1.0:
+        raise ValueError(f"capacity quantile must lie in (0, 1], got {quantile}")
