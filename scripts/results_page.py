@@ -427,6 +427,7 @@ UNSEEN_ROWS = {  # row key: what it is
     "unseen_backbone": "backbone, unseen photos", "unseen": "pruned, unseen photos, stored threshold",
     "unseen_calibrated": "pruned, unseen photos, thresholds calibrated on unlabelled val renders",
     "unseen_random": "random dropping, unseen photos, the calibrated model's kept shares",
+    "unseen_pixel": "pixel saliency (no learning), unseen photos, the same kept shares",
 }
 
 

@@ -12,7 +12,8 @@ speed-up (``--timing-runs`` interleaved runs, reported as a range) on
 - ``unseen_calibrated``: the same, thresholds calibrated (:func:`iared.calibration.calibrate_thresholds`)
   on unlabelled *validation-split* renders over the same photographs (other digits, other crops), to
   the per-stage kept fractions the model has on the bundled test split;
-- ``unseen_random``: the random-dropping floor at the calibrated model's per-stage kept shares.
+- ``unseen_random`` / ``unseen_pixel``: the random-dropping and pixel-saliency floors (no learning) at the
+  calibrated model's per-stage kept shares.
 
 Accuracy differences carry a paired bootstrap interval (:func:`iared.stats.paired_bootstrap`).
 """
@@ -102,10 +103,11 @@ def measure_task(task: str, photos: Path, n_test: int, n_calib: int, timing_batc
             r = row("unseen calibrated", pred == y, kept, macs, full_macs, bb_correct)
             result["rows"]["unseen_calibrated"] = {"thresholds": calibrated, "target_kept": bundled_kept, **r}
             shares = [r["kept_fraction"][0]] + [b / a for a, b in zip(r["kept_fraction"], r["kept_fraction"][1:])]
-            floor = build_reduced("random", backbone, shares, model.stage_starts, seed=0)
-            pred, kept, macs = predictions(runner("random", floor, shares), x)
-            result["rows"]["unseen_random"] = {"keep_ratio": shares,
-                                               **row("unseen random", pred == y, kept, macs, full_macs, bb_correct)}
+            for floor_name in ("random", "pixel"):  # the no-learning floors at the same budget
+                floor = build_reduced(floor_name, backbone, shares, model.stage_starts, seed=0)
+                pred, kept, macs = predictions(runner(floor_name, floor, shares), x)
+                result["rows"][f"unseen_{floor_name}"] = {
+                    "keep_ratio": shares, **row(f"unseen {floor_name}", pred == y, kept, macs, full_macs, bb_correct)}
             unseen_x = x
     # measured speed: the backbone and the pruned model at each threshold, interleaved, same batch
     runs = {"bundled": [], "unseen": [], "unseen_calibrated": []}
